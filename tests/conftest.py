@@ -1,4 +1,4 @@
-"""Test configuration: 8 forced CPU devices and strict JAX numerics.
+"""Test configuration: 8 forced CPU devices and strict rank promotion.
 
 The device count must be set before JAX initialises its backends, so it happens here, at import time of the
 test session, before any test module imports jax.
@@ -13,4 +13,3 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_numpy_dtype_promotion", "strict")
