@@ -1,0 +1,338 @@
+"""The functional batch normalization: a pure function of the input, parameters and explicit running state.
+
+No hidden state and no Flax in here; :class:`bnjax.BatchNorm` only maps Flax variables onto
+:func:`batch_norm`. See ``statistics.py`` for how moments are accumulated and merged across devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax import statistics
+from bnjax.statistics import AxisName, Moments
+
+Axes = int | Sequence[int]
+Convention = Literal["flax", "torch"]
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics of one batchnorm layer.
+
+    Fields:
+      mean: float32[*feature_shape], running mean.
+      var: float32[*feature_shape], running variance (biased in the Flax convention, unbiased in PyTorch's).
+      count: int32[] number of training batches seen (PyTorch's ``num_batches_tracked``), or None. Only
+        needed for ``convention="torch"`` with ``momentum=None`` (cumulative average).
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array | None = None
+
+
+def init_state(feature_shape: Sequence[int], *, with_count: bool = False) -> BatchNormState:
+    """Running statistics at initialization: mean 0, variance 1 (and count 0 when ``with_count``)."""
+    shape = tuple(feature_shape)
+    count = jnp.zeros((), jnp.int32) if with_count else None
+    return BatchNormState(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), count)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Static description of how ``x`` is reduced, derived once from its shape and the options."""
+
+    feature_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    group_size: int | None  # ghost-batch size along the first reduction axis, or None
+
+
+def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: bool) -> _Layout:
+    if isinstance(axis, int):
+        axis = (axis,)
+    feature_axes = []
+    for a in axis:
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        if not -x.ndim <= a < x.ndim:
+            raise ValueError(
+                f"axis={a} is out of range for an input of rank {x.ndim} (shape {x.shape}); expected an "
+                f"axis in [-{x.ndim}, {x.ndim - 1}]."
+            )
+        feature_axes.append(a % x.ndim)
+    if len(set(feature_axes)) != len(feature_axes):
+        raise ValueError(f"axis={axis!r} names the same axis twice for an input of shape {x.shape}.")
+    feature_axes = tuple(sorted(feature_axes))
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    if not reduction_axes:
+        raise ValueError(
+            f"axis={axis!r} leaves no axis to reduce for an input of shape {x.shape}: batch norm needs a "
+            "batch axis besides the feature axes."
+        )
+    n_reduced = 1
+    for a in reduction_axes:
+        n_reduced *= x.shape[a]
+    group_size = None
+    if virtual_batch_size is not None:
+        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}.")
+        batch = x.shape[reduction_axes[0]]
+        if batch % virtual_batch_size:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} does not divide the batch: the input has "
+                f"{batch} entries along axis {reduction_axes[0]} (shape {x.shape}). Pad the batch or "
+                "choose a divisor."
+            )
+        group_size = virtual_batch_size
+        n_reduced = n_reduced // batch * virtual_batch_size
+    if train and n_reduced == 1:
+        raise ValueError(
+            f"batch norm in train mode needs more than one element per feature, but the input of shape "
+            f"{x.shape} with feature axes {feature_axes} has exactly one"
+            + (f" per ghost batch (virtual_batch_size={virtual_batch_size})" if group_size else "")
+            + ": the variance would be 0 and every output would equal the bias. Use a larger batch or "
+            "eval mode (use_running_average=True)."
+        )
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    return _Layout(feature_axes, reduction_axes, feature_shape, group_size)
+
+
+def _check_inputs(x, scale, bias, state, mask, feature_shape):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(
+            f"x must be a floating-point array, got dtype {x.dtype}. Cast it first, e.g. "
+            "x.astype(jnp.float32)."
+        )
+    named = [("scale", scale), ("bias", bias)]
+    if state is not None:
+        named += [("state.mean", state.mean), ("state.var", state.var)]
+    for name, value in named:
+        if value is not None and tuple(jnp.shape(value)) != feature_shape:
+            raise ValueError(
+                f"{name} has shape {tuple(jnp.shape(value))} but the input of shape {x.shape} has feature "
+                f"shape {feature_shape} along the feature axes; they must match."
+            )
+    if mask is not None:
+        if jnp.result_type(mask) != jnp.bool_:
+            raise TypeError(f"mask must be a boolean array, got dtype {jnp.result_type(mask)}.")
+        try:
+            jnp.broadcast_shapes(jnp.shape(mask), x.shape)
+        except ValueError:
+            raise ValueError(
+                f"mask of shape {jnp.shape(mask)} is not broadcastable to the input shape {x.shape}."
+            ) from None
+        if jnp.broadcast_shapes(jnp.shape(mask), x.shape) != x.shape:
+            raise ValueError(
+                f"mask of shape {jnp.shape(mask)} would broadcast the input of shape {x.shape} to a larger "
+                "shape; it must be broadcastable to the input shape."
+            )
+
+
+def _stats_dtype(x_dtype) -> jnp.dtype:
+    """Statistics accumulate in at least float32 (bfloat16/float16 inputs are promoted)."""
+    return jnp.promote_types(x_dtype, jnp.float32)
+
+
+def _grouped(a: jax.Array, layout: _Layout) -> jax.Array:
+    """Split the first reduction axis into (groups, group_size) when ghost batches are used."""
+    if layout.group_size is None:
+        return a
+    ax = layout.reduction_axes[0]
+    g = layout.group_size
+    return a.reshape(a.shape[:ax] + (a.shape[ax] // g, g) + a.shape[ax + 1 :])
+
+
+def _ungrouped(a: jax.Array, layout: _Layout) -> jax.Array:
+    if layout.group_size is None:
+        return a
+    ax = layout.reduction_axes[0]
+    return a.reshape(a.shape[:ax] + (a.shape[ax] * a.shape[ax + 1],) + a.shape[ax + 2 :])
+
+
+def batch_moments(
+    x: jax.Array,
+    *,
+    axis: Axes = -1,
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    virtual_batch_size: int | None = None,
+) -> Moments:
+    """Global per-feature moments of ``x`` (merged across ``axis_name`` when given).
+
+    The result's fields have ``x``'s rank with reduced axes kept as size 1 (with ghost batches, the first
+    reduction axis is split into ``(groups, 1)``). Use ``Moments.mean`` / ``Moments.var`` for the statistics.
+    """
+    x = jnp.asarray(x)
+    layout = _layout(x, axis, virtual_batch_size, train=True)
+    _check_inputs(x, None, None, None, mask, layout.feature_shape)
+    return _moments(x, layout, mask, axis_name, axis_index_groups)
+
+
+def _moments(x, layout, mask, axis_name, axis_index_groups) -> Moments:
+    xs = _grouped(x.astype(_stats_dtype(x.dtype)), layout)
+    m = None if mask is None else _grouped(jnp.broadcast_to(mask, x.shape), layout)
+    axes = layout.reduction_axes
+    if layout.group_size is not None:  # the group axis itself is kept; its members are reduced
+        axes = tuple(a + 1 if a > layout.reduction_axes[0] else a for a in axes)
+        axes = (axes[0] + 1,) + axes[1:]
+    local = statistics.local_moments(xs, axes, m)
+    return statistics.global_moments(local, axis_name, axis_index_groups)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    state: BatchNormState | None = None,
+    *,
+    train: bool,
+    axis: Axes = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    convention: Convention = "flax",
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    virtual_batch_size: int | None = None,
+    dtype: Any = None,
+) -> tuple[jax.Array, BatchNormState | None]:
+    """Batch normalization as a pure function.
+
+    ``y = scale * (x - mean) / sqrt(var + epsilon) + bias`` per feature, where the feature axes are ``axis``
+    and ``mean``/``var`` are taken over every other axis (batch, and spatial axes of convolutions).
+
+    Args:
+      x: input of any float dtype, e.g. (N, C), (N, W, C), (N, H, W, C) or channels-first with ``axis=1``.
+      scale: optional ``[*feature_shape]`` multiplier (omitted means 1).
+      bias: optional ``[*feature_shape]`` offset (omitted means 0).
+      state: running statistics (:class:`BatchNormState`); required when ``train=False``. In train mode
+        with ``state=None`` no running statistics are updated and ``None`` is returned for them.
+      train: True normalizes with the batch statistics and updates ``state``; False normalizes with the
+        running statistics and returns ``state`` unchanged.
+      axis: feature axis or axes (negative allowed).
+      momentum: with ``convention="flax"`` (default) the weight on the *old* running value,
+        ``new = momentum * old + (1 - momentum) * batch``. With ``convention="torch"`` the weight on the
+        *latest batch*, ``new = (1 - momentum) * old + momentum * batch``, and ``None`` means a cumulative
+        (equal-weight) average over the batches seen (needs ``state.count``).
+      epsilon: added to the variance before the square root.
+      convention: ``"flax"`` stores the biased batch variance; ``"torch"`` stores the unbiased one
+        (``n / (n - 1)``), as PyTorch does, and counts batches in ``state.count`` when it is not None.
+      mask: optional boolean array broadcastable to ``x``; statistics use the ``True`` elements only (all
+        elements are still normalized). If no element is valid (globally), the batch statistics fall back to
+        the running ones, so outputs stay finite and the running statistics stay unchanged.
+      axis_name: device axis name (or tuple of names) bound by ``pmap``/``shard_map``/``vmap``; statistics are
+        an exact count-weighted merge across it. Leave None under plain ``jit`` with sharded arrays.
+      axis_index_groups: optional groups of device indices along ``axis_name`` to merge within.
+      virtual_batch_size: ghost batch norm: normalize consecutive sub-batches of this size along the first
+        reduction axis separately (merged across ``axis_name`` sub-batch by sub-batch). The running
+        statistics are updated with the count-weighted average of the sub-batches' means and variances.
+      dtype: output dtype; None promotes ``x``'s dtype with those of ``scale`` and ``bias`` (as Flax does).
+
+    Returns:
+      ``(y, new_state)``: ``y`` has ``x``'s shape; statistics are computed in float32 or wider.
+    """
+    x = jnp.asarray(x)
+    if convention not in ("flax", "torch"):
+        raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
+    layout = _layout(x, axis, virtual_batch_size, train)
+    _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
+    if momentum is None and not (convention == "torch" and (state is None or state.count is not None)):
+        raise ValueError(
+            "momentum=None (cumulative average) needs convention='torch' and a state with a batch count "
+            "(init_state(..., with_count=True))."
+        )
+    if not train and state is None:
+        raise ValueError("train=False normalizes with the running statistics, so `state` is required.")
+
+    bshape = [1] * x.ndim
+    for a, s in zip(layout.feature_axes, layout.feature_shape):
+        bshape[a] = s
+    acc = _stats_dtype(x.dtype)
+
+    if train:
+        # Work in the grouped layout (a no-op without ghost batches): broadcast shapes gain a size-1 axis.
+        bshape = _grouped_shape(bshape, layout)
+        mom = _moments(x, layout, mask, axis_name, axis_index_groups)
+        offset, var = mom.offset, mom.var
+        if state is not None:
+            # No valid element anywhere: use the running statistics (finite outputs, state unchanged).
+            have = mom.count > 0
+            offset = jnp.where(have, offset, state.mean.reshape(bshape).astype(acc) - mom.shift)
+            var = jnp.where(have, var, state.var.reshape(bshape).astype(acc))
+        xc = (_grouped(x.astype(acc), layout) - mom.shift) - offset
+        mul = lax.rsqrt(var + epsilon)
+        new_state = None if state is None else _update(state, mom, layout, momentum, convention)
+    else:
+        xc = x.astype(acc) - state.mean.reshape(bshape).astype(acc)
+        mul = lax.rsqrt(state.var.reshape(bshape).astype(acc) + epsilon)
+        new_state = state
+
+    dtypes = [x.dtype]
+    if scale is not None:
+        mul = mul * scale.reshape(bshape)
+        dtypes.append(jnp.result_type(scale))
+    y = xc * mul
+    if bias is not None:
+        y = y + bias.reshape(bshape)
+        dtypes.append(jnp.result_type(bias))
+    if train:
+        y = _ungrouped(y, layout)
+    out_dtype = jnp.result_type(*dtypes) if dtype is None else dtype
+    return y.astype(out_dtype), new_state
+
+
+def _grouped_shape(shape: Sequence[int], layout: _Layout) -> tuple[int, ...]:
+    """A broadcast shape (size 1 on reduction axes) in the grouped layout."""
+    shape = tuple(shape)
+    if layout.group_size is None:
+        return shape
+    ax = layout.reduction_axes[0]
+    return shape[:ax] + (1, 1) + shape[ax + 1 :]
+
+
+def _update(
+    state: BatchNormState, mom: Moments, layout: _Layout, momentum: float | None, convention: Convention
+) -> BatchNormState:
+    """EWMA (or cumulative) update of the running statistics from the batch moments."""
+    feature_dims = _feature_dims(layout)
+    axes = tuple(i for i in range(mom.count.ndim) if i not in feature_dims)
+    var_g = mom.var
+    if convention == "torch":
+        var_g = mom.m2 / jnp.maximum(mom.count - 1.0, 1.0)
+    # Count-weighted average over ghost batches (the identity for a single group).
+    total = jnp.sum(mom.count, axis=axes, keepdims=True)
+    w = mom.count / jnp.maximum(total, 1.0)
+    batch_mean = jnp.sum(w * mom.mean, axis=axes).reshape(layout.feature_shape)
+    batch_var = jnp.sum(w * var_g, axis=axes).reshape(layout.feature_shape)
+    have = total.reshape(layout.feature_shape) > 0
+
+    if convention == "flax":
+        new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
+        new_var = momentum * state.var + (1.0 - momentum) * batch_var
+    else:
+        if momentum is None:
+            w_new = 1.0 / (state.count.astype(jnp.float32) + 1.0)
+        else:
+            w_new = momentum
+        new_mean = (1.0 - w_new) * state.mean + w_new * batch_mean
+        new_var = (1.0 - w_new) * state.var + w_new * batch_var
+    new_mean = jnp.where(have, new_mean, state.mean).astype(state.mean.dtype)
+    new_var = jnp.where(have, new_var, state.var).astype(state.var.dtype)
+    count = state.count
+    if count is not None:
+        count = count + jnp.any(have).astype(count.dtype)
+    return BatchNormState(new_mean, new_var, count)
+
+
+def _feature_dims(layout: _Layout) -> tuple[int, ...]:
+    """Axes of the (possibly grouped) moments that carry features."""
+    if layout.group_size is None:
+        return layout.feature_axes
+    ax = layout.reduction_axes[0]
+    return tuple(a + 1 if a > ax else a for a in layout.feature_axes)

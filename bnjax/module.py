@@ -1,0 +1,119 @@
+"""``bnjax.BatchNorm``: a Flax linen drop-in for ``flax.linen.BatchNorm`` over :func:`bnjax.batch_norm`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm, init_state
+from bnjax.statistics import AxisName
+
+Initializer = Any
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with exact, numerically stable (cross-device) statistics.
+
+    A drop-in for ``flax.linen.BatchNorm``: same fields, same ``__call__``, same variables
+    (``params``: ``scale``, ``bias`` of shape ``[*feature_shape]`` and ``param_dtype``; ``batch_stats``:
+    ``mean`` (zeros) and ``var`` (ones), float32), and running statistics are not touched by ``init``.
+    Variable trees are interchangeable with Flax's in both directions.
+
+    Differences from Flax, all deliberate: statistics are always computed stably (Flax's default
+    ``use_fast_variance=True`` can be wrong by O(1) when ``|mean| >> std``); masked and cross-device
+    statistics are exact count-weighted merges (Flax averages per-device means); a batch with no valid
+    element leaves the running statistics unchanged instead of producing NaN.
+
+    Extra fields:
+      convention: ``"flax"`` (default) or ``"torch"``. With ``"torch"``, ``momentum`` is the weight on the
+        latest batch (PyTorch's ``momentum=0.1`` is Flax's ``0.9``), ``momentum=None`` is a cumulative
+        average, the running variance is stored unbiased, and ``batch_stats`` also holds
+        ``num_batches_tracked`` (int32 scalar), as in a PyTorch state dict.
+      virtual_batch_size: ghost batch norm; see :func:`bnjax.batch_norm`.
+
+    Attributes (as in Flax):
+      use_running_average: if True, normalize with the running statistics (eval mode).
+      axis: feature axis or axes.
+      momentum: decay of the running average (see ``convention``).
+      epsilon: added to the variance.
+      dtype: output dtype (None: promote input and parameter dtypes).
+      param_dtype: dtype of ``scale`` and ``bias``.
+      use_bias, use_scale: whether to learn ``bias`` / ``scale``.
+      bias_init, scale_init: their initializers.
+      axis_name: device axis name(s) to merge statistics across (pmap / shard_map / vmap).
+      axis_index_groups: groups of device indices within ``axis_name``.
+    """
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    axis_name: AxisName | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    convention: Convention = "flax"
+    virtual_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalize ``x`` (any shape; features on ``self.axis``, every other axis reduced).
+
+        Args:
+          x: the input.
+          use_running_average: overrides the field of the same name.
+          mask: optional boolean array broadcastable to ``x``: statistics over the ``True`` elements only.
+
+        Returns:
+          The normalized input, of ``x``'s shape.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        # Shapes only; batch_norm validates the axes themselves with a clear message.
+        feature_shape = tuple(x.shape[a] for a in axes if -x.ndim <= a < x.ndim)
+        fresh = init_state(feature_shape)
+        ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
+        ra_var = self.variable("batch_stats", "var", lambda: fresh.var)
+        count = None
+        if self.convention == "torch":
+            count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        scale = (
+            self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+        )
+        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+
+        state = BatchNormState(ra_mean.value, ra_var.value, None if count is None else count.value)
+        y, new_state = batch_norm(
+            x,
+            scale,
+            bias,
+            state,
+            train=not use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            convention=self.convention,
+            mask=mask,
+            axis_name=None if self.is_initializing() else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size,
+            dtype=self.dtype,
+        )
+        if not use_running_average and not self.is_initializing():
+            ra_mean.value = new_state.mean
+            ra_var.value = new_state.var
+            if count is not None:
+                count.value = new_state.count
+        return y

@@ -1,0 +1,154 @@
+"""Per-feature moments of a batch: local shifted sums and an exact count-weighted merge across devices.
+
+One routine serves every case bnjax supports: a single device, masks, ghost (virtual) batches and named
+device axes (``pmap``, ``shard_map``, ``vmap(axis_name=...)``). Nothing here knows about Flax.
+
+Numerics. Moments are accumulated around a per-feature *shift* ``K`` (the mean of the first sample's valid
+elements), which costs no extra pass over the data: ``d = mean(x - K)`` and ``M2 = sum((x - K - d)^2)``.
+Because ``x - K`` is small and (for ``x`` and ``K`` within a factor of two) exact in floating point, the
+statistics do not suffer the catastrophic cancellation of ``E[x^2] - E[x]^2``, and the caller can normalize
+as ``((x - K) - d) / sigma`` without ever rounding the mean itself to the input's precision.
+
+Cross-device merge. Each device contributes ``(count, shift, offset, M2)``; the merge is Chan et al.'s
+parallel formula, carried out on every device relative to its *own* shift, so each device gets the exact
+global ``mean - K_local`` and ``M2``. Devices (or sub-batches) with no valid element contribute nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = Any  # a hashable axis name or a tuple of them
+
+
+class Moments(NamedTuple):
+    """Per-feature moments relative to a shift; every field has the same shape (``keepdims`` layout).
+
+    Fields:
+      count: number of valid elements reduced, float32.
+      shift: the shift ``K`` the moments are taken around (no gradient flows through it).
+      offset: ``mean - shift``.
+      m2: sum of squared deviations from the mean, ``sum((x - mean)^2)``.
+    """
+
+    count: jax.Array
+    shift: jax.Array
+    offset: jax.Array
+    m2: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.shift + self.offset
+
+    @property
+    def var(self) -> jax.Array:
+        """Biased variance ``m2 / count``; 0 where ``count == 0``."""
+        return self.m2 / jnp.maximum(self.count, 1.0)
+
+
+def local_moments(
+    x: jax.Array,
+    reduction_axes: Sequence[int],
+    mask: jax.Array | None = None,
+) -> Moments:
+    """Moments of ``x`` over ``reduction_axes``, keeping reduced axes with size 1.
+
+    Args:
+      x: array in the accumulation dtype (float32 or wider).
+      reduction_axes: non-negative axes to reduce; the first one is the "sample" axis whose first entry
+        provides the shift.
+      mask: optional boolean array of ``x``'s shape; ``False`` elements are ignored.
+
+    Returns:
+      :class:`Moments` whose fields have ``x``'s shape with ``reduction_axes`` set to 1.
+    """
+    axes = tuple(reduction_axes)
+    first = axes[0]
+    x_first = lax.slice_in_dim(x, 0, 1, axis=first)
+    if mask is None:
+        shift = jnp.mean(x_first, axis=axes, keepdims=True)
+        count = jnp.full(shift.shape, _size(x.shape, axes), x.dtype)
+        xc = x - lax.stop_gradient(shift)
+        s1 = jnp.sum(xc, axis=axes, keepdims=True)
+        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+    else:
+        m_first = lax.slice_in_dim(mask, 0, 1, axis=first)
+        n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=x.dtype)
+        shift = jnp.sum(jnp.where(m_first, x_first, 0), axis=axes, keepdims=True) / jnp.maximum(n_first, 1)
+        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
+        xc = jnp.where(mask, x - lax.stop_gradient(shift), 0)
+        s1 = jnp.sum(xc, axis=axes, keepdims=True)
+        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+    shift = lax.stop_gradient(shift)
+    offset = s1 / jnp.maximum(count, 1.0)
+    # sum((xc - offset)^2) = s2 - s1 * offset; |offset| is about one std, so this loses at most a bit or two.
+    m2 = jnp.maximum(s2 - s1 * offset, 0.0)
+    return Moments(count, shift, offset, m2)
+
+
+def merge_moments(stacked: Moments, local_shift: jax.Array, axis: int = 0) -> Moments:
+    """Chan's parallel merge of moments stacked along ``axis``, expressed relative to ``local_shift``.
+
+    Args:
+      stacked: :class:`Moments` with one entry per part along ``axis``.
+      local_shift: the shift the merged moments are expressed around (shape of one part).
+      axis: the axis of ``stacked`` that enumerates the parts.
+
+    Returns:
+      Merged :class:`Moments` with ``shift = local_shift``. Parts with ``count == 0`` contribute nothing.
+    """
+    n_i = stacked.count
+    # Mean of part i relative to our shift; shifts are close to each other, so the difference is exact-ish.
+    e_i = (stacked.shift - jnp.expand_dims(local_shift, axis)) + stacked.offset
+    n = jnp.sum(n_i, axis=axis)
+    offset = jnp.sum(n_i * e_i, axis=axis) / jnp.maximum(n, 1.0)
+    dev = jnp.where(n_i > 0, e_i - jnp.expand_dims(offset, axis), 0.0)
+    m2 = jnp.sum(stacked.m2 + n_i * dev * dev, axis=axis)
+    return Moments(n, local_shift, offset, m2)
+
+
+def global_moments(
+    local: Moments,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Moments:
+    """Merge ``local`` moments across the named device axes (identity when ``axis_name`` is None).
+
+    One ``all_gather`` of the four moment arrays; its transpose (a reduce-scatter) makes the backward pass
+    use the global reductions too, so gradients match single-device batchnorm on the global batch.
+    """
+    if axis_name is None:
+        return local
+    check_axis_name(axis_name)
+    packed = jnp.stack(local, axis=0)
+    gathered = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups, axis=0)
+    # all_gather over a tuple of names may stack them as separate leading axes; flatten to one parts axis.
+    gathered = gathered.reshape((-1,) + packed.shape)
+    parts = Moments(*(gathered[:, i] for i in range(4)))
+    return merge_moments(parts, local.shift, axis=0)
+
+
+def check_axis_name(axis_name: AxisName) -> None:
+    """Raise a ValueError naming ``axis_name`` when it is not bound by an enclosing pmap/shard_map/vmap."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    for name in names:
+        try:
+            lax.axis_index(name)
+        except NameError as err:
+            raise ValueError(
+                f"axis_name={axis_name!r}: the axis {name!r} is not bound. Call batch norm inside "
+                f"jax.pmap(..., axis_name={name!r}), jax.shard_map over a mesh with that axis, or "
+                f"jax.vmap(..., axis_name={name!r}); with plain jax.jit over sharded arrays use "
+                "axis_name=None (global statistics come out automatically)."
+            ) from err
+
+
+def _size(shape: Sequence[int], axes: Sequence[int]) -> int:
+    size = 1
+    for a in axes:
+        size *= shape[a]
+    return size
