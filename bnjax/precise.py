@@ -1,0 +1,185 @@
+"""Precise BN: recompute running statistics as exact population statistics over a data set.
+
+Wu & Johnson ("Rethinking 'Batch' in BatchNorm", 2021) show that the EWMA running statistics are a noisy,
+biased estimate of the population statistics the model is evaluated with: their weights decay
+geometrically, so they mostly reflect the last ~``1 / (1 - momentum)`` batches of a model that was still
+changing. Precise BN replaces them by equal-weight statistics over many batches of a fixed model.
+
+Scheme (exact, layer by layer). BN layers are visited in the order the model calls them. For layer ``k``
+the model runs in eval mode with every *earlier* layer already holding its precise statistics, and the
+input of layer ``k`` is captured by a Flax method interceptor (no change to the model is needed). The
+per-batch moments of that input are merged with Chan's count-weighted formula
+(:func:`bnjax.statistics.merge_moments`), so the result is the exact mean and variance over all elements of
+all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
+only on layers called before it, so each layer's statistics are those of the model whose earlier layers use
+precise statistics: the definition. It costs one pass over the batches per BN layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import unfreeze
+from tqdm.auto import tqdm
+
+from bnjax.batchnorm import batch_moments
+from bnjax.module import BatchNorm
+from bnjax.statistics import Moments, merge_moments
+
+ApplyFn = Callable[[Any, Any], Any]
+BATCH_NORM_TYPES: tuple[type, ...] = (BatchNorm, nn.BatchNorm)
+
+
+def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple[str, ...], ...]:
+    """Paths (tuples of module names, as in ``variables["batch_stats"]``) of the BN layers, in call order.
+
+    ``apply_fn(variables, batch)`` is traced once (``jax.eval_shape``; nothing is computed). BN layers are
+    instances of ``bnjax.BatchNorm`` or ``flax.linen.BatchNorm``.
+
+    Raises:
+      ValueError: if a BN layer is called more than once per forward pass (its statistics would mix inputs
+        computed before and after its own update, so they are not well defined).
+    """
+    paths: list[tuple[str, ...]] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, BATCH_NORM_TYPES):
+            path = tuple(context.module.scope.path)
+            if path in paths:
+                raise ValueError(
+                    f"The BN layer {'/'.join(path)} is called more than once per forward pass; precise "
+                    "statistics need each BN layer to see one input per pass. Use separate BN modules."
+                )
+            paths.append(path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(apply_fn, variables, batch)
+    return tuple(paths)
+
+
+def precise_batch_stats(
+    apply_fn: ApplyFn,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Exact population ("precise BN") running statistics of every BN layer of a Flax model.
+
+    Args:
+      apply_fn: ``apply_fn(variables, batch)`` runs the model in *eval* mode (every BN layer with
+        ``use_running_average=True``), e.g. ``lambda v, b: model.apply(v, b["x"], train=False)``. Whatever
+        it returns is ignored. It must not request mutable collections.
+      variables: the model's variables with ``params`` and ``batch_stats``; not modified.
+      batches: the data, iterated once per BN layer: a re-iterable collection (list, tuple) or a
+        zero-argument callable returning a fresh iterator each time. A one-shot iterator (generator) is
+        rejected because the second layer would see no data.
+      num_batches: use only the first ``num_batches`` batches of each pass (None: all of them).
+      progress: show a tqdm progress bar over all passes.
+
+    Returns:
+      A new ``batch_stats`` tree of the same structure: for each BN layer, ``mean`` is the population mean
+      and ``var`` the population variance of its input over every reduced element of every batch (biased,
+      ``M2 / N``; unbiased, ``M2 / (N - 1)``, for ``bnjax.BatchNorm(convention="torch")``, which stores
+      PyTorch's unbiased variance), in the dtype of the existing entry. ``num_batches_tracked`` and the
+      statistics of a layer that saw no valid element are left unchanged. ``params`` are not touched.
+
+    Notes:
+      Each pass runs under ``jax.jit`` (one compilation per layer and batch shape) on the default device;
+      inputs sharded over devices give global statistics automatically. ``mask=`` arguments given to BN
+      layers are honoured. Ghost batches (``virtual_batch_size``) play no role: the population is one set.
+    """
+    if "batch_stats" not in variables:
+        raise ValueError(
+            f"variables has collections {sorted(variables)}, but precise statistics need 'batch_stats'."
+        )
+    make_iter = _batch_source(batches)
+    first = next(iter(make_iter()), None)
+    if first is None:
+        raise ValueError("batches is empty: precise statistics need at least one batch.")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}.")
+
+    layers = batch_norm_layers(apply_fn, variables, first)
+    stats = unfreeze(variables["batch_stats"])
+    bar_total = None if num_batches is None else num_batches * len(layers)
+    if bar_total is None and hasattr(batches, "__len__"):
+        bar_total = len(batches) * len(layers)
+    with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
+        for path in layers:
+            step = jax.jit(_accumulate_step(apply_fn, path))
+            acc = None
+            for i, batch in enumerate(make_iter()):
+                if num_batches is not None and i >= num_batches:
+                    break
+                acc = step(acc, {**variables, "batch_stats": stats}, batch)
+                bar.update(1)
+            _write(stats, path, acc)
+    return stats
+
+
+def _batch_source(batches) -> Callable[[], Iterable[Any]]:
+    if callable(batches):
+        return batches
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"batches must be an iterable of batches or a callable returning one, got {type(batches).__name__}."
+        ) from None
+    if it is batches:
+        raise TypeError(
+            f"batches is a one-shot iterator ({type(batches).__name__}), but precise statistics iterate over "
+            "the data once per BN layer. Pass a list, or a zero-argument function returning a fresh "
+            "iterator, e.g. `lambda: make_loader(...)`."
+        )
+    return lambda: batches
+
+
+def _accumulate_step(apply_fn: ApplyFn, path: tuple[str, ...]):
+    """``(acc, variables, batch) -> acc`` merging the moments of layer ``path``'s input into ``acc``."""
+
+    def step(acc: Moments | None, variables, batch) -> Moments:
+        captured: list[Moments] = []
+
+        def capture(next_fun, args, kwargs, context):
+            module = context.module
+            if (
+                context.method_name == "__call__"
+                and isinstance(module, BATCH_NORM_TYPES)
+                and tuple(module.scope.path) == path
+            ):
+                x = args[0] if args else kwargs["x"]
+                captured.append(batch_moments(x, axis=module.axis, mask=kwargs.get("mask")))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(capture):
+            apply_fn(variables, batch)
+        (new,) = captured
+        if acc is None:
+            return new
+        # Express the merge around the first batch's shift (keeps the shifted-sum stability across batches).
+        shift = jnp.where(acc.count > 0, acc.shift, new.shift)
+        stacked = Moments(*(jnp.stack([a, b]) for a, b in zip(acc, new)))
+        return merge_moments(stacked, shift, axis=0)
+
+    return step
+
+
+def _write(stats: dict, path: tuple[str, ...], acc: Moments) -> None:
+    layer = stats
+    for name in path:
+        layer = layer[name]
+    mean_old, var_old = layer["mean"], layer["var"]
+    unbiased = "num_batches_tracked" in layer  # bnjax.BatchNorm(convention="torch")
+    denom = acc.count - 1.0 if unbiased else acc.count
+    have = (acc.count > 0).reshape(jnp.shape(mean_old))
+    mean = acc.mean.reshape(jnp.shape(mean_old))
+    var = (acc.m2 / jnp.maximum(denom, 1.0)).reshape(jnp.shape(var_old))
+    layer["mean"] = jnp.where(have, mean, mean_old).astype(jnp.result_type(mean_old))
+    layer["var"] = jnp.where(have, var, var_old).astype(jnp.result_type(var_old))
