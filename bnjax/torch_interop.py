@@ -1,0 +1,117 @@
+"""PyTorch BatchNorm state <-> bnjax variables, with the conventions handled (no torch dependency).
+
+A PyTorch ``nn.BatchNorm{1,2,3}d`` state dict holds ``weight`` and ``bias`` (the affine parameters, absent
+when ``affine=False``), ``running_mean``, ``running_var`` and ``num_batches_tracked``. PyTorch's formulas:
+
+- eval: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``;
+- train: ``y`` uses the batch mean and the *biased* batch variance, then ``num_batches_tracked += 1`` and
+  ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or ``f = 1 / num_batches_tracked``
+  (after the increment; a cumulative average) when ``momentum=None``; the variance fed to the running
+  average is the *unbiased* one, ``n / (n - 1)`` times the biased, ``n`` = elements per channel.
+
+``bnjax.BatchNorm(convention="torch", momentum=m, epsilon=eps)`` implements exactly these formulas, with
+``momentum`` meaning what it means in PyTorch and ``num_batches_tracked`` kept in ``batch_stats``; load into
+it to port a model that will keep training. ``convention="flax"`` gives identical eval outputs, but further
+training then uses Flax's rules: momentum ``1 - m`` on the old value (:func:`flax_momentum`; there is no
+Flax equivalent of ``momentum=None``) and the biased batch variance, so its running statistics drift from
+PyTorch's by the factor ``n / (n - 1)`` in the variance. PyTorch's ``BatchNorm2d`` works on NCHW: use
+``axis=1`` (or transpose the input to NHWC and keep ``axis=-1``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax.batchnorm import Convention
+
+_REQUIRED = ("running_mean", "running_var")
+
+
+def flax_momentum(torch_momentum: float | None) -> float:
+    """The Flax-convention momentum (weight on the old value) of PyTorch's ``momentum`` (weight on the batch).
+
+    Raises:
+      ValueError: for ``None`` (PyTorch's cumulative average has no fixed Flax momentum; use
+        ``convention="torch"``) or a value outside ``[0, 1]``.
+    """
+    if torch_momentum is None:
+        raise ValueError(
+            "torch momentum=None is a cumulative average with no fixed Flax momentum; load the state into "
+            'bnjax.BatchNorm(convention="torch", momentum=None) instead.'
+        )
+    if not 0.0 <= torch_momentum <= 1.0:
+        raise ValueError(f"torch momentum must be in [0, 1], got {torch_momentum!r}.")
+    return 1.0 - float(torch_momentum)
+
+
+def from_torch(state: Mapping[str, Any], *, convention: Convention = "torch") -> dict[str, dict[str, jax.Array]]:
+    """bnjax variables ``{"params": ..., "batch_stats": ...}`` of one BN layer from its PyTorch state.
+
+    Args:
+      state: ``weight``, ``bias`` (optional together: ``affine=False``), ``running_mean``, ``running_var``
+        (float arrays of shape ``[C]``) and ``num_batches_tracked`` (integer scalar; optional, 0 if absent),
+        as NumPy arrays, e.g. ``{k[len("bn1."):]: v.numpy() for k, v in sd.items() if k.startswith("bn1.")}``.
+      convention: ``"torch"`` (keeps ``num_batches_tracked`` in ``batch_stats`` as int32) or ``"flax"``
+        (drops it); must match the ``convention`` of the ``bnjax.BatchNorm`` the variables are used with.
+
+    Returns:
+      ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"[, "num_batches_tracked"]}}``, float32
+      arrays of shape ``[C]`` (``params`` is empty for ``affine=False``: use ``use_scale=use_bias=False``).
+    """
+    if convention not in ("flax", "torch"):
+        raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise ValueError(
+            f"the PyTorch state has keys {sorted(state)} but lacks {missing}; a layer built with "
+            "track_running_stats=False has no running statistics to load."
+        )
+    if ("weight" in state) != ("bias" in state):
+        raise ValueError(f"the PyTorch state has keys {sorted(state)}: expected both weight and bias or neither.")
+    mean = np.asarray(state["running_mean"])
+    shape = mean.shape
+    if len(shape) != 1:
+        raise ValueError(f"running_mean must have shape [C], got {shape}.")
+    for key in ("running_var", "weight", "bias"):
+        if key in state and np.shape(state[key]) != shape:
+            raise ValueError(f"{key} has shape {np.shape(state[key])} but running_mean has shape {shape}.")
+    f32 = lambda a: jnp.asarray(np.asarray(a), jnp.float32)  # noqa: E731
+    params = {}
+    if "weight" in state:
+        params = {"scale": f32(state["weight"]), "bias": f32(state["bias"])}
+    stats = {"mean": f32(mean), "var": f32(state["running_var"])}
+    if convention == "torch":
+        n = int(np.asarray(state.get("num_batches_tracked", 0)))
+        if not 0 <= n <= np.iinfo(np.int32).max:
+            raise ValueError(f"num_batches_tracked={n} does not fit bnjax's int32 counter.")
+        stats["num_batches_tracked"] = jnp.asarray(n, jnp.int32)
+    return {"params": params, "batch_stats": stats}
+
+
+def to_torch(
+    params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, num_batches_tracked: int | None = None
+) -> dict[str, np.ndarray]:
+    """PyTorch state of one BN layer (the inverse of :func:`from_torch`), as NumPy arrays.
+
+    Args:
+      params: the layer's params (``scale``/``bias``, possibly absent).
+      batch_stats: the layer's ``mean``, ``var`` and, for ``convention="torch"``, ``num_batches_tracked``.
+      num_batches_tracked: value to export when ``batch_stats`` has none (convention ``"flax"``); default 0.
+
+    Returns:
+      ``running_mean``, ``running_var`` (float32), ``num_batches_tracked`` (int64 scalar) and, when
+      ``params`` has them, ``weight`` and ``bias`` (a missing ``scale`` exports as ones, a missing ``bias``
+      as zeros, since PyTorch's affine layers have both).
+    """
+    mean = np.asarray(batch_stats["mean"], np.float32)
+    out = {"running_mean": mean, "running_var": np.asarray(batch_stats["var"], np.float32)}
+    n = batch_stats.get("num_batches_tracked", num_batches_tracked)
+    out["num_batches_tracked"] = np.asarray(0 if n is None else n, np.int64)
+    if "scale" in params or "bias" in params:
+        out["weight"] = np.asarray(params.get("scale", np.ones_like(mean)), np.float32)
+        out["bias"] = np.asarray(params.get("bias", np.zeros_like(mean)), np.float32)
+    return out
