@@ -4,8 +4,10 @@ Public surface:
   batch_norm, batch_moments, BatchNormState, init_state  -- the functional core (no Flax inside)
   Moments                                                -- per-feature moments and their exact merge
   BatchNorm                                              -- Flax linen drop-in for flax.linen.BatchNorm
+  nnx.BatchNorm                                          -- the Flax NNX counterpart
 """
 
+from bnjax import nnx
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm, init_state
 from bnjax.module import BatchNorm
 from bnjax.statistics import Moments
@@ -19,4 +21,5 @@ __all__ = [
     "batch_moments",
     "batch_norm",
     "init_state",
+    "nnx",
 ]

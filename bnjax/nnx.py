@@ -1,0 +1,93 @@
+"""``bnjax.nnx.BatchNorm``: the Flax NNX counterpart of :class:`bnjax.BatchNorm`, over :func:`bnjax.batch_norm`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm
+from bnjax.statistics import AxisName
+
+
+class BatchNorm(nnx.Module):
+    """NNX batch normalization with the semantics of :class:`bnjax.BatchNorm`.
+
+    Same constructor as ``flax.nnx.BatchNorm`` (``num_features`` is the size of the feature axis; for several
+    feature axes pass a tuple of sizes), same variables (``scale``/``bias`` as ``nnx.Param``, ``mean``/``var`` as
+    ``nnx.BatchStat``, float32), same ``__call__(x, use_running_average=None, *, mask=None)``. Statistics are
+    exact and stable (no ``use_fast_variance``), reduced in at least float32; the output dtype follows
+    :func:`bnjax.batch_norm`. Extra arguments: ``convention`` and ``virtual_batch_size``.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: Axes = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = nnx.initializers.zeros,
+        scale_init: Any = nnx.initializers.ones,
+        axis_name: AxisName | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        convention: Convention = "flax",
+        virtual_batch_size: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32)) if convention == "torch" else None
+        key = rngs.params()
+        self.scale = nnx.Param(scale_init(key, shape, param_dtype)) if use_scale else None
+        self.bias = nnx.Param(bias_init(key, shape, param_dtype)) if use_bias else None
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.convention = convention
+        self.virtual_batch_size = virtual_batch_size
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalize ``x`` (features on ``self.axis``); in train mode the batch statistics are updated in place."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError("use_running_average is None: pass it to the constructor or to __call__.")
+        count = None if self.num_batches_tracked is None else self.num_batches_tracked[...]
+        state = BatchNormState(self.mean[...], self.var[...], count)
+        y, new = batch_norm(
+            x,
+            None if self.scale is None else self.scale[...],
+            None if self.bias is None else self.bias[...],
+            state,
+            train=not use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            convention=self.convention,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size,
+            dtype=self.dtype,
+        )
+        if not use_running_average:
+            self.mean[...] = jax.lax.stop_gradient(new.mean)
+            self.var[...] = jax.lax.stop_gradient(new.var)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked[...] = new.count
+        return y
