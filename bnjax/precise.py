@@ -33,7 +33,9 @@ ApplyFn = Callable[[Any, Any], Any]
 BATCH_NORM_TYPES: tuple[type, ...] = (BatchNorm, nn.BatchNorm)
 
 
-def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple[str, ...], ...]:
+def batch_norm_layers(
+    apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any
+) -> tuple[tuple[str, ...], ...]:
     """Paths (tuples of module names, as in ``variables["batch_stats"]``) of the BN layers, in call order.
 
     ``apply_fn(variables, batch)`` is traced once (``jax.eval_shape``; nothing is computed). BN layers are
@@ -130,7 +132,8 @@ def _batch_source(batches) -> Callable[[], Iterable[Any]]:
         it = iter(batches)
     except TypeError:
         raise TypeError(
-            f"batches must be an iterable of batches or a callable returning one, got {type(batches).__name__}."
+            "batches must be an iterable of batches or a callable returning one, got "
+            f"{type(batches).__name__}."
         ) from None
     if it is batches:
         raise TypeError(

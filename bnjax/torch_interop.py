@@ -48,7 +48,9 @@ def flax_momentum(torch_momentum: float | None) -> float:
     return 1.0 - float(torch_momentum)
 
 
-def from_torch(state: Mapping[str, Any], *, convention: Convention = "torch") -> dict[str, dict[str, jax.Array]]:
+def from_torch(
+    state: Mapping[str, Any], *, convention: Convention = "torch"
+) -> dict[str, dict[str, jax.Array]]:
     """bnjax variables ``{"params": ..., "batch_stats": ...}`` of one BN layer from its PyTorch state.
 
     Args:
@@ -71,7 +73,9 @@ def from_torch(state: Mapping[str, Any], *, convention: Convention = "torch") ->
             "track_running_stats=False has no running statistics to load."
         )
     if ("weight" in state) != ("bias" in state):
-        raise ValueError(f"the PyTorch state has keys {sorted(state)}: expected both weight and bias or neither.")
+        raise ValueError(
+            f"the PyTorch state has keys {sorted(state)}: expected both weight and bias or neither."
+        )
     mean = np.asarray(state["running_mean"])
     shape = mean.shape
     if len(shape) != 1:

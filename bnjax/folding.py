@@ -1,0 +1,133 @@
+"""Fold eval-mode batch norm into the preceding ``nn.Dense`` / ``nn.Conv`` layer.
+
+In eval mode a BN layer after a linear layer is a per-output-feature affine map, so
+``BN(W x + b) = (W * k) x + ((b - mean) * k + beta)`` with ``k = gamma / sqrt(var + epsilon)``, scaling the
+kernel's output-feature (last) axis. Flax's ``Dense`` kernel is ``[in, out]`` and ``Conv``'s
+``[*window, in / groups, out]``, so both scale along the last axis (``ConvTranspose`` too).
+
+The folded model is the same architecture *without* the folded BN layers and with ``use_bias=True`` on
+the layers they were folded into (a conv without bias gains one). Flax's automatic names (``Conv_0``,
+``Dense_1``, ...) count per module type, so removing the ``BatchNorm_i`` modules leaves the other names
+unchanged and the returned variables fit the BN-free model directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax.core import unfreeze
+
+Path = str | tuple[str, ...]
+
+
+def fold_batch_norm(
+    variables: Mapping[str, Any],
+    pairs: Mapping[Path, Path],
+    *,
+    epsilon: float | Mapping[Path, float] = 1e-5,
+) -> dict[str, Any]:
+    """Variables of the model with each BN of ``pairs`` folded into its preceding linear layer.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` of the model with BN layers (``bnjax.BatchNorm`` or
+        ``flax.linen.BatchNorm`` with one feature axis, the last; either momentum convention: eval mode uses
+        the stored ``var`` as is in both). Not modified.
+      pairs: ``{linear_layer: bn_layer}``, each a module path as a ``"/"``-separated string or a tuple of
+        names, e.g. ``{"Conv_0": "BatchNorm_0", "Block_0/Dense_0": "Block_0/BatchNorm_0"}``. The BN must
+        act directly on the linear layer's output (nothing in between).
+      epsilon: the BN layers' ``epsilon`` (one value, or ``{bn_layer: epsilon}`` for every folded BN).
+
+    Returns:
+      New variables: the linear layers' ``kernel`` scaled and ``bias`` replaced (created if absent), in
+      their original dtypes; the folded BN layers' entries removed from ``params`` and ``batch_stats``
+      (collections left empty are dropped). Folding is computed in at least float32.
+
+    Raises:
+      ValueError: a path that is missing, a linear layer without a ``kernel``, a BN without ``mean``/``var``,
+        or a BN whose feature size differs from the kernel's output size.
+    """
+    for name in ("params", "batch_stats"):
+        if name not in variables:
+            raise ValueError(f"variables has collections {sorted(variables)}; folding needs {name!r}.")
+    params = unfreeze(variables["params"])
+    stats = unfreeze(variables["batch_stats"])
+    for linear_path, bn_path in pairs.items():
+        lin = _get(params, _split(linear_path), "params", "linear layer")
+        bn_stats = _get(stats, _split(bn_path), "batch_stats", "BN layer")
+        bn_params = _get(params, _split(bn_path), "params", "BN") if _has(params, _split(bn_path)) else {}
+        if "kernel" not in lin:
+            raise ValueError(
+                f"linear layer {linear_path!r} has params {sorted(lin)}; expected a 'kernel'."
+            )
+        if "mean" not in bn_stats or "var" not in bn_stats:
+            raise ValueError(
+                f"BN layer {bn_path!r} has batch_stats {sorted(bn_stats)}; expected 'mean' and 'var'."
+            )
+        kernel = lin["kernel"]
+        out = kernel.shape[-1]
+        if bn_stats["mean"].shape != (out,):
+            raise ValueError(
+                f"BN layer {bn_path!r} has statistics of shape {bn_stats['mean'].shape} but linear layer "
+                f"{linear_path!r} has {out} output features (kernel shape {kernel.shape}); only a BN "
+                "over the last axis of that layer's output can be folded."
+            )
+        eps = epsilon[bn_path] if isinstance(epsilon, Mapping) else epsilon
+        acc = jnp.promote_types(kernel.dtype, jnp.float32)
+        mul = bn_params.get("scale", jnp.ones(out, acc)).astype(acc) * jnp.reciprocal(
+            jnp.sqrt(bn_stats["var"].astype(acc) + eps)
+        )
+        bias = lin.get("bias", jnp.zeros(out, kernel.dtype))
+        new_bias = (bias.astype(acc) - bn_stats["mean"].astype(acc)) * mul
+        if "bias" in bn_params:
+            new_bias = new_bias + bn_params["bias"].astype(acc)
+        # Scale the kernel's last (output-feature) axis; explicit reshape, no implicit rank promotion.
+        mul_k = mul.reshape((1,) * (kernel.ndim - 1) + (out,))
+        lin["kernel"] = (kernel.astype(acc) * mul_k).astype(kernel.dtype)
+        lin["bias"] = new_bias.astype(bias.dtype)
+        _delete(params, _split(bn_path))
+        _delete(stats, _split(bn_path))
+    result = {k: v for k, v in unfreeze(variables).items() if k not in ("params", "batch_stats")}
+    result["params"] = params
+    if stats:
+        result["batch_stats"] = stats
+    return result
+
+
+def _split(path: Path) -> tuple[str, ...]:
+    return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+
+
+def _has(tree: Mapping, path: tuple[str, ...]) -> bool:
+    for name in path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return False
+        tree = tree[name]
+    return True
+
+
+def _get(tree: dict, path: tuple[str, ...], collection: str, what: str) -> dict:
+    node = tree
+    for i, name in enumerate(path):
+        if not isinstance(node, Mapping) or name not in node:
+            have = sorted(node) if isinstance(node, Mapping) else []
+            raise ValueError(
+                f"{what} {'/'.join(path)!r}: {collection} has no {'/'.join(path[: i + 1])!r} "
+                f"(available there: {have})."
+            )
+        node = node[name]
+    return node
+
+
+def _delete(tree: dict, path: tuple[str, ...]) -> None:
+    """Remove ``path`` from ``tree`` and any parent left empty."""
+    if not _has(tree, path):
+        return
+    parents = [tree]
+    for name in path[:-1]:
+        parents.append(parents[-1][name])
+    del parents[-1][path[-1]]
+    for parent, name in zip(reversed(parents[:-1]), reversed(path[:-1])):
+        if parent[name]:
+            break
+        del parent[name]
