@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 AxisName = Any  # a hashable axis name or a tuple of them
@@ -68,7 +69,7 @@ def local_moments(
     """
     axes = tuple(reduction_axes)
     first = axes[0]
-    x_first = lax.slice_in_dim(x, 0, 1, axis=first)
+    x_first = _first_entry(x, first)
     if mask is None:
         shift = jnp.mean(x_first, axis=axes, keepdims=True)
         count = jnp.full(shift.shape, _size(x.shape, axes), x.dtype)
@@ -76,7 +77,7 @@ def local_moments(
         s1 = jnp.sum(xc, axis=axes, keepdims=True)
         s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
     else:
-        m_first = lax.slice_in_dim(mask, 0, 1, axis=first)
+        m_first = _first_entry(mask, first)
         n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=x.dtype)
         shift = jnp.sum(jnp.where(m_first, x_first, 0), axis=axes, keepdims=True) / jnp.maximum(n_first, 1)
         count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
@@ -118,24 +119,52 @@ def global_moments(
 ) -> Moments:
     """Merge ``local`` moments across the named device axes (identity when ``axis_name`` is None).
 
-    One ``all_gather`` of the four moment arrays; its transpose (a reduce-scatter) makes the backward pass
+    One ``all_gather`` of the four moment arrays (per axis name); its transpose (a reduce-scatter) makes the backward pass
     use the global reductions too, so gradients match single-device batchnorm on the global batch.
+
+    ``axis_index_groups`` (a partition of the linear device indices along ``axis_name``) is applied after a
+    gather over the whole axis, by giving the parts outside this device's group a count of zero: the same
+    code then works under ``pmap``, ``shard_map`` and ``vmap`` (whose ``all_gather`` rejects groups), and the
+    extra traffic is a few floats per feature and device.
     """
     if axis_name is None:
         return local
     check_axis_name(axis_name)
     packed = jnp.stack(local, axis=0)
-    gathered = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups, axis=0)
-    # all_gather over a tuple of names may stack them as separate leading axes; flatten to one parts axis.
+    # One gather per name, last name first: the parts then come out in the row-major device order of
+    # lax.axis_index(axis_name). (JAX's batching rule rejects all_gather over a tuple that includes a vmap axis.)
+    gathered = packed
+    for name in reversed(_names(axis_name)):
+        gathered = lax.all_gather(gathered, name, axis=0)
     gathered = gathered.reshape((-1,) + packed.shape)
     parts = Moments(*(gathered[:, i] for i in range(4)))
+    if axis_index_groups is not None:
+        same_group = _same_group_table(axis_index_groups, gathered.shape[0])
+        member = jnp.asarray(same_group)[lax.axis_index(axis_name)]
+        member = member.reshape((-1,) + (1,) * local.count.ndim)
+        parts = parts._replace(
+            count=jnp.where(member, parts.count, 0.0), m2=jnp.where(member, parts.m2, 0.0)
+        )
     return merge_moments(parts, local.shift, axis=0)
+
+
+def _same_group_table(axis_index_groups: Sequence[Sequence[int]], axis_size: int) -> np.ndarray:
+    """bool[axis_size, axis_size]: whether devices i and j are in the same group; validates the groups."""
+    flat = [i for group in axis_index_groups for i in group]
+    if sorted(flat) != list(range(axis_size)):
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} must partition the device indices 0..{axis_size - 1} "
+            f"along the axis (each index in exactly one group), got the indices {sorted(flat)}."
+        )
+    group_of = np.empty(axis_size, np.int64)
+    for g, group in enumerate(axis_index_groups):
+        group_of[list(group)] = g
+    return group_of[:, None] == group_of[None, :]
 
 
 def check_axis_name(axis_name: AxisName) -> None:
     """Raise a ValueError naming ``axis_name`` when it is not bound by an enclosing pmap/shard_map/vmap."""
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    for name in names:
+    for name in _names(axis_name):
         try:
             lax.axis_index(name)
         except NameError as err:
@@ -145,6 +174,26 @@ def check_axis_name(axis_name: AxisName) -> None:
                 f"jax.vmap(..., axis_name={name!r}); with plain jax.jit over sharded arrays use "
                 "axis_name=None (global statistics come out automatically)."
             ) from err
+
+
+def _names(axis_name: AxisName) -> tuple:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _first_entry(a: jax.Array, axis: int) -> jax.Array:
+    """``a``'s entry 0 along ``axis`` (kept as size 1), also when that axis is sharded over an Explicit mesh.
+
+    ``jax.make_mesh`` builds Explicit axes by default, and under ``jit`` a static slice of size 1 along a
+    sharded axis is a sharding type error; a gather with a replicated ``out_sharding`` is allowed (it lowers
+    to a dynamic slice on the owning device plus a tiny all-reduce).
+    """
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    spec = () if sharding is None else tuple(sharding.spec)
+    if axis >= len(spec) or spec[axis] is None:
+        return lax.slice_in_dim(a, 0, 1, axis=axis)
+    out_spec = jax.sharding.PartitionSpec(*spec[:axis], None, *spec[axis + 1 :])
+    index = (slice(None),) * axis + (jnp.zeros((1,), jnp.int32),)
+    return a.at[index].get(out_sharding=jax.sharding.NamedSharding(sharding.mesh, out_spec))
 
 
 def _size(shape: Sequence[int], axes: Sequence[int]) -> int:
