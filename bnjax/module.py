@@ -33,6 +33,10 @@ class BatchNorm(nn.Module):
         average, the running variance is stored unbiased, and ``batch_stats`` also holds
         ``num_batches_tracked`` (int32 scalar), as in a PyTorch state dict.
       virtual_batch_size: ghost batch norm; see :func:`bnjax.batch_norm`.
+      test_local_stats: if True, eval mode (``use_running_average=True``) normalizes with the statistics of
+        the current batch, as train mode does, but never touches the running statistics and needs no
+        mutable collection (Haiku's ``test_local_stats``): a check of how much the running statistics
+        matter, without switching the rest of the model (dropout, ...) to train mode.
 
     Attributes (as in Flax):
       use_running_average: if True, normalize with the running statistics (eval mode).
@@ -61,6 +65,7 @@ class BatchNorm(nn.Module):
     axis_index_groups: Sequence[Sequence[int]] | None = None
     convention: Convention = "flax"
     virtual_batch_size: int | None = None
+    test_local_stats: bool = False
 
     @nn.compact
     def __call__(
@@ -100,7 +105,7 @@ class BatchNorm(nn.Module):
             scale,
             bias,
             state,
-            train=not use_running_average,
+            train=not use_running_average or self.test_local_stats,
             axis=self.axis,
             momentum=self.momentum,
             epsilon=self.epsilon,

@@ -147,7 +147,9 @@ class BatchRenorm(BatchNorm):
       d_max: bound on ``d``: a float or a schedule.
 
     When either bound is a schedule, ``batch_stats`` also holds ``step`` (int32 scalar, the number of train
-    calls so far), the schedules' argument. ``virtual_batch_size`` is not supported.
+    calls so far), the schedules' argument. With ``test_local_stats=True``, eval mode computes the train-mode
+    output (batch statistics, corrected by ``r``, ``d``) and updates nothing. ``virtual_batch_size`` is not
+    supported.
     """
 
     r_max: float | Schedule = 3.0
@@ -202,7 +204,7 @@ class BatchRenorm(BatchNorm):
             scale,
             bias,
             state,
-            train=not use_running_average,
+            train=not use_running_average or self.test_local_stats,
             r_max=bound(r_max, self.r_max),
             d_max=bound(d_max, self.d_max),
             axis=self.axis,
