@@ -1,0 +1,162 @@
+"""Output of an experiment: one folder with ``config.json``, ``results.json``, PNG plots and ``report.md``.
+
+The folder defaults to ``runs/<name>-<timestamp>/``. ``report.md`` states each claim tested, the numbers
+measured, and whether the claim held (``held`` / ``not held`` / ``inconclusive``), followed by the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import platform
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+class Claim(NamedTuple):
+    """One claim from the literature and what this run measured about it.
+
+    Fields:
+      claim: the statement tested, with its source (e.g. "CKLKT21: sharpness hovers at 2/eta").
+      measured: the numbers, in words.
+      verdict: ``"held"``, ``"not held"`` or ``"inconclusive"`` (e.g. a quick run too short to tell).
+    """
+
+    claim: str
+    measured: str
+    verdict: str
+
+
+VERDICTS = ("held", "not held", "inconclusive")
+
+
+def run_dir(name: str, out: str | pathlib.Path | None) -> pathlib.Path:
+    """The output folder: ``out`` if given, else ``runs/<name>-<YYYYmmdd-HHMMSS>``; created if missing."""
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path("runs") / f"{name}-{stamp}"
+    path = pathlib.Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(value).tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    """``value`` (dataclasses, NumPy/JAX arrays and scalars allowed) as indented JSON; NaN/inf as strings."""
+    path.write_text(json.dumps(_jsonable(value), indent=2) + "\n")
+
+
+def write_config(out: pathlib.Path, name: str, config: Any, preset: str | None) -> None:
+    """``config.json``: the experiment's config plus the environment needed to reproduce it."""
+    write_json(
+        out / "config.json",
+        {
+            "experiment": name,
+            "preset": preset,
+            "config": config,
+            "environment": {
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "python": platform.python_version(),
+                "jax": jax.__version__,
+                "backend": jax.default_backend(),
+                "devices": [str(d) for d in jax.devices()],
+            },
+        },
+    )
+
+
+def write_report(
+    out: pathlib.Path,
+    title: str,
+    claims: Sequence[Claim],
+    *,
+    command: str,
+    runtime_s: float,
+    tables: Sequence[str] = (),
+    figures: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> None:
+    """``report.md``: claims with measured numbers and verdicts, then tables, notes and figures."""
+    for c in claims:
+        if c.verdict not in VERDICTS:
+            raise ValueError(f"Claim verdict must be one of {VERDICTS}, got {c.verdict!r} for {c.claim!r}.")
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Runtime: {runtime_s:.1f} s", "", "## Claims", ""]
+    lines += ["| claim | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {c.claim} | {c.measured} | **{c.verdict}** |" for c in claims]
+    for table in tables:
+        lines += ["", table]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats printed with 4 significant digits."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+    """A matplotlib figure and a flat array of axes, ``size`` per panel."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, axes.ravel()
+
+
+def save_figure(fig, out: pathlib.Path, filename: str) -> str:
+    """Save ``fig`` as PNG into ``out``, close it, and return the file name (for the report)."""
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=110)
+    plt.close(fig)
+    return filename
+
+
+class Outcome(NamedTuple):
+    """What an experiment's ``run`` returns; :func:`experiments.cli.execute` writes it out.
+
+    Fields:
+      results: JSON-able numbers (written to ``results.json``).
+      claims: the claims tested, for ``report.md``.
+      tables: Markdown tables for ``report.md``.
+      figures: PNG file names already saved in the output folder.
+      notes: caveats for ``report.md``.
+    """
+
+    results: dict
+    claims: Sequence[Claim]
+    tables: Sequence[str] = ()
+    figures: Sequence[str] = ()
+    notes: Sequence[str] = ()

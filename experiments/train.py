@@ -1,0 +1,191 @@
+"""Jitted training loops for the experiments: full-batch and minibatch, any optax optimizer.
+
+The model is a Flax module from :mod:`experiments.models` called as ``model.apply(variables, x, train=...)``.
+A loss function here has the signature ``loss_fn(params, batch_stats, x, y, key) -> (loss, aux)`` with
+``aux = (new_batch_stats, logits)``: train mode (batch statistics; running statistics updated and returned),
+noise drawn from ``key`` for noisy BN. Steps run inside ``lax.scan`` in chunks, so one host round trip
+covers ``chunk`` steps; after each chunk the losses are checked and a non-finite one stops the run with
+:class:`Diverged`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax import lax
+
+PyTree = Any
+LOSSES = ("square", "cross_entropy")
+
+
+class Diverged(FloatingPointError):
+    """Training produced a non-finite loss."""
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step.
+
+    Fields:
+      params: the model's ``params`` collection.
+      batch_stats: the model's ``batch_stats`` collection (an empty dict for models without BN).
+      opt_state: the optax optimizer state.
+      step: int32[] number of steps taken.
+      key: PRNG key for the noise of noisy BN and for minibatch shuffling.
+    """
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    key: jax.Array
+
+
+class StepMetrics(NamedTuple):
+    """Per-step training metrics (each float32[] or float32[steps] when stacked by ``scan``).
+
+    Fields:
+      loss: training loss of the batch, before the update.
+      accuracy: training accuracy of the batch, before the update.
+    """
+
+    loss: jax.Array
+    accuracy: jax.Array
+
+
+def square_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``mean_i 0.5 * ||logits_i - onehot(y_i)||^2`` (Cohen et al. 2021's square loss); logits ``[n, classes]``."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return 0.5 * jnp.mean(jnp.sum((logits - targets) ** 2, axis=-1))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; logits ``[n, classes]``, integer labels ``[n]``."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def output_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The loss on model outputs by name: ``"square"`` or ``"cross_entropy"``."""
+    if name == "square":
+        return square_loss
+    if name == "cross_entropy":
+        return cross_entropy_loss
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}.")
+
+
+def make_loss_fn(model: nn.Module, loss: str) -> Callable[..., tuple[jax.Array, tuple[PyTree, jax.Array]]]:
+    """``loss_fn(params, batch_stats, x, y, key) -> (loss, (new_batch_stats, logits))`` in train mode."""
+    out_loss = output_loss(loss)
+
+    def loss_fn(params, batch_stats, x, y, key):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"noise": key},
+        )
+        return out_loss(logits, y), (updates.get("batch_stats", {}), logits)
+
+    return loss_fn
+
+
+def init_train_state(
+    model: nn.Module, example_x: jax.Array, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    """Initialize parameters (from ``seed``), running statistics and the optimizer state."""
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init({"params": init_key, "noise": init_key}, example_x, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(params, batch_stats, optimizer.init(params), jnp.zeros((), jnp.int32), run_key)
+
+
+def make_train_step(
+    model: nn.Module, loss: str, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]:
+    """One optimizer step on a batch ``(x, y)``: ``step(state, x, y) -> (new_state, metrics)`` (not jitted)."""
+    loss_fn = make_loss_fn(model, loss)
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, StepMetrics]:
+        key, noise_key = jax.random.split(state.key)
+        (value, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, x, y, noise_key
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+        return TrainState(params, batch_stats, opt_state, state.step + 1, key), StepMetrics(value, accuracy)
+
+    return step
+
+
+def full_batch_runner(
+    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
+) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
+    """Jitted ``run(state, x, y, num_steps) -> (state, metrics stacked over steps)``: full-batch GD in one scan."""
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(state, x, y, num_steps):
+        return lax.scan(lambda s, _: step(s, x, y), state, None, length=num_steps)
+
+    return run
+
+
+def epoch_runner(
+    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
+    batch_size: int,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]:
+    """Jitted ``run(state, x, y) -> (state, metrics per step)``: one epoch of shuffled minibatches in one scan.
+
+    The permutation comes from ``state.key``; the last ``len(x) % batch_size`` examples of each permutation
+    are dropped so that every batch has ``batch_size`` examples (BN statistics depend on the batch size).
+    """
+
+    @jax.jit
+    def run(state, x, y):
+        n = x.shape[0]
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
+        key, perm_key = jax.random.split(state.key)
+        num_batches = n // batch_size
+        idx = jax.random.permutation(perm_key, n)[: num_batches * batch_size].reshape(num_batches, batch_size)
+        return lax.scan(lambda s, i: step(s, x[i], y[i]), state._replace(key=key), idx)
+
+    return run
+
+
+def check_finite(losses: jax.Array | np.ndarray, first_step: int, what: str = "") -> np.ndarray:
+    """Host-side check of a chunk of losses; raises :class:`Diverged` naming the first bad step."""
+    losses = np.asarray(losses)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise Diverged(
+            f"non-finite training loss ({losses[bad[0]]}) at step {first_step + int(bad[0])}{what}: the run "
+            "diverged; lower the learning rate or raise the number of steps between checks to find where."
+        )
+    return losses
+
+
+def evaluate(
+    model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, loss: str, *, train: bool = False
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` of the whole ``(x, y)`` in eval mode (running statistics) or, with ``train=True``,
+    normalized with the statistics of ``x`` itself (running statistics left unchanged)."""
+    value, accuracy = _evaluate(model, loss, train, params, batch_stats, x, y)
+    return float(value), float(accuracy)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _evaluate(model, loss, train, params, batch_stats, x, y):
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+        logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"noise": jax.random.PRNGKey(0)})
+    else:
+        logits = model.apply(variables, x, train=False)
+    return output_loss(loss)(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
