@@ -9,7 +9,8 @@ one compilation along training.
 - :func:`smoothness`: loss landscape variation, gradient predictiveness, effective beta-smoothness along
   ``-grad L`` over a grid of step sizes (:func:`step_size_grid`), all step sizes in one vectorized call.
 - :func:`internal_covariate_shift`: per layer ``||G - G'||`` and ``cos(G, G')``, ``G'`` after the earlier
-  layers took the step's update (:func:`layer_groups` defines the layers).
+  layers took the step's update; the layer order is an argument (:func:`module_call_order` finds it for
+  a Flax model).
 - :func:`activation_statistics` / :func:`capture_inputs`: per-layer input means, stds and histograms of a
   Flax model, captured with ``flax.linen.intercept_methods``.
 - :func:`interpolation`, :func:`slice_1d`, :func:`slice_2d`: loss slices; :func:`random_direction` and
@@ -22,6 +23,7 @@ from bnjax.landscape.activations import (
     capture_inputs,
     histogram_edges,
     input_statistics,
+    module_call_order,
 )
 from bnjax.landscape.covariate_shift import CovariateShiftResult, internal_covariate_shift, layer_groups
 from bnjax.landscape.slices import filter_normalize, interpolation, random_direction, slice_1d, slice_2d
@@ -39,6 +41,7 @@ __all__ = [
     "internal_covariate_shift",
     "interpolation",
     "layer_groups",
+    "module_call_order",
     "random_direction",
     "slice_1d",
     "slice_2d",
