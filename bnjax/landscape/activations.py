@@ -59,8 +59,9 @@ def input_statistics(
         raise ValueError(f"expected an input with a batch axis and a feature axis, got shape {x.shape}.")
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
+    mean = jnp.mean(x, axis=axes, keepdims=True)
     std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=axes))
+    mean = mean.reshape(std.shape)
     lo, hi = value_range
     hist, _ = jnp.histogram(x.ravel(), bins=bins, range=(lo, hi))
     return ActivationStats(
