@@ -155,11 +155,14 @@ def test_reduces_train_eval_gap(momentum):
         params, stats, opt = train_step(params, stats, opt, x_all[i : i + 8], y_all[i : i + 8])
 
     # Target: the same model normalizing with full-data statistics, i.e. train mode on all data at once.
-    target, _ = model.apply({"params": params, "batch_stats": stats}, x_all, train=True, mutable=["batch_stats"])
-    gap = lambda s: float(jnp.mean((model.apply({"params": params, "batch_stats": s}, x_all) - target) ** 2))  # noqa: E731
+    trained = {"params": params, "batch_stats": stats}
+    target, _ = model.apply(trained, x_all, train=True, mutable=["batch_stats"])
+
+    def gap(s):
+        return float(jnp.mean((model.apply({"params": params, "batch_stats": s}, x_all) - target) ** 2))
+
     batches = [x_all[i : i + 32] for i in range(0, 256, 32)]
-    precise = precise_batch_stats(lambda v, b: model.apply(v, b), {"params": params, "batch_stats": stats},
-                                  batches, progress=False)
+    precise = precise_batch_stats(lambda v, b: model.apply(v, b), trained, batches, progress=False)
     gap_ewma, gap_precise = gap(stats), gap(precise)
     assert gap_ewma > 1e-2
     assert gap_precise < 1e-3 * gap_ewma

@@ -55,8 +55,8 @@ def test_matches_numpy_reference(shape, r_max, d_max, masked):
     np.testing.assert_allclose(new.var, var_ref, rtol=1e-5)
     # Eval mode is plain eval-mode batch norm.
     y_eval, same = batch_renorm(x, scale, bias, state, train=False, epsilon=EPS)
-    np.testing.assert_allclose(y_eval, (x - np.asarray(state.mean)) / np.sqrt(np.asarray(state.var) + EPS) * scale + bias, rtol=1e-5,
-                               atol=1e-5)
+    eval_ref = (x - np.asarray(state.mean)) / np.sqrt(np.asarray(state.var) + EPS) * scale + bias
+    np.testing.assert_allclose(y_eval, eval_ref, rtol=1e-5, atol=1e-5)
     assert same is state
 
 
