@@ -185,9 +185,15 @@ def _step_fn(axis_name, masked):
 SCENARIOS = ["equal", "random_masks", "one_device_empty", "padded_last_shard"]
 
 
-@pytest.mark.parametrize("axes", list(AXES), ids=list(AXES))
-@pytest.mark.parametrize("kind, check_vma", GRAD_KINDS, ids=GRAD_IDS)
-@pytest.mark.parametrize("scenario", SCENARIOS)
+# Every scenario and transform with one axis name; a tuple of names for a subset (each case compiles).
+CASES = [
+    pytest.param(s, k, v, "name", id=f"{s}-{i}-name") for s in SCENARIOS for (k, v), i in zip(GRAD_KINDS, GRAD_IDS)
+] + [
+    pytest.param(s, k, True, "tuple", id=f"{s}-{k}-tuple") for s in ["equal", "random_masks"] for k in KINDS
+]
+
+
+@pytest.mark.parametrize("scenario, kind, check_vma, axes", CASES)
 def test_matches_single_device_on_global_batch(scenario, kind, check_vma, axes):
     """Outputs, gradients and running statistics equal single-device BN on the concatenated valid batch."""
     names, sizes = AXES[axes]
@@ -215,3 +221,329 @@ def test_matches_single_device_on_global_batch(scenario, kind, check_vma, axes):
     np.testing.assert_allclose(var, np.broadcast_to(MOMENTUM + (1 - MOMENTUM) * var64, var.shape), **TOL)
     np.testing.assert_allclose(mean, np.broadcast_to(stats_ref["mean"], mean.shape), **TOL)
     np.testing.assert_allclose(var, np.broadcast_to(stats_ref["var"], var.shape), **TOL)
+
+
+@functools.cache
+def _grouped_step_fn(axis_name, groups):
+    return lambda x, dy, scale, bias: _local_step(
+        x, dy, None, scale, bias, axis_name=axis_name, axis_index_groups=groups
+    )
+
+
+@pytest.mark.parametrize("kind, axes", [(k, "name") for k in KINDS] + [("vmap", "tuple")])
+def test_axis_index_groups_merge_within_each_group(kind, axes):
+    """Groups (here not contiguous) merge only their members' statistics, under every transform."""
+    names, sizes = AXES[axes]
+    groups = ((0, 5, 2, 7), (1, 3, 4, 6))
+    x, dy, _ = _problem("equal")
+    scale = np.array([0.5, 1.0, 2.0], np.float32)
+    bias = np.zeros(3, np.float32)
+    step = _grouped_step_fn(_axis_name(names), groups)
+    y, (dx, ds, _), mean, _ = per_device(kind, names, sizes, step, [x, dy], [scale, bias])
+    n = x.shape[0] // 8
+    ds_total = np.zeros(3)
+    for group in groups:
+        rows = np.concatenate([np.arange(d * n, (d + 1) * n) for d in group])
+        y_ref, (dx_ref, ds_ref, _), stats_ref = _flax_reference(x[rows], dy[rows], None, scale, bias)
+        np.testing.assert_allclose(y.reshape(x.shape)[rows], y_ref, **TOL)
+        np.testing.assert_allclose(dx.reshape(x.shape)[rows], dx_ref, **TOL)
+        np.testing.assert_allclose(mean[list(group)], np.broadcast_to(stats_ref["mean"], (4, 3)), **TOL)
+        if kind != "shard_map":  # per-device contributions: the group's sum is the group's gradient
+            np.testing.assert_allclose(ds[list(group)].sum(0), ds_ref, **TOL)
+        ds_total += ds_ref
+    # The loss is the sum over both groups; shard_map hands every device the whole gradient.
+    got = ds if kind == "shard_map" else ds.sum(0, keepdims=True)
+    np.testing.assert_allclose(got, np.broadcast_to(ds_total, got.shape), **TOL)
+
+
+def test_axis_index_groups_must_partition_the_devices():
+    x, dy, _ = _problem("equal")
+    step = _grouped_step_fn("d", ((0, 1, 2), (4, 5, 6, 7)))
+    with pytest.raises(ValueError, match="axis_index_groups.*partition"):
+        per_device("vmap", ("d",), (8,), step, [x, dy], [np.ones(3, np.float32), np.zeros(3, np.float32)])
+
+
+# ----------------------------------------------------------------------------- a small Flax model
+
+
+class MLP(nn.Module):
+    """Dense -> batch norm -> relu -> Dense; ``norm`` builds the batch-norm layer (bnjax's or Flax's)."""
+
+    norm: functools.partial
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        h = nn.Dense(4)(x)
+        h = self.norm(use_running_average=False, momentum=MOMENTUM, epsilon=EPS)(h, mask=mask)
+        return nn.Dense(1)(nn.relu(h))
+
+
+FLAX_NORM = functools.partial(nn.BatchNorm, use_fast_variance=False)
+
+
+def _model_data(n_per_dev=3, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(8 * n_per_dev, 5)).astype(np.float32) + 2.0
+    t = rng.normal(size=(8 * n_per_dev, 1)).astype(np.float32)
+    mask = rng.random((8 * n_per_dev, 1)) < 0.6
+    mask[:2 * n_per_dev] = False  # devices 0 and 1 have no valid sample
+    mask[-1] = True
+    return x, t, mask
+
+
+def _model_loss_and_stats(model, variables, x, t, mask):
+    """sum over valid samples of (f(x) - t)^2, and the updated batch_stats."""
+    out, upd = model.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    return jnp.sum(jnp.where(mask, (out - t) ** 2, 0.0)), upd["batch_stats"]
+
+
+@functools.cache
+def _model_step(axis_name):
+    model = MLP(functools.partial(bnjax.BatchNorm, axis_name=axis_name))
+
+    def step(x, t, mask, params, stats):
+        loss = lambda p: _model_loss_and_stats(model, {"params": p, "batch_stats": stats}, x, t, mask)  # noqa: E731
+        grads, new_stats = jax.grad(loss, has_aux=True)(params)
+        return grads, new_stats
+
+    return step
+
+
+@jax.jit
+def _flax_model_reference(x, t, mask, variables):
+    model = MLP(FLAX_NORM)
+    loss = lambda p: _model_loss_and_stats(model, {**variables, "params": p}, x, t, mask)  # noqa: E731
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+
+def _model_variables(x):
+    # Flax's and bnjax's BatchNorm have interchangeable variable trees.
+    return MLP(FLAX_NORM).init(jax.random.key(0), x[:2], mask=None)
+
+
+@pytest.mark.parametrize(
+    "kind, check_vma, axes",
+    [(k, v, "name") for k, v in GRAD_KINDS] + [("shard_map", True, "tuple")],
+)
+def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vma, axes):
+    """Gradients of every parameter (incl. the Dense layer *before* BN) and batch_stats, with uneven masks."""
+    names, sizes = AXES[axes]
+    x, t, mask = _model_data()
+    variables = _model_variables(x)
+    grads_ref, stats_ref = _flax_model_reference(x, t, mask, variables)
+    grads, stats = per_device(
+        kind, names, sizes, _model_step(_axis_name(names)), [x, t, mask],
+        [variables["params"], variables["batch_stats"]], check_vma,
+    )
+    if not (kind == "shard_map" and check_vma):
+        grads = jax.tree.map(lambda g: g.sum(0, keepdims=True), grads)
+    jax.tree.map(
+        lambda g, r: np.testing.assert_allclose(g, np.broadcast_to(r, g.shape), rtol=1e-4, atol=1e-5),
+        (grads, stats), (grads_ref, stats_ref),
+    )
+
+
+def test_outer_grad_of_shard_map_loss_is_the_global_gradient():
+    """The shard_map idiom: psum the local losses inside, differentiate the whole thing outside."""
+    x, t, mask = _model_data()
+    variables = _model_variables(x)
+    grads_ref, _ = _flax_model_reference(x, t, mask, variables)
+    model = MLP(functools.partial(bnjax.BatchNorm, axis_name="d"))
+    mesh = jax.make_mesh((8,), ("d",))
+
+    def global_loss(params, x, t, mask):
+        def local(params, x, t, mask):
+            v = {"params": params, "batch_stats": variables["batch_stats"]}
+            return lax.psum(_model_loss_and_stats(model, v, x, t, mask)[0], "d")
+
+        spec = P("d")
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, spec, spec), out_specs=P())(params, x, t, mask)
+
+    placed = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, t, mask)]
+    grads = jax.jit(jax.grad(global_loss))(variables["params"], *placed)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), grads, grads_ref)
+
+
+# ----------------------------------------------------------------------------- Flax's cross-device statistics
+
+
+@functools.cache
+def _batch_stats_step(norm_cls, momentum):
+    def step(x, mask):
+        bn = norm_cls(use_running_average=False, momentum=momentum, axis_name="d")
+        variables = bn.init(jax.random.key(0), x)
+        y, upd = bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+        return y, upd["batch_stats"]
+
+    return step
+
+
+UNEVEN_COUNTS = [1, 1, 1, 2, 3, 4, 4, 4]  # valid samples per device (of 4); device d's mean is about d
+
+
+def _uneven(empty_devices):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8 * 4, 3)).astype(np.float32) + np.arange(8).repeat(4)[:, None].astype(np.float32)
+    mask = np.zeros((8 * 4, 1), bool)
+    for d, k in enumerate(UNEVEN_COUNTS):
+        mask[4 * d : 4 * d + k] = d not in empty_devices
+    return x, mask
+
+
+def test_flax_averages_per_device_means_bnjax_merges_exactly():
+    """Uneven valid counts: Flax's pmean of per-device means is not the global mean; bnjax's merge is."""
+    x, mask = _uneven(empty_devices=())
+    _, mean64, var64, _ = bn_forward(x, mask=mask)
+    _, flax_stats = per_device("pmap", ("d",), (8,), _batch_stats_step(FLAX_NORM, 0.0), [x, mask])
+    _, ours = per_device("pmap", ("d",), (8,), _batch_stats_step(bnjax.BatchNorm, 0.0), [x, mask])
+    np.testing.assert_allclose(ours["mean"], np.broadcast_to(mean64, (8, 3)), **TOL)
+    np.testing.assert_allclose(ours["var"], np.broadcast_to(var64, (8, 3)), **TOL)
+    # Flax computes exactly the unweighted average of the per-device means, which is far from the truth.
+    per_device_means = np.stack([x[4 * d : 4 * d + k].mean(0) for d, k in enumerate(UNEVEN_COUNTS)])
+    np.testing.assert_allclose(flax_stats["mean"], np.broadcast_to(per_device_means.mean(0), (8, 3)), **TOL)
+    assert np.all(np.abs(flax_stats["mean"] - mean64) > 0.5)
+
+
+def test_empty_device_makes_flax_nan_while_bnjax_ignores_it():
+    x, mask = _uneven(empty_devices=(2,))
+    _, mean64, _, _ = bn_forward(x, mask=mask)
+    y_flax, flax_stats = per_device("pmap", ("d",), (8,), _batch_stats_step(FLAX_NORM, 0.0), [x, mask])
+    y, ours = per_device("pmap", ("d",), (8,), _batch_stats_step(bnjax.BatchNorm, 0.0), [x, mask])
+    assert np.all(np.isnan(y_flax)) and np.all(np.isnan(flax_stats["mean"]))
+    np.testing.assert_allclose(ours["mean"], np.broadcast_to(mean64, (8, 3)), **TOL)
+    assert np.all(np.isfinite(y))
+
+
+def test_zero_global_count_keeps_running_statistics_where_flax_gives_nan():
+    x, mask = _uneven(empty_devices=tuple(range(8)))
+    y_flax, flax_stats = per_device("pmap", ("d",), (8,), _batch_stats_step(FLAX_NORM, 0.9), [x, mask])
+    y, ours = per_device("pmap", ("d",), (8,), _batch_stats_step(bnjax.BatchNorm, 0.9), [x, mask])
+    assert np.all(np.isnan(flax_stats["mean"])) and np.all(np.isnan(y_flax))
+    np.testing.assert_array_equal(ours["mean"], np.zeros((8, 3)))
+    np.testing.assert_array_equal(ours["var"], np.ones((8, 3)))
+    # Normalized with the (unchanged) running statistics: mean 0, var 1.
+    np.testing.assert_allclose(y.reshape(x.shape), x / np.sqrt(1 + EPS), **TOL)
+
+
+# ----------------------------------------------------------------------------- sharded jit, no axis_name
+
+
+MESH_TYPES = [AxisType.Explicit, AxisType.Auto]
+
+
+@jax.jit
+def _bnjax_model_grads(x, t, mask, variables):
+    model = MLP(bnjax.BatchNorm)  # axis_name=None: XLA's SPMD partitioner inserts the all-reduces
+    loss = lambda p: _model_loss_and_stats(model, {**variables, "params": p}, x, t, mask)  # noqa: E731
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+
+@pytest.mark.parametrize("axis_type", MESH_TYPES, ids=lambda a: a.name)
+def test_sharded_jit_gives_global_statistics_without_axis_name(axis_type):
+    x, t, mask = _model_data()
+    variables = _model_variables(x)
+    grads_ref, stats_ref = _flax_model_reference(x, t, mask, variables)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+    placed = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, t, mask)]
+    with jax.set_mesh(mesh):  # Explicit axes: lets the Dense kernel's gradient resolve to replicated
+        grads, stats = _bnjax_model_grads(*placed, variables)
+    jax.tree.map(
+        lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), (grads, stats), (grads_ref, stats_ref)
+    )
+
+
+@pytest.mark.parametrize("axis_type", MESH_TYPES, ids=lambda a: a.name)
+@pytest.mark.parametrize("virtual_batch_size", [None, 2])
+def test_sharded_jit_functional_core_keeps_the_batch_sharded(axis_type, virtual_batch_size):
+    """NHWC input sharded over the batch: exact statistics, and the output stays sharded like the input."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(16, 3, 2, 3)) * 2.0 + 5.0).astype(np.float32)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+    xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+    state = bnjax.init_state((3,))
+    f = jax.jit(lambda x: batch_norm(x, None, None, state, train=True, virtual_batch_size=virtual_batch_size))
+    y, new = f(xs)
+    assert y.sharding.spec[0] == "d"
+    g = 16 if virtual_batch_size is None else virtual_batch_size
+    groups = x.reshape(16 // g, g, 3, 2, 3)
+    y_ref = np.concatenate([bn_forward(b, eps=EPS)[0] for b in groups])
+    stats_ref = [bn_forward(b)[1:3] for b in groups]
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    np.testing.assert_allclose(new.mean, 0.01 * np.mean([m for m, _ in stats_ref], 0), **TOL)
+    np.testing.assert_allclose(new.var, 0.99 + 0.01 * np.mean([v for _, v in stats_ref], 0), **TOL)
+
+
+# ----------------------------------------------------------------------------- ghost batches across devices
+
+
+@functools.cache
+def _ghost_step_fn(axis_name, virtual_batch_size):
+    state = BatchNormState(jnp.zeros(3), jnp.ones(3))
+
+    def step(x, dy, scale):
+        def loss(x, scale):
+            y, new = batch_norm(
+                x, scale, None, state, train=True, momentum=MOMENTUM, epsilon=EPS,
+                axis_name=axis_name, virtual_batch_size=virtual_batch_size,
+            )
+            return jnp.sum(y * dy), (y, new)
+
+        (_, (y, new)), (dx, ds) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, scale)
+        return y, dx, ds, new.mean, new.var
+
+    return step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ghost_batches_with_axis_name(kind):
+    """Sub-batch k of every device forms virtual batch k: each is normalized as one single-device batch."""
+    g, k = 2, 3  # virtual batch size per device, sub-batches per device
+    x, dy, _ = _problem("equal", n_per_dev=g * k)
+    scale = np.array([0.5, 1.0, 2.0], np.float32)
+    y, dx, ds, mean, var = per_device(kind, ("d",), (8,), _ghost_step_fn("d", g), [x, dy], [scale])
+    # rows of virtual batch j: device d's rows d*g*k + j*g + [0, g)
+    idx = np.arange(8 * g * k).reshape(8, k, g).transpose(1, 0, 2).reshape(k, 8 * g)
+    ds_total, means, variances = np.zeros(3), [], []
+    for rows in idx:
+        y_ref, (dx_ref, ds_ref, _), stats_ref = _flax_reference(x[rows], dy[rows], None, scale, np.zeros(3, np.float32))
+        np.testing.assert_allclose(y.reshape(x.shape)[rows], y_ref, **TOL)
+        np.testing.assert_allclose(dx.reshape(x.shape)[rows], dx_ref, **TOL)
+        ds_total += ds_ref
+        means.append(stats_ref["mean"])
+        variances.append(stats_ref["var"])
+    got = ds if kind == "shard_map" else ds.sum(0, keepdims=True)
+    np.testing.assert_allclose(got, np.broadcast_to(ds_total, got.shape), **TOL)
+    # Equal counts: the running update uses the average of the virtual batches' statistics.
+    np.testing.assert_allclose(mean, np.broadcast_to(np.mean(means, 0), mean.shape), **TOL)
+    np.testing.assert_allclose(var, np.broadcast_to(np.mean(variances, 0), var.shape), **TOL)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _bn_with_axis(axis_name, virtual_batch_size=None):
+    return lambda x: batch_norm(
+        x, None, None, None, train=True, axis_name=axis_name, virtual_batch_size=virtual_batch_size
+    )[0]
+
+
+@pytest.mark.parametrize("kind", ["jit", *KINDS])
+@pytest.mark.parametrize("axis_name", ["zz", ("d", "zz")], ids=["name", "tuple"])
+def test_unbound_axis_name_is_a_clear_value_error(kind, axis_name):
+    x = np.ones((16, 3), np.float32)
+    unbound = "d" if kind == "jit" and isinstance(axis_name, tuple) else "zz"
+    with pytest.raises(ValueError, match=rf"the axis '{unbound}' is not bound.*axis_name=None"):
+        if kind == "jit":
+            jax.jit(_bn_with_axis(axis_name))(x)
+        else:
+            per_device(kind, ("d",), (8,), _bn_with_axis(axis_name), [x])
+
+
+@pytest.mark.parametrize("kind", ["jit", *KINDS])
+def test_virtual_batch_size_must_divide_the_local_batch(kind):
+    x = np.ones((8 * 3, 2), np.float32)  # 3 rows per device
+    with pytest.raises(ValueError, match="virtual_batch_size=2 does not divide the batch"):
+        if kind == "jit":
+            jax.jit(_bn_with_axis(None, 2))(x[:3])
+        else:
+            per_device(kind, ("d",), (8,), _bn_with_axis("d", 2), [x])
