@@ -4,7 +4,7 @@ The model is a Flax module from :mod:`experiments.models` called as ``model.appl
 A loss function here has the signature ``loss_fn(params, batch_stats, x, y, key) -> (loss, aux)`` with
 ``aux = (new_batch_stats, logits)``: train mode (batch statistics; running statistics updated and returned),
 noise drawn from ``key`` for noisy BN. Steps run inside ``lax.scan`` in chunks, so one host round trip
-covers ``chunk`` steps; after each chunk the losses are checked and a non-finite one stops the run with
+covers a chunk of steps; after each chunk the losses are checked and a non-finite one stops the run with
 :class:`Diverged`.
 """
 
@@ -137,25 +137,29 @@ def full_batch_runner(
     return run
 
 
-def epoch_runner(
+def minibatch_runner(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
     batch_size: int,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]:
-    """Jitted ``run(state, x, y) -> (state, metrics per step)``: one epoch of shuffled minibatches in one scan.
+) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
+    """Jitted ``run(state, x, y, num_steps) -> (state, metrics per step)``: minibatch steps in one scan.
 
-    The permutation comes from ``state.key``; the last ``len(x) % batch_size`` examples of each permutation
-    are dropped so that every batch has ``batch_size`` examples (BN statistics depend on the batch size).
+    Each step draws ``batch_size`` distinct examples uniformly at random (from ``state.key``), so a run can
+    be cut into segments of any length without epoch bookkeeping; every batch has exactly ``batch_size``
+    examples (BN statistics depend on the batch size).
     """
 
-    @jax.jit
-    def run(state, x, y):
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(state, x, y, num_steps):
         n = x.shape[0]
-        if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
-        key, perm_key = jax.random.split(state.key)
-        num_batches = n // batch_size
-        idx = jax.random.permutation(perm_key, n)[: num_batches * batch_size].reshape(num_batches, batch_size)
-        return lax.scan(lambda s, i: step(s, x[i], y[i]), state._replace(key=key), idx)
+        if not 0 < batch_size <= n:
+            raise ValueError(f"batch_size must be in (0, {n}] for {n} training examples, got {batch_size}.")
+
+        def body(s, _):
+            key, perm_key = jax.random.split(s.key)
+            idx = jax.random.permutation(perm_key, n)[:batch_size]
+            return step(s._replace(key=key), x[idx], y[idx])
+
+        return lax.scan(body, state, None, length=num_steps)
 
     return run
 
@@ -170,6 +174,66 @@ def check_finite(losses: jax.Array | np.ndarray, first_step: int, what: str = ""
             "diverged; lower the learning rate or raise the number of steps between checks to find where."
         )
     return losses
+
+
+class TrainLog(NamedTuple):
+    """What :func:`train_in_segments` returns.
+
+    Fields:
+      state: the final :class:`TrainState`.
+      losses: float32[steps] training loss of each step's batch (before the update).
+      accuracies: float32[steps] training accuracy of each step's batch.
+      steps: int[checkpoints] step count after each segment.
+      measurements: the ``measure`` results after each segment (host NumPy pytrees), or empty.
+    """
+
+    state: TrainState
+    losses: np.ndarray
+    accuracies: np.ndarray
+    steps: np.ndarray
+    measurements: list
+
+
+def train_in_segments(
+    run: Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]],
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    num_steps: int,
+    every: int,
+    measure: Callable[[TrainState], PyTree] | None = None,
+    bar: Any = None,
+    label: str = "",
+) -> TrainLog:
+    """Drive ``run`` (from :func:`full_batch_runner` or :func:`minibatch_runner`) for ``num_steps`` steps.
+
+    Every ``every`` steps (one jitted segment) the losses are checked (a non-finite one raises
+    :class:`Diverged`), ``measure(state)`` is taken if given (jit it yourself) and ``bar`` (a tqdm bar
+    counting segments) advances. ``num_steps`` must be a multiple of ``every``.
+    """
+    if every < 1 or num_steps % every:
+        raise ValueError(f"num_steps ({num_steps}) must be a positive multiple of every ({every}).")
+    losses, accuracies, steps, measurements = [], [], [], []
+    for i in range(num_steps // every):
+        state, metrics = run(state, x, y, every)
+        losses.append(check_finite(metrics.loss, i * every, f" ({label})" if label else ""))
+        accuracies.append(np.asarray(metrics.accuracy))
+        steps.append(int(state.step))
+        if measure is not None:
+            measurements.append(jax.tree.map(np.asarray, measure(state)))
+        if bar is not None:
+            bar.update(1)
+    return TrainLog(state, np.concatenate(losses), np.concatenate(accuracies), np.asarray(steps), measurements)
+
+
+def landscape_loss(model: nn.Module, loss: str) -> Callable[[PyTree, tuple, PyTree], jax.Array]:
+    """The train-mode loss in :mod:`bnjax.landscape`'s convention: ``loss_fn(params, (x, y, key), batch_stats)``.
+
+    The noise key travels in the batch, so a noisy-BN loss is a deterministic function of its arguments.
+    """
+    loss_fn = make_loss_fn(model, loss)
+    return lambda params, batch, batch_stats: loss_fn(params, batch_stats, *batch)[0]
 
 
 def evaluate(

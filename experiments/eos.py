@@ -1,0 +1,410 @@
+"""Edge of stability (Cohen, Kaur, Li, Kolter, Talwalkar 2021): sharpness settles at the stability threshold.
+
+Full-batch gradient descent at several learning rates ``eta``, with and without batch norm, on a fixed
+training set; the sharpness (top eigenvalue of the training-loss Hessian) is tracked with warm-started
+power iteration every ``track_every`` steps. CKLKT21 predict progressive sharpening up to ``2/eta``, then
+hovering at it while the loss keeps falling non-monotonically; for heavy-ball momentum ``beta`` the
+threshold is ``(2 + 2 beta)/eta``; for Adam the *preconditioned* sharpness settles near
+``(2 + 2 beta1)/((1 - beta1) eta) = 38/eta`` (Cohen et al. 2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from bnjax.curvature.eigen import power_iteration, random_like
+from bnjax.curvature.operators import dataset_hessian_matvec, flax_curvature_fns
+
+from experiments import data as data_lib
+from experiments import models, report, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Edge of stability (CKLKT21), the flagship.
+
+    Command: ``python -m experiments eos`` (full) or ``python -m experiments eos --quick``.
+    Expected runtime on 2 CPU cores: quick ~1-2 min, full ~15-25 min.
+    Expected result: with square loss, every GD run with and without BN whose sharpness reaches ``2/eta``
+    stays within 0.95-1.10 of it ("held") while the loss keeps decreasing; momentum and Adam runs hover at
+    ``(2+2 beta)/eta`` and at a preconditioned ``38/eta``. A no-BN run at a small learning rate may still be
+    sharpening when it ends ("not reached").
+
+    Model: a tanh MLP (``hidden``) on the first ``n_train`` MNIST-1D training examples, initialized with
+    ``init_scale`` times the LeCun normal std (0.577 = PyTorch's default uniform init's std, as in CKLKT21's
+    code). Loss: ``square`` (``0.5 ||f - onehot||^2``, CKLKT21's main figures) or ``cross_entropy`` (with it
+    the sharpness falls late in training as the margins grow, so "held" is not expected at the end).
+    Sharpness: Hessian of the full-batch training loss with BN in train mode (the function GD optimizes;
+    ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's code), power iteration warm-started
+    from the previous eigenvector, at most ``power_iters`` HVPs, relative tolerance ``power_tol``.
+    Verdict per run: over the last ``verdict_window`` of the checkpoints, "held" when at least
+    ``min_in_band`` of them lie within ``[band_low, band_high]`` times the threshold, "not reached" when the
+    sharpness never reached ``band_low`` times it, "failed" otherwise.
+    """
+
+    dataset: str = "mnist1d"
+    data_seed: int = 42
+    n_train: int = 1000
+    seed: int = 0
+    hidden: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    init_scale: float = 0.577
+    loss: str = "square"
+    norms: tuple[str, ...] = ("none", "bn")
+    gd_lrs: tuple[float, ...] = (0.05, 0.1, 0.2)
+    momentum: float = 0.9
+    momentum_lrs: tuple[float, ...] = (0.03,)
+    adam_lrs: tuple[float, ...] = (0.001,)
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-7
+    steps: int = 5000
+    track_every: int = 20
+    power_iters: int = 20
+    power_tol: float = 1e-3
+    power_residual_tol: float = 0.1
+    chunk_size: int = 1000
+    verdict_window: float = 0.25
+    band_low: float = 0.95
+    band_high: float = 1.10
+    min_in_band: float = 0.9
+
+
+PRESETS = {
+    "quick": dataclasses.replace(
+        Config(), gd_lrs=(0.1,), momentum_lrs=(0.03,), adam_lrs=(0.001,), steps=1500
+    ),
+    "smoke": dataclasses.replace(
+        Config(),
+        n_train=200,
+        hidden=(32, 32),
+        gd_lrs=(0.1,),
+        momentum_lrs=(0.03,),
+        adam_lrs=(0.001,),
+        steps=40,
+        track_every=10,
+        power_iters=5,
+        chunk_size=200,
+    ),
+}
+
+
+class RunSpec(NamedTuple):
+    """One training run: optimizer (``"gd"``, ``"momentum"``, ``"adam"``), learning rate and normalization."""
+
+    optimizer: str
+    lr: float
+    norm: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.optimizer} lr={self.lr:g} {'BN' if self.norm == 'bn' else 'no BN'}"
+
+
+def threshold(spec: RunSpec, config: Config) -> float:
+    """Stability threshold of the run's optimizer: ``2/eta``, ``(2+2 beta)/eta``, ``(2+2 b1)/((1-b1) eta)``."""
+    if spec.optimizer == "gd":
+        return 2.0 / spec.lr
+    if spec.optimizer == "momentum":
+        return (2.0 + 2.0 * config.momentum) / spec.lr
+    beta1 = 0.9
+    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * spec.lr)
+
+
+def run_verdict(ratios: np.ndarray, config: Config) -> tuple[str, float]:
+    """``(verdict, fraction of the final window in the band)`` for sharpness/threshold ratios at checkpoints."""
+    ratios = np.asarray(ratios)
+    if ratios.size == 0:
+        return "not reached", 0.0
+    tail = ratios[-max(1, math.ceil(config.verdict_window * len(ratios))) :]
+    in_band = float(np.mean((tail >= config.band_low) & (tail <= config.band_high)))
+    if not np.any(ratios >= config.band_low):
+        return "not reached", in_band
+    return ("held" if in_band >= config.min_in_band else "failed"), in_band
+
+
+def _optimizer(spec: RunSpec, config: Config) -> optax.GradientTransformation:
+    if spec.optimizer == "gd":
+        return optax.sgd(spec.lr)
+    if spec.optimizer == "momentum":
+        return optax.sgd(spec.lr, momentum=config.momentum)
+    return optax.adam(spec.lr, b1=0.9, b2=config.adam_beta2, eps=config.adam_eps)
+
+
+def _specs(config: Config) -> list[RunSpec]:
+    groups = (("gd", config.gd_lrs), ("momentum", config.momentum_lrs), ("adam", config.adam_lrs))
+    return [RunSpec(opt, lr, norm) for opt, lrs in groups for lr in lrs for norm in config.norms]
+
+
+def _check(config: Config) -> None:
+    if config.loss not in train.LOSSES:
+        raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
+    for norm in config.norms:
+        if norm not in ("none", "bn"):
+            raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
+    if config.steps < config.track_every or config.track_every < 1:
+        raise ValueError(
+            f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}."
+        )
+    if not 0 < config.band_low < 1 < config.band_high:
+        raise ValueError(f"need 0 < band_low < 1 < band_high, got {config.band_low}, {config.band_high}.")
+
+
+class RunRecord(NamedTuple):
+    """What one run produced (host NumPy arrays).
+
+    Fields:
+      losses: float32[steps_done] full-batch training loss before each step.
+      steps: int[checkpoints] step after which each sharpness was measured (``track_every``, 2x, ...).
+      sharpness: float32[checkpoints] top Hessian eigenvalue (preconditioned for Adam).
+      hvps: int[checkpoints] Hessian-vector products each solve used.
+      residual: float32[checkpoints] relative residual of each solve.
+      diverged: the error message if the loss became non-finite, else "".
+    """
+
+    losses: np.ndarray
+    steps: np.ndarray
+    sharpness: np.ndarray
+    hvps: np.ndarray
+    residual: np.ndarray
+    diverged: str
+
+
+def _preconditioner(spec: RunSpec, config: Config, opt_state: Any, params: Any) -> Any:
+    """``P^{-1/2}`` as a pytree like ``params``: Adam's ``1/sqrt(sqrt(v_hat) + eps)``, ones otherwise."""
+    if spec.optimizer != "adam":
+        return jax.tree.map(jnp.ones_like, params)
+    adam_state = opt_state[0]  # optax.adam = chain(scale_by_adam, scale_by_learning_rate)
+    correction = 1.0 - config.adam_beta2 ** adam_state.count.astype(jnp.float32)
+    return jax.tree.map(lambda nu: jax.lax.rsqrt(jnp.sqrt(nu / correction) + config.adam_eps), adam_state.nu)
+
+
+def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_classes: int, bar: tqdm) -> RunRecord:
+    model = models.MLP(
+        features=config.hidden,
+        num_classes=num_classes,
+        activation=config.activation,
+        norm=spec.norm,
+        init_scale=config.init_scale,
+    )
+    optimizer = _optimizer(spec, config)
+    state = train.init_train_state(model, x[:2], optimizer, config.seed)
+    step = train.make_train_step(model, config.loss, optimizer)
+    fns = flax_curvature_fns(
+        model.apply, train.output_loss(config.loss), bn_mode="train" if spec.norm == "bn" else None
+    )
+    hessian = dataset_hessian_matvec(fns.loss_fn, config.chunk_size)
+
+    def matvec(v, params, batch, batch_stats, d):
+        scaled = hessian(jax.tree.map(jnp.multiply, d, v), params, batch, batch_stats)
+        return jax.tree.map(jnp.multiply, d, scaled)
+
+    def sharpness(state, v0, eigenvalue0, max_iters):
+        d = _preconditioner(spec, config, state.opt_state, state.params)
+        stats = state.batch_stats if spec.norm == "bn" else None
+        return power_iteration(
+            matvec,
+            v0,
+            state.params,
+            (x, y),
+            stats,
+            d,
+            tol=config.power_tol,
+            residual_tol=config.power_residual_tol,
+            max_iters=max_iters,
+            eigenvalue0=eigenvalue0,
+        )
+
+    @jax.jit
+    def segment(state, v0, eigenvalue0, max_iters):
+        state, metrics = jax.lax.scan(lambda s, _: step(s, x, y), state, None, length=config.track_every)
+        return state, metrics.loss, sharpness(state, v0, eigenvalue0, max_iters)
+
+    # The first solve starts from a random vector with a larger budget; later ones are warm-started.
+    # Sharpness is first measured after `track_every` steps: Adam's preconditioner needs a step.
+    v0 = random_like(jax.random.PRNGKey(config.seed + 1), state.params)
+    eigenvalue0, max_iters = jnp.inf, 5 * config.power_iters
+    losses, steps, sharp, hvps, residual = [], [], [], [], []
+    diverged = ""
+    bar.set_postfix_str(spec.label)
+    for i in range(config.steps // config.track_every):
+        state, seg_losses, eig = segment(state, v0, eigenvalue0, max_iters)
+        try:
+            losses.append(train.check_finite(seg_losses, i * config.track_every, f" ({spec.label})"))
+        except train.Diverged as err:
+            diverged = str(err)
+            bar.update(config.steps // config.track_every - i)
+            break
+        v0, eigenvalue0, max_iters = eig.eigenvector, eig.eigenvalue, config.power_iters
+        steps.append(int(state.step))
+        sharp.append(float(eig.eigenvalue))
+        hvps.append(int(eig.iterations))
+        residual.append(float(eig.residual))
+        bar.update(1)
+    return RunRecord(
+        np.concatenate(losses) if losses else np.zeros(0, np.float32),
+        np.asarray(steps),
+        np.asarray(sharp, np.float32),
+        np.asarray(hvps),
+        np.asarray(residual, np.float32),
+        diverged,
+    )
+
+
+def run(config: Config, out: pathlib.Path) -> report.Outcome:
+    """Train every run, track sharpness, write the plots; see :class:`Config`."""
+    _check(config)
+    ds = data_lib.subset(data_lib.load(config.dataset, config.data_seed), config.n_train)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    specs = _specs(config)
+    records: dict[RunSpec, RunRecord] = {}
+    with tqdm(total=len(specs) * (config.steps // config.track_every), desc="eos", unit="segment") as bar:
+        for spec in specs:
+            records[spec] = _train_one(spec, config, x, y, ds.num_classes, bar)
+    return _outcome(config, records, out)
+
+
+OPTIMIZER_TITLES = {
+    "gd": "GD: threshold 2/eta",
+    "momentum": "heavy-ball momentum: (2+2 beta)/eta",
+    "adam": "Adam: preconditioned, 38/eta",
+}
+
+
+def _last(values: np.ndarray) -> float:
+    return float(values[-1]) if values.size else float("nan")
+
+
+def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> report.Outcome:
+    rows, runs = [], []
+    for spec, rec in records.items():
+        thr = threshold(spec, config)
+        ratios = rec.sharpness / thr
+        verdict, in_band = run_verdict(ratios, config)
+        if rec.diverged:
+            verdict = "failed"
+        reached = np.flatnonzero(ratios >= config.band_low)
+        first = int(rec.steps[reached[0]]) if reached.size else None
+        entry = {
+            "optimizer": spec.optimizer,
+            "lr": spec.lr,
+            "norm": spec.norm,
+            "threshold": thr,
+            "first_sharpness": float(rec.sharpness[0]) if rec.sharpness.size else float("nan"),
+            "final_sharpness": _last(rec.sharpness),
+            "final_ratio": _last(ratios),
+            "max_ratio": float(ratios.max()) if ratios.size else float("nan"),
+            "fraction_in_band": in_band,
+            "first_step_at_threshold": first,
+            "final_loss": _last(rec.losses),
+            "loss_increases": int(np.sum(np.diff(rec.losses) > 0)),
+            # The first solve is cold; the mean counts the warm-started ones.
+            "mean_hvps_per_checkpoint": float(rec.hvps[1:].mean()) if rec.hvps.size > 1 else float("nan"),
+            "verdict": verdict,
+            "diverged": rec.diverged,
+            "steps": rec.steps,
+            "sharpness": rec.sharpness,
+            "loss_at_checkpoints": rec.losses[np.maximum(rec.steps - 1, 0)] if rec.losses.size else [],
+        }
+        runs.append(entry)
+        rows.append(
+            [spec.optimizer, spec.lr, "BN" if spec.norm == "bn" else "none", thr, entry["first_sharpness"],
+             entry["final_sharpness"], entry["final_ratio"], in_band, first, entry["final_loss"], verdict]
+        )
+    table = report.markdown_table(
+        ["optimizer", "lr", "norm", "threshold", f"sharpness at step {config.track_every}", "final sharpness", "final / threshold",
+         f"in band (last {config.verdict_window:.0%})", "first step at threshold", "final loss", "verdict"],
+        rows,
+    )
+    claims = [_claim(config, runs, opt) for opt in OPTIMIZER_TITLES if any(r["optimizer"] == opt for r in runs)]
+    claims.append(_loss_claim(runs))
+    figures = [_plot(config, records, out)]
+    notes = [
+        f"Sharpness: power iteration warm-started from the previous eigenvector every {config.track_every} "
+        f"steps (at most {config.power_iters} HVPs; mean HVPs per checkpoint: "
+        + ", ".join(f"{r['mean_hvps_per_checkpoint']:.1f}" for r in runs)
+        + "). BN in train mode with the full batch: the Hessian of the function GD optimizes.",
+        f"Verdict per run: 'held' when at least {config.min_in_band:.0%} of the checkpoints in the last "
+        f"{config.verdict_window:.0%} of the run lie within {config.band_low}-{config.band_high} x threshold; "
+        "'not reached' when the sharpness never reached the band; 'failed' otherwise (or on divergence).",
+    ]
+    if config.loss == "cross_entropy":
+        notes.append(
+            "Cross-entropy: the sharpness decreases late in training as the margins grow (CKLKT21 Appendix), "
+            "so runs that reached the threshold may end below it and read 'failed'."
+        )
+    results = {"runs": runs, "n_train": config.n_train, "dataset": config.dataset}
+    return report.Outcome(results, claims, [table], figures, notes)
+
+
+def _claim_verdict(verdicts: list[str]) -> str:
+    if "failed" in verdicts:
+        return "not held"
+    return "held" if verdicts and all(v == "held" for v in verdicts) else "inconclusive"
+
+
+def _claim(config: Config, runs: list[dict], optimizer: str) -> report.Claim:
+    mine = [r for r in runs if r["optimizer"] == optimizer]
+    text = {
+        "gd": "CKLKT21: under full-batch GD the sharpness rises to 2/eta and hovers there, with and without BN",
+        "momentum": f"CKLKT21: with heavy-ball momentum (beta={config.momentum}) it hovers at (2+2 beta)/eta",
+        "adam": "Cohen et al. 2022: Adam's preconditioned sharpness hovers at 38/eta",
+    }[optimizer]
+    measured = "; ".join(
+        f"lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: final/threshold {r['final_ratio']:.3f}, "
+        f"{r['fraction_in_band']:.0%} in band, {r['verdict']}"
+        for r in mine
+    )
+    return report.Claim(text, measured, _claim_verdict([r["verdict"] for r in mine]))
+
+
+def _loss_claim(runs: list[dict]) -> report.Claim:
+    """At the edge of stability the loss keeps decreasing, non-monotonically."""
+    at_eos = [r for r in runs if r["verdict"] == "held"]
+    if not at_eos:
+        return report.Claim(
+            "CKLKT21: at the edge of stability the loss keeps decreasing over long times, non-monotonically",
+            "no run held at the threshold",
+            "inconclusive",
+        )
+    decreasing = []
+    for r in at_eos:
+        loss = np.asarray(r["loss_at_checkpoints"])
+        at = int(np.searchsorted(np.asarray(r["steps"]), r["first_step_at_threshold"]))
+        decreasing.append(bool(loss[-1] < loss[at]) and r["loss_increases"] > 0)
+    measured = "; ".join(
+        f"{r['optimizer']} lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: loss "
+        f"{np.asarray(r['loss_at_checkpoints'])[int(np.searchsorted(np.asarray(r['steps']), r['first_step_at_threshold']))]:.3g}"
+        f" -> {r['final_loss']:.3g}, {r['loss_increases']} step-to-step increases"
+        for r in at_eos
+    )
+    return report.Claim(
+        "CKLKT21: at the edge of stability the loss keeps decreasing over long times, non-monotonically",
+        measured,
+        "held" if all(decreasing) else "not held",
+    )
+
+
+def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> str:
+    optimizers = [o for o in OPTIMIZER_TITLES if any(s.optimizer == o for s in records)]
+    fig, axes = report.figure(ncols=len(optimizers), nrows=2)
+    for col, opt in enumerate(optimizers):
+        ax_s, ax_l = axes[col], axes[len(optimizers) + col]
+        for i, (spec, rec) in enumerate((s, r) for s, r in records.items() if s.optimizer == opt):
+            color = f"C{i}"
+            ax_s.plot(rec.steps, rec.sharpness, color=color, label=spec.label)
+            ax_s.axhline(threshold(spec, config), color=color, linestyle="--", linewidth=1)
+            ax_l.plot(np.arange(rec.losses.size), rec.losses, color=color, linewidth=0.8, label=spec.label)
+        ax_s.set(title=OPTIMIZER_TITLES[opt], xlabel="step", ylabel="sharpness" + (" (preconditioned)" if opt == "adam" else ""))
+        ax_l.set(xlabel="step", ylabel=f"train loss ({config.loss})", yscale="log")
+        ax_s.legend(fontsize=7)
+        ax_l.legend(fontsize=7)
+    return report.save_figure(fig, out, "sharpness_and_loss.png")
