@@ -1,0 +1,62 @@
+"""Curvature toolkit: Hessian/GGN-vector products, chunked data-set operators, eigen-solvers, trace and
+spectral density, and an edge-of-stability tracker.
+
+All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vectors (matfree's convention:
+parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
+:func:`dataset_hessian_matvec` or :func:`dataset_ggn_matvec`.
+"""
+
+from bnjax.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, slq_density
+from bnjax.curvature.eigen import (
+    EigenResult,
+    LanczosDecomposition,
+    lanczos,
+    lanczos_decomposition,
+    lanczos_top,
+    power_iteration,
+    power_iteration_topk,
+    random_like,
+    smallest_eigenvalue,
+)
+from bnjax.curvature.hvp import Matvec, ggn_matvec, gnvp, hessian_matvec, hvp
+from bnjax.curvature.operators import (
+    FlaxCurvatureFns,
+    chunked_mean,
+    dataset_ggn_matvec,
+    dataset_gnvp,
+    dataset_hessian_matvec,
+    dataset_hvp,
+    dataset_loss,
+    dataset_value_and_grad,
+    flax_curvature_fns,
+)
+
+__all__ = [
+    "EigenResult",
+    "FlaxCurvatureFns",
+    "LanczosDecomposition",
+    "Matvec",
+    "SpectralDensity",
+    "TraceEstimate",
+    "chunked_mean",
+    "dataset_ggn_matvec",
+    "dataset_gnvp",
+    "dataset_hessian_matvec",
+    "dataset_hvp",
+    "dataset_loss",
+    "dataset_value_and_grad",
+    "flax_curvature_fns",
+    "ggn_matvec",
+    "gnvp",
+    "hessian_matvec",
+    "hutchinson_trace",
+    "hvp",
+    "lanczos",
+    "lanczos_decomposition",
+    "lanczos_top",
+    "power_iteration",
+    "power_iteration_topk",
+    "random_like",
+    "slq_density",
+    "smallest_eigenvalue",
+]

@@ -1,0 +1,206 @@
+"""Data-set-level losses and curvature operators, evaluated in chunks; the Flax ``batch_stats`` helper.
+
+One mechanism, :func:`chunked_mean`, evaluates "the mean of a per-chunk quantity over a data set": the
+loss, the gradient, Hessian- and GGN-vector products are all built on it. Chunks have a fixed size
+(``chunk_size``, bounded memory); the last chunk may be smaller; each chunk's result is a mean over the
+chunk and is weighted by the chunk's size, so the result is the mean over all ``N`` examples whenever the
+per-chunk quantity is a per-example mean.
+
+Batch norm and chunks: with BN in *train* mode the loss of a chunk is computed with that chunk's own batch
+statistics, so the data-set "loss" is the mean over chunks of those chunk losses (a ghost batch of size
+``chunk_size``), and it depends on ``chunk_size`` and on the order of the examples. This is the function that
+(minibatch) gradient descent with batch size ``chunk_size`` optimizes; Cohen et al. (2021) measure sharpness
+this way. In *eval* mode the running statistics are constants and the loss is an ordinary per-example mean.
+The two Hessians differ; :func:`flax_curvature_fns` makes the choice explicit and never switches silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax.curvature._validate import check_like, check_positive_int
+from bnjax.curvature.hvp import Matvec, gnvp, hvp
+
+PyTree = Any
+BNMode = Literal["train", "eval"]
+
+
+def _num_examples(data: PyTree) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("`data` has no array leaves; pass arrays with a leading example axis.")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            "Every leaf of `data` must have the same leading (example) axis size; got leading sizes "
+            f"{[jnp.shape(x)[:1] for x in leaves]}."
+        )
+    (n,) = sizes
+    if n == 0:
+        raise ValueError("`data` has zero examples.")
+    return n
+
+
+def chunked_mean(fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int) -> PyTree:
+    """Size-weighted mean of ``fn(chunk)`` over consecutive chunks of ``data``.
+
+    Args:
+      fn: ``fn(chunk) -> pytree of arrays``, where ``chunk`` is ``data`` restricted to a slice of the leading
+        axis. ``fn`` should return a *mean* over the chunk's examples.
+      data: pytree of arrays sharing a leading example axis of size ``N``.
+      chunk_size: examples per chunk (static). Values ``>= N`` mean a single chunk.
+
+    Returns:
+      ``sum_c n_c * fn(chunk_c) / N`` with chunks of ``chunk_size`` examples and a last chunk of
+      ``N mod chunk_size`` examples if that is nonzero. Full chunks run in one ``lax.scan``; the smaller last
+      chunk is one extra call (its shape differs).
+    """
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    n = _num_examples(data)
+    chunk_size = min(chunk_size, n)
+    num_full, rest = divmod(n, chunk_size)
+    full = jax.tree.map(lambda x: x[: num_full * chunk_size].reshape(num_full, chunk_size, *x.shape[1:]), data)
+    out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], full))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+    def body(total: PyTree, chunk: PyTree) -> tuple[PyTree, None]:
+        return jax.tree.map(lambda t, y: t + chunk_size * y, total, fn(chunk)), None
+
+    total, _ = lax.scan(body, zeros, full)
+    if rest:
+        tail = fn(jax.tree.map(lambda x: x[num_full * chunk_size :], data))
+        total = jax.tree.map(lambda t, y: t + rest * y, total, tail)
+    return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
+
+
+def dataset_loss(
+    loss_fn: Callable[..., jax.Array], params: PyTree, data: PyTree, *args: Any, chunk_size: int
+) -> jax.Array:
+    """Mean loss over ``data`` in chunks: ``chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)``.
+
+    ``loss_fn(params, chunk, *args) -> scalar`` is the mean loss of a chunk; ``args`` are not chunked.
+    """
+    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)
+
+
+def dataset_value_and_grad(
+    loss_fn: Callable[..., jax.Array], params: PyTree, data: PyTree, *args: Any, chunk_size: int
+) -> tuple[jax.Array, PyTree]:
+    """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``."""
+    return chunked_mean(lambda c: jax.value_and_grad(loss_fn)(params, c, *args), data, chunk_size)
+
+
+def dataset_hvp(
+    loss_fn: Callable[..., jax.Array], params: PyTree, vector: PyTree, data: PyTree, *args: Any, chunk_size: int
+) -> PyTree:
+    """Hessian of the chunked mean loss (see :func:`dataset_loss`) times ``vector``; a pytree like ``params``."""
+    check_like(vector, params)
+    return chunked_mean(lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size)
+
+
+def dataset_gnvp(
+    output_fn: Callable[..., jax.Array],
+    output_loss: Callable[..., jax.Array],
+    params: PyTree,
+    vector: PyTree,
+    data: PyTree,
+    *args: Any,
+    chunk_size: int,
+) -> PyTree:
+    """GGN of the chunked mean loss times ``vector``: ``output_fn(params, chunk, *args)``,
+    ``output_loss(outputs, chunk, *args)`` (see :func:`bnjax.curvature.gnvp`)."""
+    check_like(vector, params)
+    return chunked_mean(lambda c: gnvp(output_fn, output_loss, params, vector, c, *args), data, chunk_size)
+
+
+def dataset_hessian_matvec(loss_fn: Callable[..., jax.Array], chunk_size: int) -> Matvec:
+    """Data-set Hessian as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_hvp`)."""
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+
+    def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
+        return dataset_hvp(loss_fn, params, vector, data, *args, chunk_size=chunk_size)
+
+    return matvec
+
+
+def dataset_ggn_matvec(
+    output_fn: Callable[..., jax.Array], output_loss: Callable[..., jax.Array], chunk_size: int
+) -> Matvec:
+    """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`)."""
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+
+    def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
+        return dataset_gnvp(output_fn, output_loss, params, vector, data, *args, chunk_size=chunk_size)
+
+    return matvec
+
+
+class FlaxCurvatureFns(NamedTuple):
+    """Plain functions of ``(params, batch, batch_stats)`` built from a Flax ``apply_fn``.
+
+    ``batch`` is ``(inputs, targets)``; ``batch_stats`` is the model's ``batch_stats`` collection (or
+    ``None`` for a model without batch norm), passed explicitly so one compiled solver serves every value.
+    """
+
+    output_fn: Callable[..., jax.Array]  # (params, batch, batch_stats) -> outputs
+    output_loss: Callable[..., jax.Array]  # (outputs, batch, batch_stats) -> scalar
+    loss_fn: Callable[..., jax.Array]  # (params, batch, batch_stats) -> scalar
+
+
+def flax_curvature_fns(
+    apply_fn: Callable[..., Any],
+    loss: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    bn_mode: BNMode | None,
+    train_kwarg: str = "train",
+) -> FlaxCurvatureFns:
+    """Wrap a Flax model as plain functions for the curvature tools, with an explicit batch-norm mode.
+
+    Args:
+      apply_fn: the model's ``apply``; called as ``apply_fn(variables, inputs, **{train_kwarg: bool},
+        mutable=...)``. A model whose flag means the opposite (``use_running_average``) can be wrapped:
+        ``lambda v, x, train, **kw: model.apply(v, x, use_running_average=not train, **kw)``.
+      loss: ``loss(outputs, targets) -> scalar``, a mean over the batch.
+      bn_mode: ``"train"``: every batch (chunk) is normalized with its own batch statistics; the running
+        statistics are read by nobody, the updated ones Flax returns are discarded, so ``batch_stats`` is
+        neither modified nor returned. ``"eval"``: the running statistics in ``batch_stats`` normalize. It is
+        required (no default) whenever ``batch_stats`` is passed, because the two give different Hessians.
+        ``None`` is allowed only for models without ``batch_stats``; the flag is then not passed at all.
+      train_kwarg: name of the model's train-mode keyword argument.
+
+    Returns:
+      :class:`FlaxCurvatureFns` whose functions take ``(params, batch, batch_stats)``. Use ``loss_fn`` with
+      :func:`hvp` / :func:`dataset_hvp` and ``output_fn`` + ``output_loss`` with the GGN products.
+    """
+    if bn_mode not in ("train", "eval", None):
+        raise ValueError(f"`bn_mode` must be 'train', 'eval' or None (model without batch_stats); got {bn_mode!r}.")
+
+    def output_fn(params: PyTree, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
+        inputs = batch[0]
+        if batch_stats is None:
+            flag = {} if bn_mode is None else {train_kwarg: bn_mode == "train"}
+            return apply_fn({"params": params}, inputs, **flag)
+        if bn_mode is None:
+            raise ValueError(
+                "The model has `batch_stats` but `bn_mode` is None. Pass bn_mode='train' (normalize each "
+                "chunk with its own batch statistics: the function training optimizes) or bn_mode='eval' "
+                "(normalize with the running statistics); the two have different Hessians."
+            )
+        variables = {"params": params, "batch_stats": batch_stats}
+        if bn_mode == "eval":
+            return apply_fn(variables, inputs, **{train_kwarg: False})
+        outputs, _discarded_stats = apply_fn(variables, inputs, **{train_kwarg: True}, mutable=["batch_stats"])
+        return outputs
+
+    def output_loss(outputs: jax.Array, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
+        del batch_stats
+        return loss(outputs, batch[1])
+
+    def loss_fn(params: PyTree, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
+        return output_loss(output_fn(params, batch, batch_stats), batch, batch_stats)
+
+    return FlaxCurvatureFns(output_fn, output_loss, loss_fn)
