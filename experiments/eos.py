@@ -62,7 +62,7 @@ class Config:
     norms: tuple[str, ...] = ("none", "bn")
     gd_lrs: tuple[float, ...] = (0.05, 0.1, 0.2)
     momentum: float = 0.9
-    momentum_lrs: tuple[float, ...] = (0.03,)
+    momentum_lrs: tuple[float, ...] = (0.03, 0.1)
     adam_lrs: tuple[float, ...] = (0.001,)
     adam_beta2: float = 0.999
     adam_eps: float = 1e-7
@@ -80,7 +80,7 @@ class Config:
 
 PRESETS = {
     "quick": dataclasses.replace(
-        Config(), gd_lrs=(0.1,), momentum_lrs=(0.03,), adam_lrs=(0.001,), steps=1500
+        Config(), gd_lrs=(0.1,), momentum_lrs=(0.03,), adam_lrs=(0.001,), steps=1000
     ),
     "smoke": dataclasses.replace(
         Config(),
