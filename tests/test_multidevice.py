@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -547,3 +551,17 @@ def test_virtual_batch_size_must_divide_the_local_batch(kind):
             jax.jit(_bn_with_axis(None, 2))(x[:3])
         else:
             per_device(kind, ("d",), (8,), _bn_with_axis("d", 2), [x])
+
+
+# ----------------------------------------------------------------------------- the data-parallel example
+
+
+def test_data_parallel_example_three_ways_agree():
+    """experiments/data_parallel.py: pmap, shard_map and sharded jit end with the same params and stats."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "experiments/data_parallel.py", "--steps", "2", "--global-batch", "16"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| pmap", "| shard_map", "| jit"))]
+    assert len(rows) == 3 and all(row.rstrip().endswith("| True |") for row in rows), proc.stdout
