@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax.landscape import filter_normalize, interpolation, random_direction, slice_1d, slice_2d
+from bnjax.landscape import filter_normalize, interpolation, slice_1d, slice_2d
+from bnjax.landscape import random_direction as _random_direction
+
+# One compilation per configuration instead of one per eager op.
+random_direction = jax.jit(_random_direction, static_argnames=("filter_axis", "bias_bn"))
 
 
 def _params(key):

@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 import bnjax
+from bnjax.noisy import NoisyBatchNorm
 from bnjax.curvature.operators import flax_curvature_fns
 from bnjax.landscape import smoothness, step_size_grid
 
@@ -63,8 +64,7 @@ def _cross_entropy(logits, labels):
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, 3), axis=-1))
 
 
-@pytest.mark.parametrize("bn_mode", ["train", "eval"])
-@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("bn_mode,chunk_size", [("train", None), ("train", 2), ("eval", None)])
 def test_flax_bn_model_matches_direct_loop(bn_mode, chunk_size):
     model = _BNNet()
     x = jax.random.normal(jax.random.key(0), (10, 4))
@@ -86,12 +86,13 @@ def test_flax_bn_model_matches_direct_loop(bn_mode, chunk_size):
         return _cross_entropy(out, y)
 
     flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)]).astype(np.float64)
-    g = jax.grad(loss)(variables["params"])
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    loss0, g = value_and_grad(variables["params"])
     losses, dists = [], []
     for e in np.asarray(etas):
-        p = jax.tree.map(lambda w, d: w - e * d, variables["params"], g)
-        losses.append(float(loss(p)))
-        dists.append(np.linalg.norm(flat(g) - flat(jax.grad(loss)(p))))
+        loss_e, g_e = value_and_grad(jax.tree.map(lambda w, d: w - e * d, variables["params"], g))
+        losses.append(float(loss_e))
+        dists.append(np.linalg.norm(flat(g) - flat(g_e)))
     losses, dists = np.array(losses), np.array(dists)
     gn = np.linalg.norm(flat(g))
     np.testing.assert_allclose(res.losses, losses, rtol=1e-5)
@@ -99,7 +100,7 @@ def test_flax_bn_model_matches_direct_loop(bn_mode, chunk_size):
     np.testing.assert_allclose(res.loss_variation, losses.max() - losses.min(), rtol=1e-4)
     np.testing.assert_allclose(res.gradient_predictiveness, dists.max() - dists.min(), rtol=1e-4)
     np.testing.assert_allclose(res.beta_smoothness, np.max(dists / (np.asarray(etas) * gn)), rtol=1e-4)
-    np.testing.assert_allclose(res.loss, float(loss(variables["params"])), rtol=1e-6)
+    np.testing.assert_allclose(res.loss, float(loss0), rtol=1e-6)
 
 
 def test_step_size_grid_default_and_traced_learning_rate():
@@ -127,3 +128,29 @@ def test_zero_gradient_gives_zero_beta():
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         smoothness(lambda p, b: jnp.sum(p**2), jnp.ones(3), None, **kwargs)
+
+
+class _NoisyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(6)(x)
+        x = NoisyBatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(jnp.tanh(x))
+
+
+def test_noisy_bn_model_with_noise_key_in_the_batch():
+    # The noise key travels in the batch, so every step size sees the same noise (a deterministic loss).
+    model = _NoisyNet()
+    x, y = jax.random.normal(jax.random.key(0), (10, 4)), jnp.arange(10) % 3
+    variables = model.init(jax.random.key(1), x, train=False)
+    apply_fn = lambda v, inputs, train, **kw: model.apply(v, inputs[0], train=train, rngs={"noise": inputs[1]}, **kw)
+    fns = flax_curvature_fns(apply_fn, _cross_entropy, bn_mode="train")
+    measure = jax.jit(functools.partial(smoothness, fns.loss_fn, step_sizes=jnp.array([0.0, 0.5])))
+    key = jax.random.key(7)
+    res = measure(variables["params"], ((x, key), y), variables["batch_stats"])
+    out, _ = model.apply(variables, x, train=True, rngs={"noise": key}, mutable=["batch_stats"])
+    np.testing.assert_allclose(res.loss, _cross_entropy(out, y), rtol=1e-6)
+    np.testing.assert_allclose(res.losses[0], res.loss, rtol=1e-6)  # eta = 0: same point, same noise
+    np.testing.assert_allclose(res.grad_distances[0], 0.0, atol=1e-6)
+    other = measure(variables["params"], ((x, jax.random.key(8)), y), variables["batch_stats"])
+    assert abs(float(other.loss) - float(res.loss)) > 1e-4

@@ -38,8 +38,15 @@ def test_unit_parameters_are_uniform_over_many_draws(mag):
     assert np.corrcoef(np.asarray(draw.unit_mean)[:-1, 0], np.asarray(draw.unit_mean)[1:, 0])[0, 1] < 0.1
 
 
-@pytest.mark.parametrize("mag", MAGNITUDES)
-@pytest.mark.parametrize("shape,axis", [((4000, 3), -1), ((250, 4, 4, 3), -1), ((250, 3, 4, 4), 1)])
+@pytest.mark.parametrize(
+    "mag,shape,axis",
+    [
+        (MAGNITUDES[0], (4000, 3), -1),
+        (MAGNITUDES[1], (4000, 3), -1),
+        (MAGNITUDES[0], (250, 4, 4, 3), -1),
+        (MAGNITUDES[1], (250, 3, 4, 4), 1),
+    ],
+)
 def test_per_sample_noise_statistics(mag, shape, axis):
     draw = sample_nonstationary_noise(jax.random.key(1), shape, axis=axis, **mag)
     feat = axis % len(shape)
@@ -75,7 +82,7 @@ def test_add_noise_is_scale_times_y_plus_shift():
     key = jax.random.key(3)
     y = jax.random.normal(jax.random.key(4), (6, 2, 5))
     draw = sample_nonstationary_noise(key, y.shape, axis=(1, 2))
-    out = add_nonstationary_noise(key, y, axis=(1, 2))
+    out = jax.jit(add_nonstationary_noise, static_argnames="axis")(key, y, axis=(1, 2))
     np.testing.assert_allclose(out, draw.scale * y + draw.shift, rtol=1e-6, atol=1e-6)
     assert draw.unit_mean.shape == (2, 5)
     y16 = y.astype(jnp.bfloat16)
@@ -103,7 +110,7 @@ def _variables(module, x):
     return module.init(jax.random.key(0), x, **mode)
 
 
-@pytest.mark.parametrize("shape,axis", [((32, 3), -1), ((8, 4, 4, 3), -1), ((8, 3, 4, 4), 1)])
+@pytest.mark.parametrize("shape,axis", [((32, 3), -1), ((8, 3, 4, 4), 1)])
 def test_module_variables_and_eval_mode_match_batchnorm(shape, axis):
     x = jax.random.normal(jax.random.key(7), shape) * 2 + 0.5
     noisy, plain = NoisyBatchNorm(axis=axis, momentum=0.8), bnjax.BatchNorm(axis=axis, momentum=0.8)
