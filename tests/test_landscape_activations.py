@@ -3,14 +3,13 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
 import bnjax
-from bnjax.noisy import NoisyBatchNorm
 from bnjax.landscape import activation_statistics, capture_inputs, histogram_edges, module_call_order
+from bnjax.noisy import NoisyBatchNorm
 
 EPS = 1e-5
 
@@ -48,7 +47,9 @@ def _direct_inputs(variables, x):
 @pytest.mark.parametrize("bins,value_range", [(16, (-3.0, 3.0)), (7, (0.0, 1.0))])
 def test_statistics_match_direct_forward_pass(bins, value_range):
     model, x, variables = _setup()
-    run = jax.jit(functools.partial(activation_statistics, model.apply, train=False, bins=bins, value_range=value_range))
+    run = jax.jit(
+        functools.partial(activation_statistics, model.apply, train=False, bins=bins, value_range=value_range)
+    )
     stats = run(variables, x)
     dense_inputs, _ = _direct_inputs(variables, x)
     assert list(stats) == ["Dense_0", "Dense_1", "Dense_2"]

@@ -73,7 +73,8 @@ def test_interpolation_and_1d_slice_match_direct_evaluation(chunk_size):
     np.testing.assert_allclose(np.asarray(got)[[2, 6]], [_loss(pa, batch, shift), _loss(pb, batch, shift)], rtol=1e-5)
 
     d = random_direction(jax.random.key(3), pa)
-    got = jax.jit(functools.partial(slice_1d, _loss, chunk_size=chunk_size))(pa, batch, shift, direction=d, alphas=alphas)
+    run = jax.jit(functools.partial(slice_1d, _loss, chunk_size=chunk_size))
+    got = run(pa, batch, shift, direction=d, alphas=alphas)
     direct = [float(_loss(jax.tree.map(lambda w, v: w + t * v, pa, d), batch, shift)) for t in alphas]
     np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-6)
     assert np.ptp(direct) > 1e-2  # the slice actually moves

@@ -9,16 +9,16 @@ import pytest
 from flax import linen as nn
 
 import bnjax
-from bnjax.noisy import NoisyBatchNorm
 from bnjax.curvature.operators import flax_curvature_fns
 from bnjax.landscape import smoothness, step_size_grid
+from bnjax.noisy import NoisyBatchNorm
 
 
 def _quadratic_problem():
     rng = np.random.default_rng(0)
     m = rng.normal(size=(5, 5))
     a = m @ m.T + np.diag(np.arange(1.0, 6.0))  # symmetric positive definite, known Hessian
-    params = {"u": jnp.asarray(rng.normal(size=(2,)), jnp.float32), "v": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    params = {k: jnp.asarray(rng.normal(size=(n,)), jnp.float32) for k, n in [("u", 2), ("v", 3)]}
     return a, params
 
 
