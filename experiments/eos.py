@@ -1,8 +1,8 @@
 """Edge of stability (Cohen, Kaur, Li, Kolter, Talwalkar 2021): sharpness settles at the stability threshold.
 
 Full-batch gradient descent at several learning rates ``eta``, with and without batch norm, on a fixed
-training set; the sharpness (top eigenvalue of the training-loss Hessian) is tracked with warm-started
-power iteration every ``track_every`` steps. CKLKT21 predict progressive sharpening up to ``2/eta``, then
+training set; the sharpness (top eigenvalue of the training-loss Hessian) is tracked every ``track_every``
+steps by :class:`bnjax.curvature.EoSTracker` with warm-started solves. CKLKT21 predict progressive sharpening up to ``2/eta``, then
 hovering at it while the loss keeps falling non-monotonically; for heavy-ball momentum ``beta`` the
 threshold is ``(2 + 2 beta)/eta``; for Adam the *preconditioned* sharpness settles near
 ``(2 + 2 beta1)/((1 - beta1) eta) = 38/eta`` (Cohen et al. 2022).
@@ -21,8 +21,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from bnjax.curvature.eigen import power_iteration, random_like
-from bnjax.curvature.operators import dataset_hessian_matvec, flax_curvature_fns
+from bnjax import curvature
 
 from experiments import data as data_lib
 from experiments import models, report, train
@@ -43,9 +42,10 @@ class Config:
     ``init_scale`` times the LeCun normal std (0.577 = PyTorch's default uniform init's std, as in CKLKT21's
     code). Loss: ``square`` (``0.5 ||f - onehot||^2``, CKLKT21's main figures) or ``cross_entropy`` (with it
     the sharpness falls late in training as the margins grow, so "held" is not expected at the end).
-    Sharpness: Hessian of the full-batch training loss with BN in train mode (the function GD optimizes;
-    ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's code), power iteration warm-started
-    from the previous eigenvector, at most ``power_iters`` HVPs, relative tolerance ``power_tol``.
+    Sharpness: :class:`bnjax.curvature.EoSTracker` on the Hessian of the full-batch training loss with BN in
+    train mode (the function GD optimizes; ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's
+    code), ``solver`` (``lanczos`` or ``power``) warm-started from the previous eigenvector, at most
+    ``solver_iters`` HVPs per checkpoint, relative tolerance ``solver_tol``.
     Verdict per run: over the last ``verdict_window`` of the checkpoints, "held" when at least
     ``min_in_band`` of them lie within ``[band_low, band_high]`` times the threshold, "not reached" when the
     sharpness never reached ``band_low`` times it, "failed" otherwise.
@@ -68,9 +68,9 @@ class Config:
     adam_eps: float = 1e-7
     steps: int = 5000
     track_every: int = 20
-    power_iters: int = 20
-    power_tol: float = 1e-3
-    power_residual_tol: float = 0.1
+    solver: str = "lanczos"
+    solver_iters: int = 20
+    solver_tol: float = 1e-3
     chunk_size: int = 1000
     verdict_window: float = 0.25
     band_low: float = 0.95
@@ -86,15 +86,19 @@ PRESETS = {
         Config(),
         n_train=200,
         hidden=(32, 32),
+        norms=("bn",),
         gd_lrs=(0.1,),
-        momentum_lrs=(0.03,),
+        momentum_lrs=(),
         adam_lrs=(0.001,),
         steps=40,
         track_every=10,
-        power_iters=5,
+        solver_iters=5,
         chunk_size=200,
     ),
 }
+
+
+ADAM_B1 = 0.9
 
 
 class RunSpec(NamedTuple):
@@ -109,14 +113,14 @@ class RunSpec(NamedTuple):
         return f"{self.optimizer} lr={self.lr:g} {'BN' if self.norm == 'bn' else 'no BN'}"
 
 
-def threshold(spec: RunSpec, config: Config) -> float:
-    """Stability threshold of the run's optimizer: ``2/eta``, ``(2+2 beta)/eta``, ``(2+2 b1)/((1-b1) eta)``."""
+def stability_rule(spec: RunSpec, config: Config) -> curvature.StabilityRule:
+    """The run's :class:`bnjax.curvature.StabilityRule`: GD ``2/eta``, heavy ball ``(2+2 beta)/eta``, Adam
+    preconditioned ``(2+2 b1)/((1-b1) eta)``."""
     if spec.optimizer == "gd":
-        return 2.0 / spec.lr
+        return curvature.gd_rule(spec.lr)
     if spec.optimizer == "momentum":
-        return (2.0 + 2.0 * config.momentum) / spec.lr
-    beta1 = 0.9
-    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * spec.lr)
+        return curvature.heavy_ball_rule(spec.lr, config.momentum)
+    return curvature.adam_rule(spec.lr, b1=ADAM_B1, b2=config.adam_beta2, eps=config.adam_eps)
 
 
 def run_verdict(ratios: np.ndarray, config: Config) -> tuple[str, float]:
@@ -136,7 +140,7 @@ def _optimizer(spec: RunSpec, config: Config) -> optax.GradientTransformation:
         return optax.sgd(spec.lr)
     if spec.optimizer == "momentum":
         return optax.sgd(spec.lr, momentum=config.momentum)
-    return optax.adam(spec.lr, b1=0.9, b2=config.adam_beta2, eps=config.adam_eps)
+    return optax.adam(spec.lr, b1=ADAM_B1, b2=config.adam_beta2, eps=config.adam_eps)
 
 
 def _specs(config: Config) -> list[RunSpec]:
@@ -150,6 +154,8 @@ def _check(config: Config) -> None:
     for norm in config.norms:
         if norm not in ("none", "bn"):
             raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
+    if config.solver not in ("lanczos", "power"):
+        raise ValueError(f"solver must be 'lanczos' or 'power', got {config.solver!r}.")
     if config.steps < config.track_every or config.track_every < 1:
         raise ValueError(
             f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}."
@@ -167,6 +173,7 @@ class RunRecord(NamedTuple):
       sharpness: float32[checkpoints] top Hessian eigenvalue (preconditioned for Adam).
       hvps: int[checkpoints] Hessian-vector products each solve used.
       residual: float32[checkpoints] relative residual of each solve.
+      checkpoint_losses: float32[checkpoints] full-batch loss at each checkpoint's parameters.
       diverged: the error message if the loss became non-finite, else "".
     """
 
@@ -175,16 +182,8 @@ class RunRecord(NamedTuple):
     sharpness: np.ndarray
     hvps: np.ndarray
     residual: np.ndarray
+    checkpoint_losses: np.ndarray
     diverged: str
-
-
-def _preconditioner(spec: RunSpec, config: Config, opt_state: Any, params: Any) -> Any:
-    """``P^{-1/2}`` as a pytree like ``params``: Adam's ``1/sqrt(sqrt(v_hat) + eps)``, ones otherwise."""
-    if spec.optimizer != "adam":
-        return jax.tree.map(jnp.ones_like, params)
-    adam_state = opt_state[0]  # optax.adam = chain(scale_by_adam, scale_by_learning_rate)
-    correction = 1.0 - config.adam_beta2 ** adam_state.count.astype(jnp.float32)
-    return jax.tree.map(lambda nu: jax.lax.rsqrt(jnp.sqrt(nu / correction) + config.adam_eps), adam_state.nu)
 
 
 def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_classes: int, bar: tqdm) -> RunRecord:
@@ -197,64 +196,46 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
     )
     optimizer = _optimizer(spec, config)
     state = train.init_train_state(model, x[:2], optimizer, config.seed)
-    step = train.make_train_step(model, config.loss, optimizer)
-    fns = flax_curvature_fns(
+    run_steps = train.full_batch_runner(train.make_train_step(model, config.loss, optimizer))
+    fns = curvature.flax_curvature_fns(
         model.apply, train.output_loss(config.loss), bn_mode="train" if spec.norm == "bn" else None
     )
-    hessian = dataset_hessian_matvec(fns.loss_fn, config.chunk_size)
-
-    def matvec(v, params, batch, batch_stats, d):
-        scaled = hessian(jax.tree.map(jnp.multiply, d, v), params, batch, batch_stats)
-        return jax.tree.map(jnp.multiply, d, scaled)
-
-    def sharpness(state, v0, eigenvalue0, max_iters):
-        d = _preconditioner(spec, config, state.opt_state, state.params)
-        stats = state.batch_stats if spec.norm == "bn" else None
-        return power_iteration(
-            matvec,
-            v0,
-            state.params,
-            (x, y),
-            stats,
-            d,
-            tol=config.power_tol,
-            residual_tol=config.power_residual_tol,
-            max_iters=max_iters,
-            eigenvalue0=eigenvalue0,
-        )
-
-    @jax.jit
-    def segment(state, v0, eigenvalue0, max_iters):
-        state, metrics = jax.lax.scan(lambda s, _: step(s, x, y), state, None, length=config.track_every)
-        return state, metrics.loss, sharpness(state, v0, eigenvalue0, max_iters)
-
-    # The first solve starts from a random vector with a larger budget; later ones are warm-started.
+    tracker = curvature.EoSTracker(
+        fns.loss_fn,
+        stability_rule(spec, config),
+        every=config.track_every,
+        chunk_size=config.chunk_size,
+        method=config.solver,
+        tol=config.solver_tol,
+        max_iters=config.solver_iters,
+    )
     # Sharpness is first measured after `track_every` steps: Adam's preconditioner needs a step.
-    v0 = random_like(jax.random.PRNGKey(config.seed + 1), state.params)
-    eigenvalue0, max_iters = jnp.inf, 5 * config.power_iters
-    losses, steps, sharp, hvps, residual = [], [], [], [], []
-    diverged = ""
+    tracker_state = tracker.init(state.params, jax.random.PRNGKey(config.seed + 1))
+    losses, records, diverged = [], [], ""
     bar.set_postfix_str(spec.label)
-    for i in range(config.steps // config.track_every):
-        state, seg_losses, eig = segment(state, v0, eigenvalue0, max_iters)
+    segments = config.steps // config.track_every
+    for i in range(segments):
         try:
-            losses.append(train.check_finite(seg_losses, i * config.track_every, f" ({spec.label})"))
-        except train.Diverged as err:
+            state, metrics = run_steps(state, x, y, config.track_every)
+            losses.append(train.check_finite(metrics.loss, i * config.track_every, f" ({spec.label})"))
+            stats = state.batch_stats if spec.norm == "bn" else None
+            record, tracker_state = tracker.measure(
+                tracker_state, int(state.step), state.params, (x, y), stats, opt_state=state.opt_state
+            )
+        except FloatingPointError as err:  # train.Diverged, or the tracker's non-finite loss
             diverged = str(err)
-            bar.update(config.steps // config.track_every - i)
+            bar.update(segments - i)
             break
-        v0, eigenvalue0, max_iters = eig.eigenvector, eig.eigenvalue, config.power_iters
-        steps.append(int(state.step))
-        sharp.append(float(eig.eigenvalue))
-        hvps.append(int(eig.iterations))
-        residual.append(float(eig.residual))
+        records.append(record)
         bar.update(1)
+    arrays = {k: np.asarray([r[k] for r in records]) for k in ("step", "sharpness", "hvps", "residual", "loss")}
     return RunRecord(
         np.concatenate(losses) if losses else np.zeros(0, np.float32),
-        np.asarray(steps),
-        np.asarray(sharp, np.float32),
-        np.asarray(hvps),
-        np.asarray(residual, np.float32),
+        arrays["step"],
+        arrays["sharpness"].astype(np.float32),
+        arrays["hvps"],
+        arrays["residual"].astype(np.float32),
+        arrays["loss"].astype(np.float32),
         diverged,
     )
 
@@ -286,7 +267,7 @@ def _last(values: np.ndarray) -> float:
 def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> report.Outcome:
     rows, runs = [], []
     for spec, rec in records.items():
-        thr = threshold(spec, config)
+        thr = stability_rule(spec, config).threshold
         ratios = rec.sharpness / thr
         verdict, in_band = run_verdict(ratios, config)
         if rec.diverged:
@@ -312,7 +293,7 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
             "diverged": rec.diverged,
             "steps": rec.steps,
             "sharpness": rec.sharpness,
-            "loss_at_checkpoints": rec.losses[np.maximum(rec.steps - 1, 0)] if rec.losses.size else [],
+            "loss_at_checkpoints": rec.checkpoint_losses,
         }
         runs.append(entry)
         rows.append(
@@ -328,8 +309,8 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
     claims.append(_loss_claim(runs))
     figures = [_plot(config, records, out)]
     notes = [
-        f"Sharpness: power iteration warm-started from the previous eigenvector every {config.track_every} "
-        f"steps (at most {config.power_iters} HVPs; mean HVPs per checkpoint: "
+        f"Sharpness: bnjax.curvature.EoSTracker ({config.solver}) warm-started from the previous eigenvector "
+        f"every {config.track_every} steps (at most {config.solver_iters} HVPs; mean HVPs per checkpoint: "
         + ", ".join(f"{r['mean_hvps_per_checkpoint']:.1f}" for r in runs)
         + "). BN in train mode with the full batch: the Hessian of the function GD optimizes.",
         f"Verdict per run: 'held' when at least {config.min_in_band:.0%} of the checkpoints in the last "
@@ -401,7 +382,7 @@ def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) 
         for i, (spec, rec) in enumerate((s, r) for s, r in records.items() if s.optimizer == opt):
             color = f"C{i}"
             ax_s.plot(rec.steps, rec.sharpness, color=color, label=spec.label)
-            ax_s.axhline(threshold(spec, config), color=color, linestyle="--", linewidth=1)
+            ax_s.axhline(stability_rule(spec, config).threshold, color=color, linestyle="--", linewidth=1)
             ax_l.plot(np.arange(rec.losses.size), rec.losses, color=color, linewidth=0.8, label=spec.label)
         ax_s.set(title=OPTIMIZER_TITLES[opt], xlabel="step", ylabel="sharpness" + (" (preconditioned)" if opt == "adam" else ""))
         ax_l.set(xlabel="step", ylabel=f"train loss ({config.loss})", yscale="log")

@@ -51,11 +51,23 @@ def _kernel_init(activation: str, init_scale: float) -> nn.initializers.Initiali
     return nn.initializers.variance_scaling(_GAIN2[activation] * init_scale**2, "fan_in", "truncated_normal")
 
 
-def _normalize(x: jax.Array, norm: str, train: bool, momentum: float) -> jax.Array:
+def _normalize(
+    x: jax.Array,
+    norm: str,
+    train: bool,
+    momentum: float | None,
+    virtual_batch_size: int | None = None,
+    convention: str = "flax",
+) -> jax.Array:
     if norm == "bn":
-        return bnjax.BatchNorm(use_running_average=not train, momentum=momentum)(x)
+        return bnjax.BatchNorm(
+            use_running_average=not train,
+            momentum=momentum,
+            virtual_batch_size=virtual_batch_size,
+            convention=convention,
+        )(x)
     if norm == "noisy":
-        return NoisyBatchNorm(use_running_average=not train, momentum=momentum)(x)
+        return NoisyBatchNorm(use_running_average=not train, momentum=momentum, convention=convention)(x)
     return x
 
 
@@ -65,20 +77,25 @@ class _NormAct(nn.Module):
     norm: Norm
     bn_position: Position
     activation: str
-    momentum: float
+    momentum: float | None
+    virtual_batch_size: int | None = None
+    convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         act = ACTIVATIONS[self.activation]
+        opts = (self.norm, train, self.momentum, self.virtual_batch_size, self.convention)
         if self.bn_position == "before":
-            return act(_normalize(x, self.norm, train, self.momentum))
-        return _normalize(act(x), self.norm, train, self.momentum)
+            return act(_normalize(x, *opts))
+        return _normalize(act(x), *opts)
 
 
 class MLP(nn.Module):
     """Fully connected network: ``[Dense -> norm/activation] * len(features) -> Dense(num_classes)``.
 
-    Inputs of any shape ``[batch, ...]`` are flattened to ``[batch, prod(...)]``.
+    Inputs of any shape ``[batch, ...]`` are flattened to ``[batch, prod(...)]``. ``virtual_batch_size``
+    turns BN into ghost BN (sub-batches of that size normalized separately; it must divide the batch);
+    ``convention="torch"`` reads ``momentum`` as PyTorch does (weight of the latest batch; None = cumulative).
     """
 
     features: Sequence[int] = (200, 200)
@@ -86,8 +103,10 @@ class MLP(nn.Module):
     activation: str = "tanh"
     norm: Norm = "none"
     bn_position: Position = "before"
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     init_scale: float = 1.0
+    virtual_batch_size: int | None = None
+    convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -97,7 +116,9 @@ class MLP(nn.Module):
             # A bias right before BN is cancelled by the mean subtraction: leave it out.
             use_bias = self.norm == "none" or self.bn_position == "after"
             x = nn.Dense(width, use_bias=use_bias, kernel_init=_kernel_init(self.activation, self.init_scale))(x)
-            x = _NormAct(self.norm, self.bn_position, self.activation, self.momentum)(x, train)
+            x = _NormAct(
+                self.norm, self.bn_position, self.activation, self.momentum, self.virtual_batch_size, self.convention
+            )(x, train)
         return nn.Dense(self.num_classes)(x)
 
 

@@ -236,6 +236,18 @@ def landscape_loss(model: nn.Module, loss: str) -> Callable[[PyTree, tuple, PyTr
     return lambda params, batch, batch_stats: loss_fn(params, batch_stats, *batch)[0]
 
 
+def eval_metrics(
+    model: nn.Module, loss: str, params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, *, train: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``(loss, accuracy)`` as float32[] arrays (jittable, vmappable); see :func:`evaluate`."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+        logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"noise": jax.random.PRNGKey(0)})
+    else:
+        logits = model.apply(variables, x, train=False)
+    return output_loss(loss)(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+
+
 def evaluate(
     model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, loss: str, *, train: bool = False
 ) -> tuple[float, float]:
@@ -245,11 +257,9 @@ def evaluate(
     return float(value), float(accuracy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _evaluate(model, loss, train, params, batch_stats, x, y):
-    variables = {"params": params, "batch_stats": batch_stats}
-    if train:
-        logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"noise": jax.random.PRNGKey(0)})
-    else:
-        logits = model.apply(variables, x, train=False)
-    return output_loss(loss)(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+_evaluate = jax.jit(
+    lambda model, loss, train, params, batch_stats, x, y: eval_metrics(
+        model, loss, params, batch_stats, x, y, train=train
+    ),
+    static_argnums=(0, 1, 2),
+)
