@@ -193,7 +193,7 @@ SCENARIOS = ["equal", "random_masks", "one_device_empty", "padded_last_shard"]
 CASES = [
     pytest.param(s, k, v, "name", id=f"{s}-{i}-name") for s in SCENARIOS for (k, v), i in zip(GRAD_KINDS, GRAD_IDS)
 ] + [
-    pytest.param(s, k, True, "tuple", id=f"{s}-{k}-tuple") for s in ["equal", "random_masks"] for k in KINDS
+    pytest.param("random_masks", k, True, "tuple", id=f"random_masks-{k}-tuple") for k in KINDS
 ]
 
 
@@ -327,7 +327,7 @@ def _model_variables(x):
 
 @pytest.mark.parametrize(
     "kind, check_vma, axes",
-    [(k, v, "name") for k, v in GRAD_KINDS] + [("shard_map", True, "tuple")],
+    [("pmap", True, "name"), ("vmap", True, "name"), ("shard_map", True, "name"), ("shard_map", True, "tuple")],
 )
 def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vma, axes):
     """Gradients of every parameter (incl. the Dense layer *before* BN) and batch_stats, with uneven masks."""
