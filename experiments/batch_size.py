@@ -53,7 +53,7 @@ class Config:
 PRESETS = {
     "quick": dataclasses.replace(Config(), batch_sizes=(16, 128, 1024), steps=1000, segment=500),
     "smoke": dataclasses.replace(
-        Config(), hidden=(16,), batch_sizes=(8, 32), ghost_size=8, steps=20, segment=10
+        Config(), hidden=(16,), batch_sizes=(16,), ghost_size=8, steps=20, segment=10
     ),
 }
 

@@ -58,7 +58,8 @@ class Config:
 PRESETS = {
     "quick": dataclasses.replace(Config(), steps=900, measure_every=100),
     "smoke": dataclasses.replace(
-        Config(), hidden=(16, 16), batch_size=32, steps=20, measure_every=10, probe_size=64, bins=16
+        Config(), hidden=(16, 16), norms=("none", "noisy"), batch_size=32, steps=20, measure_every=10,
+        probe_size=64, bins=16,
     ),
 }
 

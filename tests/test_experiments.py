@@ -1,0 +1,189 @@
+"""Tests of the experiments package: every experiment end to end (smoke preset), golden training values,
+the losses against a float64 NumPy forward pass, the edge-of-stability verdict, data determinism, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import EXPERIMENTS, cli, data, eos, models, train
+
+# name -> keys its results.json must hold (besides runtime_s)
+RESULT_KEYS = {
+    "eos": ["runs", "n_train", "dataset"],
+    "smoothness": ["runs"],
+    "covariate_shift": ["runs"],
+    "robustness": ["grid", "best_test_accuracy", "good_counts", "none", "bn"],
+    "batch_size": ["runs"],
+    "conditioning": ["runs"],
+    "inference_stats": ["runs"],
+}
+
+
+def test_every_experiment_is_tested():
+    assert set(RESULT_KEYS) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(RESULT_KEYS))
+def test_smoke_run_writes_report(name, tmp_path):
+    out = tmp_path / name
+    assert cli.main([name, "--smoke", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"] == name and config["preset"] == "smoke"
+    results = json.loads((out / "results.json").read_text())
+    for key in RESULT_KEYS[name] + ["runtime_s"]:
+        assert key in results, key
+    report = (out / "report.md").read_text()
+    assert "## Claims" in report and "| claim | measured | verdict |" in report
+    assert any(f"**{v}**" in report for v in ("held", "not held", "inconclusive"))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs and all(f"![{p}]({p})" in report for p in pngs)
+
+
+# Computed once with this code: MLP(features=(16,), tanh, seed 0), 5 full-batch GD steps at lr 0.1, square
+# loss, on the first 64 MNIST-1D training examples (data seed 42). A change here is a change of behaviour.
+GOLDEN = {
+    "none": [2.9770398139953613, 1.8743568658828735, 1.3893229961395264, 1.1206209659576416, 0.9503374099731445],
+    "bn": [3.092410087585449, 2.062711238861084, 1.5405044555664062, 1.227843165397644, 1.0264637470245361],
+}
+
+
+def _golden_setup(norm):
+    ds = data.subset(data.mnist1d(42), 64)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    model = models.MLP(features=(16,), norm=norm, activation="tanh")
+    optimizer = optax.sgd(0.1)
+    return model, optimizer, train.init_train_state(model, x[:2], optimizer, 0), x, y
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_golden_training_steps(norm):
+    model, optimizer, state, x, y = _golden_setup(norm)
+    run = train.full_batch_runner(train.make_train_step(model, "square", optimizer))
+    _, metrics = run(state, x, y, 5)
+    np.testing.assert_allclose(np.asarray(metrics.loss), GOLDEN[norm], rtol=2e-5)
+
+
+def _numpy_forward(params, x, norm):
+    """float64 forward pass of MLP(features=(16,), tanh) in train mode, written out by hand."""
+    h = x.astype(np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64)
+    if norm == "none":
+        h = h + np.asarray(params["Dense_0"]["bias"], np.float64)
+    else:
+        bn = params["_NormAct_0"]["BatchNorm_0"]
+        h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
+    h = np.tanh(h)
+    return h @ np.asarray(params["Dense_1"]["kernel"], np.float64) + np.asarray(params["Dense_1"]["bias"])
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+@pytest.mark.parametrize("loss", ["square", "cross_entropy"])
+def test_train_loss_matches_numpy(norm, loss):
+    model, _, state, x, y = _golden_setup(norm)
+    logits = _numpy_forward(state.params, np.asarray(x), norm)
+    y = np.asarray(y)
+    if loss == "square":
+        expected = 0.5 * np.mean(np.sum((logits - np.eye(10)[y]) ** 2, axis=1))
+    else:
+        z = logits - logits.max(1, keepdims=True)
+        expected = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+    value, _ = train.make_loss_fn(model, loss)(state.params, state.batch_stats, jnp.asarray(x), jnp.asarray(y),
+                                               jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+
+
+def test_divergence_stops_with_clear_error():
+    model, _, _, x, y = _golden_setup("none")
+    optimizer = optax.sgd(1e6)
+    state = train.init_train_state(model, x[:2], optimizer, 0)
+    run = train.full_batch_runner(train.make_train_step(model, "square", optimizer))
+    with pytest.raises(train.Diverged, match=r"non-finite training loss .* at step \d+ \(probe\)"):
+        train.train_in_segments(run, state, x, y, num_steps=40, every=10, label="probe")
+
+
+@pytest.mark.parametrize(
+    "ratios, expected",
+    [
+        ([0.2, 0.5, 0.8, 0.9], ("not reached", 0.0)),
+        ([0.5, 1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 1.08], ("held", 1.0)),
+        ([0.5, 1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 0.5], ("failed", 0.5)),  # window = last 2 of 8
+        ([0.5, 1.2, 1.3, 1.25], ("failed", 0.0)),
+    ],
+)
+def test_eos_verdict(ratios, expected):
+    assert eos.run_verdict(np.array(ratios), eos.Config()) == expected
+
+
+def test_eos_thresholds():
+    config = eos.Config()
+    assert eos.stability_rule(eos.RunSpec("gd", 0.1, "bn"), config).threshold == pytest.approx(20.0)
+    assert eos.stability_rule(eos.RunSpec("momentum", 0.1, "bn"), config).threshold == pytest.approx(38.0)
+    assert eos.stability_rule(eos.RunSpec("adam", 0.001, "none"), config).threshold == pytest.approx(38000.0)
+
+
+def test_mnist1d_split_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNJAX_CACHE_DIR", str(tmp_path))
+    data.mnist1d.cache_clear()
+    np.random.seed(123)
+    random.seed(123)
+    expected_np, expected_py = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    fresh = data.mnist1d(7)  # generated, then written to the cache
+    assert (np.random.rand(), random.random()) == (expected_np, expected_py)  # global RNGs untouched
+    assert fresh.x_train.shape == (4000, 40) and fresh.x_test.shape == (1000, 40)
+    assert fresh.x_train.dtype == np.float32 and fresh.y_train.dtype == np.int32
+    assert set(np.unique(fresh.y_train)) == set(range(10))
+    assert len(list(tmp_path.glob("mnist1d-*seed7.npz"))) == 1
+    data.mnist1d.cache_clear()
+    cached = data.mnist1d(7)
+    for a, b in zip(fresh[1:5], cached[1:5]):
+        np.testing.assert_array_equal(a, b)
+    data.mnist1d.cache_clear()
+
+
+def test_digits_split_deterministic():
+    a, b, c = data.digits(1), data.digits(1), data.digits(2)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert a.x_train.shape[1:] == (8, 8, 1) and len(a.x_test) == 300 and len(a.x_train) == 1497
+    assert not np.array_equal(a.y_test, c.y_test)
+
+
+def test_npz_dataset(tmp_path):
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.normal(size=(6, 3)), y_train=[0, 1, 2, 0, 1, 2], x_test=rng.normal(size=(2, 3)),
+             y_test=[1, 2])
+    ds = data.load(f"npz:{path}")
+    assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
+    np.savez(path, x_train=np.zeros((2, 3)), y_train=[0, 1])
+    with pytest.raises(ValueError, match="lacks the arrays"):
+        data.load(f"npz:{path}")
+
+
+def test_cli_parses_fields_and_presets(capsys):
+    parser = cli._experiment_parser("eos", eos)
+    args = parser.parse_args(["--quick", "--gd-lrs", "0.05,0.1", "--steps", "300", "--momentum-lrs", ""])
+    assert args.quick and args.gd_lrs == (0.05, 0.1) and args.steps == 300 and args.momentum_lrs == ()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "eos" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["nonexistent"])
+
+
+def test_models_reject_bad_options():
+    x = jnp.ones((4, 40))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        models.MLP(norm="layer").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="Unknown model"):
+        models.make_model("resnet")
+    with pytest.raises(ValueError, match="VGG expects images"):
+        models.VGG().init(jax.random.PRNGKey(0), x)
