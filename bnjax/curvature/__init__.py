@@ -18,6 +18,20 @@ from bnjax.curvature.eigen import (
     random_like,
     smallest_eigenvalue,
 )
+from bnjax.curvature.eos import (
+    EoSTracker,
+    StabilityRule,
+    TrackerState,
+    adam_preconditioner,
+    adam_rule,
+    gd_rule,
+    heavy_ball_rule,
+    load_records,
+    plot_records,
+    preconditioned_matvec,
+    records_to_arrays,
+    save_records,
+)
 from bnjax.curvature.hvp import Matvec, ggn_matvec, gnvp, hessian_matvec, hvp
 from bnjax.curvature.operators import (
     FlaxCurvatureFns,
@@ -33,6 +47,18 @@ from bnjax.curvature.operators import (
 
 __all__ = [
     "EigenResult",
+    "EoSTracker",
+    "StabilityRule",
+    "TrackerState",
+    "adam_preconditioner",
+    "adam_rule",
+    "gd_rule",
+    "heavy_ball_rule",
+    "load_records",
+    "plot_records",
+    "preconditioned_matvec",
+    "records_to_arrays",
+    "save_records",
     "FlaxCurvatureFns",
     "LanczosDecomposition",
     "Matvec",

@@ -1,0 +1,285 @@
+"""Edge-of-stability tracking: sharpness vs the optimizer's stability threshold along any training loop.
+
+Thresholds (Cohen et al. 2021, 2022), for learning rate ``eta``:
+
+* gradient descent: ``2 / eta``;
+* heavy-ball momentum ``beta``: ``(2 + 2 beta) / eta``;
+* Adam (``beta1``): the *preconditioned* sharpness, top eigenvalue of ``P^{-1/2} H P^{-1/2}`` with
+  ``P = diag(sqrt(v_hat) + eps)`` from Adam's state, against ``(2 + 2 beta1) / ((1 - beta1) eta)``
+  (``38 / eta`` for ``beta1 = 0.9``).
+
+Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* training loss)::
+
+    tracker = EoSTracker(loss_fn, gd_rule(lr), every=10)
+    state = tracker.init(params, jax.random.key(0))
+    records = []
+    for step in range(num_steps):
+        params, opt_state = train_step(params, opt_state)
+        record, state = tracker.update(state, step, params, x, y, opt_state=opt_state)
+        if record is not None:
+            records.append(record)
+    save_records(records, "eos.json"); plot_records(records, "eos.png")
+
+Each measurement is one compiled call: the loss and a warm-started :func:`~bnjax.curvature.lanczos_top`
+(default) or :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue,
+so a converged warm start costs a single Hessian-vector product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bnjax.curvature._validate import check_positive_int
+from bnjax.curvature.eigen import EigenResult, _flatten, _lanczos_top_loop, _power_loop, random_like
+from bnjax.curvature.hvp import Matvec, hessian_matvec
+from bnjax.curvature.operators import dataset_hessian_matvec, dataset_loss
+
+PyTree = Any
+
+
+class StabilityRule(NamedTuple):
+    """Which sharpness to measure for an optimizer, and its stability threshold."""
+
+    name: str  # "gd" | "heavy_ball" | "adam"
+    threshold: float  # the sharpness at which the optimizer's quadratic model becomes unstable
+    preconditioned: bool  # True: sharpness of P^{-1/2} H P^{-1/2} with Adam's P (needs opt_state)
+    b2: float = 0.999  # Adam's beta2 (bias correction of nu)
+    eps: float = 1e-8  # Adam's eps (added to sqrt(v_hat))
+
+
+def _check_lr(lr: float) -> float:
+    if not np.isscalar(lr) or not lr > 0:
+        raise ValueError(f"The learning rate must be a positive number (a schedule is not supported); got {lr!r}.")
+    return float(lr)
+
+
+def gd_rule(lr: float) -> StabilityRule:
+    """Full-batch gradient descent: threshold ``2 / lr``."""
+    return StabilityRule("gd", 2.0 / _check_lr(lr), False)
+
+
+def heavy_ball_rule(lr: float, beta: float) -> StabilityRule:
+    """Heavy-ball momentum (``optax.sgd(lr, momentum=beta)``): threshold ``(2 + 2 beta) / lr``."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"`beta` must be in [0, 1); got {beta!r}.")
+    return StabilityRule("heavy_ball", (2.0 + 2.0 * beta) / _check_lr(lr), False)
+
+
+def adam_rule(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> StabilityRule:
+    """Adam: preconditioned sharpness against ``(2 + 2 b1) / ((1 - b1) lr)`` (``38 / lr`` for ``b1 = 0.9``)."""
+    if not 0 <= b1 < 1 or not 0 <= b2 < 1:
+        raise ValueError(f"`b1` and `b2` must be in [0, 1); got b1={b1!r}, b2={b2!r}.")
+    return StabilityRule("adam", (2.0 + 2.0 * b1) / ((1.0 - b1) * _check_lr(lr)), True, float(b2), float(eps))
+
+
+def adam_preconditioner(opt_state: Any, b2: float = 0.999, eps: float = 1e-8) -> PyTree:
+    """Adam's diagonal preconditioner ``P = sqrt(nu / (1 - b2**count)) + eps`` from an optax state.
+
+    Finds the ``ScaleByAdamState`` inside ``opt_state`` (``optax.adam``, ``optax.adamw``, chains). ``P`` is the
+    one used by the most recent update. Before the first update ``nu = 0`` and ``P = eps``: measure after at
+    least one step. Returns a pytree like the parameters.
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "nu")
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    if len(found) != 1 or not counts:
+        raise ValueError(
+            "Expected exactly one Adam state (a `nu` field, as in optax.scale_by_adam) in `opt_state`; found "
+            f"{len(found)}. The preconditioned rule needs the state of optax.adam / optax.adamw."
+        )
+    nu = found[0][1]
+    count = counts[0][1]
+    correction = 1 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1).astype(jnp.float32)
+    return jax.tree.map(lambda n: (jnp.sqrt(n / correction.astype(n.dtype)) + eps).astype(n.dtype), nu)
+
+
+def preconditioned_matvec(matvec: Matvec) -> Matvec:
+    """``P^{-1/2} A P^{-1/2}`` as a matvec ``mv(vector, P, *params)`` for a diagonal ``P`` (pytree, > 0)."""
+
+    def mv(vector: PyTree, precond: PyTree, *params: Any) -> PyTree:
+        scale = jax.tree.map(lambda p: jax.lax.rsqrt(p), precond)
+        out = matvec(jax.tree.map(jnp.multiply, scale, vector), *params)
+        return jax.tree.map(jnp.multiply, scale, out)
+
+    return mv
+
+
+class TrackerState(NamedTuple):
+    """Warm start carried between measurements (a pytree)."""
+
+    vector: PyTree  # like params: the previous top eigenvector (or the random start)
+    eigenvalue: jax.Array  # () previous sharpness estimate; inf before the first measurement
+
+
+@dataclasses.dataclass(frozen=True)
+class EoSTracker:
+    """Records step, loss, sharpness and threshold every ``every`` steps of any training loop.
+
+    Attributes:
+      loss_fn: ``loss_fn(params, *args) -> scalar``, the training loss whose Hessian is measured. With
+        ``chunk_size``, ``args[0]`` is the data set (arrays with a leading example axis) and
+        ``loss_fn(params, chunk, *rest)`` is the mean loss of a chunk (see :func:`dataset_loss`). For Flax
+        models with ``batch_stats`` use ``flax_curvature_fns(..., bn_mode=...).loss_fn`` and pass the stats.
+      rule: :func:`gd_rule`, :func:`heavy_ball_rule` or :func:`adam_rule`.
+      every: measure when ``step % every == 0``.
+      chunk_size: evaluate loss and HVPs over the data set in chunks of this size (``None``: one call).
+      method: ``"lanczos"`` (default; robust when the top eigenvalues cluster, as they do at the edge of
+        stability) or ``"power"``.
+      tol, residual_tol, max_iters: stopping rule of the solver (see :func:`~bnjax.curvature.lanczos_top`);
+        ``max_iters`` bounds the HVPs per measurement; the first (cold) measurement may use ``3 * max_iters``.
+    """
+
+    loss_fn: Callable[..., jax.Array]
+    rule: StabilityRule
+    every: int = 10
+    chunk_size: int | None = None
+    method: Literal["lanczos", "power"] = "lanczos"
+    tol: float = 1e-3
+    residual_tol: float = 3e-2
+    max_iters: int = 20
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.every, "every")
+        check_positive_int(self.max_iters, "max_iters")
+        if self.chunk_size is not None:
+            check_positive_int(self.chunk_size, "chunk_size")
+        if self.method not in ("lanczos", "power"):
+            raise ValueError(f"`method` must be 'lanczos' or 'power'; got {self.method!r}.")
+        if not isinstance(self.rule, StabilityRule):
+            raise TypeError(f"`rule` must be a StabilityRule (gd_rule, heavy_ball_rule, adam_rule); got {self.rule!r}.")
+        object.__setattr__(self, "_measure", jax.jit(self._measure_impl, static_argnames="max_iters"))
+
+    def init(self, params: PyTree, key: jax.Array) -> TrackerState:
+        """Random start vector like ``params``."""
+        return TrackerState(random_like(key, params), jnp.asarray(jnp.inf, jnp.float32))
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`update` measures at ``step``."""
+        return int(step) % self.every == 0
+
+    def _measure_impl(
+        self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None, max_iters: int
+    ) -> tuple[jax.Array, EigenResult, PyTree]:
+        if self.chunk_size is None:
+            loss = self.loss_fn(params, *args)
+            matvec = hessian_matvec(self.loss_fn)
+        else:
+            if not args:
+                raise ValueError("With `chunk_size`, pass the data set as the first argument after `params`.")
+            loss = dataset_loss(self.loss_fn, params, *args, chunk_size=self.chunk_size)
+            matvec = dataset_hessian_matvec(self.loss_fn, self.chunk_size)
+        mv_params: tuple = (params, *args)
+        if precond is not None:
+            matvec, mv_params = preconditioned_matvec(matvec), (precond, *mv_params)
+        x0, mv, unravel = _flatten(matvec, state.vector, mv_params)
+        eig0 = state.eigenvalue.astype(x0.dtype)
+        if self.method == "lanczos":
+            lam, x, i, res = _lanczos_top_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters)
+            warm = x
+        else:
+            lam, x, i, res, warm = _power_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters)
+        return loss, EigenResult(lam, unravel(x), i, res), unravel(warm)
+
+    def measure(
+        self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
+    ) -> tuple[dict[str, Any], TrackerState]:
+        """Measure now (regardless of ``every``); returns ``(record, new_state)``.
+
+        ``record`` is a dict of Python scalars: ``step``, ``loss``, ``sharpness`` (preconditioned for Adam),
+        ``threshold``, ``hvps`` (Hessian-vector products used), ``residual`` (relative, of the reported
+        eigenpair) and ``preconditioned``.
+        """
+        precond = None
+        if self.rule.preconditioned:
+            if opt_state is None:
+                raise ValueError("The Adam rule measures preconditioned sharpness: pass `opt_state=`.")
+            precond = adam_preconditioner(opt_state, self.rule.b2, self.rule.eps)
+        cold = not bool(jnp.isfinite(state.eigenvalue))
+        max_iters = 3 * self.max_iters if cold else self.max_iters
+        if self.method == "lanczos":
+            n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+            max_iters = min(max_iters, n)
+        loss, eig, warm = self._measure(state, params, args, precond, max_iters=max_iters)
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(f"Non-finite loss {float(loss)} at step {step}: training diverged.")
+        record = {
+            "step": int(step),
+            "loss": float(loss),
+            "sharpness": float(eig.eigenvalue),
+            "threshold": float(self.rule.threshold),
+            "hvps": int(eig.iterations),
+            "residual": float(eig.residual),
+            "preconditioned": bool(self.rule.preconditioned),
+        }
+        return record, TrackerState(warm, eig.eigenvalue.astype(jnp.float32))
+
+    def update(
+        self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
+    ) -> tuple[dict[str, Any] | None, TrackerState]:
+        """:meth:`measure` if :meth:`due` (``step % every == 0``), else ``(None, state)`` at no cost."""
+        if not self.due(step):
+            return None, state
+        return self.measure(state, step, params, *args, opt_state=opt_state)
+
+
+def records_to_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Stack a list of records into a dict of 1-D NumPy arrays (one entry per field)."""
+    if not records:
+        raise ValueError("No records to convert: was the tracker ever due (step % every == 0)?")
+    return {k: np.asarray([r[k] for r in records]) for k in records[0]}
+
+
+def save_records(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Save records as JSON (a list of dicts) or NPZ (one array per field), chosen by the file suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1))
+    elif path.suffix == ".npz":
+        np.savez(path, **records_to_arrays(records))
+    else:
+        raise ValueError(f"Unsupported suffix {path.suffix!r}: use .json or .npz.")
+    return path
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Inverse of :func:`save_records`: a list of dicts of Python scalars."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    return [{k: v[i].item() for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))]
+
+
+def plot_records(records: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Plot loss (log scale) and sharpness vs step with the stability threshold; writes a PNG at ``path``."""
+    import matplotlib  # lazily: plotting is optional
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = records_to_arrays(records)
+    fig, (ax_loss, ax_sharp) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(a["step"], a["loss"])
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
+    label = "preconditioned sharpness" if bool(a["preconditioned"][0]) else "sharpness"
+    ax_sharp.plot(a["step"], a["sharpness"], label=label)
+    ax_sharp.plot(a["step"], a["threshold"], "--", color="k", label="stability threshold")
+    ax_sharp.set(xlabel="step", ylabel=label)
+    ax_sharp.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
