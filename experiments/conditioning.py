@@ -137,7 +137,8 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
         faster.append(bn["gd_final_loss"] < plain["gd_final_loss"])
     claims = [
         report.Claim(
-            "BN (standardized inputs) gives a linear model a better-conditioned Hessian (lambda_max/lambda_min shrinks)",
+            "BN (standardized inputs) gives a linear model a better-conditioned Hessian "
+            "(lambda_max/lambda_min shrinks)",
             "condition number without -> with BN: " + "; ".join(measured),
             "held" if all(held) else "not held",
         ),

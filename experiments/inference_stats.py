@@ -96,8 +96,9 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
             for name, stats in (("ewma", ewma), ("precise", precise)):
                 entry[f"test_accuracy_{name}"] = train.evaluate(model, params, stats, x_test, y_test, config.loss)[1]
                 entry[f"train_accuracy_{name}"] = train.evaluate(model, params, stats, x, y, config.loss)[1]
-            entry["test_accuracy_local"] = train.evaluate(model, params, ewma, x_test, y_test, config.loss, train=True)[1]
-            entry["train_accuracy_local"] = train.evaluate(model, params, ewma, x, y, config.loss, train=True)[1]
+            for split, (xs, ys) in (("test", (x_test, y_test)), ("train", (x, y))):
+                local = train.evaluate(model, params, ewma, xs, ys, config.loss, train=True)
+                entry[f"{split}_accuracy_local"] = local[1]
             entry["first_layer_running_mean"] = np.asarray(ewma["_NormAct_0"]["BatchNorm_0"]["mean"])
             entry["param_checksum"] = float(sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params)))
             results.append(entry)
@@ -144,7 +145,8 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
     same = len({round(r["param_checksum"], 3) for r in results}) == 1
     notes = [
         "The BN momentum does not change training (train mode uses batch statistics): every run has the same "
-        f"parameters (checksums {'identical' if same else 'DIFFER: check determinism'}); only eval-mode statistics differ.",
+        f"parameters (checksums {'identical' if same else 'DIFFER: check determinism'}); only eval-mode "
+        "statistics differ.",
         "PyTorch's convention stores the unbiased running variance; the running means are comparable directly.",
     ]
     return report.Outcome({"runs": results}, claims, [table], figures, notes)

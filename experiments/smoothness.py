@@ -143,7 +143,8 @@ def _outcome(config: Config, runs: list[dict], curves: dict, out: pathlib.Path) 
         if "diverged" in entry:
             rows.append([entry["lr"], entry["norm"], "diverged", "", "", ""])
         else:
-            rows.append([entry["lr"], entry["norm"], *(entry[f"mean_{m}"] for m in MEASURES), entry["final_train_loss"]])
+            means = [entry[f"mean_{m}"] for m in MEASURES]
+            rows.append([entry["lr"], entry["norm"], *means, entry["final_train_loss"]])
     table = report.markdown_table(
         ["lr", "norm", *(f"mean {m.replace('_', ' ')}" for m in MEASURES), "final train loss"], rows
     )
@@ -163,7 +164,9 @@ def _outcome(config: Config, runs: list[dict], curves: dict, out: pathlib.Path) 
             verdicts.append(a < b)
         verdict = "inconclusive" if not verdicts else ("held" if all(verdicts) else "not held")
         claims.append(
-            report.Claim(f"STIM18: BN makes the {name.replace('_', ' ')} smaller", "; ".join(measured) or "n/a", verdict)
+            report.Claim(
+                f"STIM18: BN makes the {name.replace('_', ' ')} smaller", "; ".join(measured) or "n/a", verdict
+            )
         )
     notes = [
         f"Step sizes: {config.num_step_sizes} points, linspace(0.5, 4) x lr along -grad L on the current "

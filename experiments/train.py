@@ -242,7 +242,8 @@ def eval_metrics(
     """``(loss, accuracy)`` as float32[] arrays (jittable, vmappable); see :func:`evaluate`."""
     variables = {"params": params, "batch_stats": batch_stats}
     if train:
-        logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"noise": jax.random.PRNGKey(0)})
+        noise = {"noise": jax.random.PRNGKey(0)}
+        logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=noise)
     else:
         logits = model.apply(variables, x, train=False)
     return output_loss(loss)(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
