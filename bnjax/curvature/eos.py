@@ -96,8 +96,13 @@ def adam_preconditioner(opt_state: Any, b2: float = 0.999, eps: float = 1e-8) ->
         )
     nu = found[0][1]
     count = counts[0][1]
-    correction = 1 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1).astype(jnp.float32)
-    return jax.tree.map(lambda n: (jnp.sqrt(n / correction.astype(n.dtype)) + eps).astype(n.dtype), nu)
+    steps = jnp.maximum(count, 1)
+
+    def precond(n: jax.Array) -> jax.Array:
+        correction = 1 - jnp.asarray(b2, n.dtype) ** steps.astype(n.dtype)
+        return jnp.sqrt(n / correction) + jnp.asarray(eps, n.dtype)
+
+    return jax.tree.map(precond, nu)
 
 
 def preconditioned_matvec(matvec: Matvec) -> Matvec:
@@ -158,7 +163,8 @@ class EoSTracker:
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
         """Random start vector like ``params``."""
-        return TrackerState(random_like(key, params), jnp.asarray(jnp.inf, jnp.float32))
+        vector = random_like(key, params)
+        return TrackerState(vector, jnp.asarray(jnp.inf, jax.tree.leaves(vector)[0].dtype))
 
     def due(self, step: int) -> bool:
         """Whether :meth:`update` measures at ``step``."""
@@ -218,7 +224,7 @@ class EoSTracker:
             "residual": float(eig.residual),
             "preconditioned": bool(self.rule.preconditioned),
         }
-        return record, TrackerState(warm, eig.eigenvalue.astype(jnp.float32))
+        return record, TrackerState(warm, eig.eigenvalue)
 
     def update(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None

@@ -1,0 +1,112 @@
+"""Edge-of-stability tracker: thresholds, Adam preconditioner, sharpness against eigh, warm start, records."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from test_curvature_helpers import explicit_hessian, loss_fn_for, make_problem
+
+from bnjax import curvature as cv
+
+
+def test_thresholds() -> None:
+    assert cv.gd_rule(0.1).threshold == pytest.approx(20.0)
+    assert cv.heavy_ball_rule(0.1, 0.9).threshold == pytest.approx(38.0)
+    assert cv.adam_rule(0.01).threshold == pytest.approx(3800.0)
+    assert cv.adam_rule(0.01).preconditioned and not cv.gd_rule(0.1).preconditioned
+    with pytest.raises(ValueError, match="learning rate"):
+        cv.gd_rule(-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        cv.heavy_ball_rule(0.1, 1.0)
+
+
+def _problem():
+    problem = make_problem("mlp", bn=True, n=16)
+    return problem, loss_fn_for(problem, "train"), (problem["x"], problem["y"])
+
+
+def test_gd_tracking_with_batch_stats_matches_eigh_and_warm_starts() -> None:
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        stats = problem["stats"]
+        tracker = cv.EoSTracker(loss_fn, cv.gd_rule(0.5), every=3, tol=1e-8, residual_tol=1e-6, max_iters=40)
+        state = tracker.init(problem["params"], jax.random.key(0))
+        params, records = problem["params"], []
+        grad = jax.jit(jax.grad(loss_fn))
+        for step in range(7):
+            record, state = tracker.update(state, step, params, batch, stats)
+            if record is not None:
+                records.append((record, params))
+            params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grad(params, batch, stats))
+        assert [r["step"] for r, _ in records] == [0, 3, 6]
+        for record, p in records:
+            top = np.linalg.eigvalsh(explicit_hessian({**problem, "params": p}, "train"))[-1]
+            np.testing.assert_allclose(record["sharpness"], top, rtol=1e-4)
+            np.testing.assert_allclose(record["loss"], float(loss_fn(p, batch, stats)), rtol=1e-10)
+            assert record["threshold"] == pytest.approx(4.0)
+        # Measuring again at unchanged parameters: the warm start is already converged -> one HVP.
+        again, _ = tracker.measure(state, 6, records[-1][1], batch, stats)
+    assert again["hvps"] == 1
+    assert records[0][0]["hvps"] > 3
+
+
+def test_adam_preconditioned_sharpness_matches_eigh() -> None:
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        stats, params = problem["stats"], problem["params"]
+        opt = optax.adam(1e-2)
+        opt_state = opt.init(params)
+        for _ in range(3):
+            updates, opt_state = opt.update(jax.grad(loss_fn)(params, batch, stats), opt_state)
+            params = optax.apply_updates(params, updates)
+        precond = cv.adam_preconditioner(opt_state)
+        nu = opt_state[0].nu
+        expected_p = jax.tree.map(lambda n: jnp.sqrt(n / (1 - 0.999**3)) + 1e-8, nu)
+        tracker = cv.EoSTracker(loss_fn, cv.adam_rule(1e-2), every=1, tol=1e-8, residual_tol=1e-6, max_iters=40)
+        record, _ = tracker.update(tracker.init(params, jax.random.key(1)), 0, params, batch, stats, opt_state=opt_state)
+        h = explicit_hessian({**problem, "params": params}, "train")
+        d = 1 / np.sqrt(np.asarray(ravel_pytree(precond)[0]))
+        with pytest.raises(ValueError, match="opt_state"):
+            tracker.update(tracker.init(params, jax.random.key(1)), 0, params, batch, stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), precond, expected_p)
+    np.testing.assert_allclose(record["sharpness"], np.linalg.eigvalsh(d[:, None] * h * d[None])[-1], rtol=1e-4)
+    assert record["threshold"] == pytest.approx(3800.0) and record["preconditioned"]
+
+
+def test_power_method_tracker_and_chunked_data() -> None:
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        tracker = cv.EoSTracker(
+            loss_fn, cv.heavy_ball_rule(0.1, 0.9), chunk_size=8, method="power", tol=1e-10, residual_tol=1e-7,
+            max_iters=2000,
+        )
+        record, _ = tracker.measure(tracker.init(problem["params"], jax.random.key(2)), 0, problem["params"], batch,
+                                    problem["stats"])
+        top = np.linalg.eigvalsh(explicit_hessian(problem, "train", chunk_size=8))
+    # Power iteration finds the largest magnitude, which is the top eigenvalue for these problems.
+    np.testing.assert_allclose(record["sharpness"], top[np.argmax(np.abs(top))], rtol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        cv.EoSTracker(loss_fn, cv.gd_rule(0.1), method="arnoldi")
+    with pytest.raises(ValueError, match="every"):
+        cv.EoSTracker(loss_fn, cv.gd_rule(0.1), every=0)
+
+
+def test_records_save_load_and_plot(tmp_path) -> None:
+    records = [
+        {"step": s, "loss": 1.0 / (s + 1), "sharpness": 1.5 * s, "threshold": 20.0, "hvps": 2, "residual": 1e-3,
+         "preconditioned": False}
+        for s in range(0, 50, 10)
+    ]
+    for suffix in (".json", ".npz"):
+        path = cv.save_records(records, tmp_path / f"eos{suffix}")
+        assert cv.load_records(path) == records
+    arrays = cv.records_to_arrays(records)
+    np.testing.assert_array_equal(arrays["step"], [0, 10, 20, 30, 40])
+    png = cv.plot_records(records, tmp_path / "eos.png", title="test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="suffix"):
+        cv.save_records(records, tmp_path / "eos.csv")
