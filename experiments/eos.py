@@ -298,7 +298,8 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         runs.append(entry)
         rows.append(
             [spec.optimizer, spec.lr, "BN" if spec.norm == "bn" else "none", thr, entry["first_sharpness"],
-             entry["final_sharpness"], entry["final_ratio"], in_band, first, entry["final_loss"], verdict]
+             entry["final_sharpness"], entry["final_ratio"], in_band, first, entry["final_loss"],
+             f"{verdict} (diverged)" if rec.diverged else verdict]
         )
     table = report.markdown_table(
         ["optimizer", "lr", "norm", "threshold", f"sharpness at step {config.track_every}", "final sharpness",
@@ -316,7 +317,8 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         + "). BN in train mode with the full batch: the Hessian of the function GD optimizes.",
         f"Verdict per run: 'held' when at least {config.min_in_band:.0%} of the checkpoints in the last "
         f"{config.verdict_window:.0%} of the run lie within {config.band_low}-{config.band_high} x threshold; "
-        "'not reached' when the sharpness never reached the band; 'failed' otherwise (or on divergence).",
+        "'not reached' when the sharpness never reached the band; 'failed' otherwise. A run whose loss became "
+        "non-finite is 'failed' and is left out of its claim's verdict (EoS describes runs that train).",
     ]
     if config.loss == "cross_entropy":
         notes.append(
@@ -341,11 +343,16 @@ def _claim(config: Config, runs: list[dict], optimizer: str) -> report.Claim:
         "adam": "Cohen et al. 2022: Adam's preconditioned sharpness hovers at 38/eta",
     }[optimizer]
     measured = "; ".join(
-        f"lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: final/threshold {r['final_ratio']:.3f}, "
-        f"{r['fraction_in_band']:.0%} in band, {r['verdict']}"
+        f"lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: "
+        + (
+            "diverged (excluded)"
+            if r["diverged"]
+            else f"final/threshold {r['final_ratio']:.3f}, {r['fraction_in_band']:.0%} in band, {r['verdict']}"
+        )
         for r in mine
     )
-    return report.Claim(text, measured, _claim_verdict([r["verdict"] for r in mine]))
+    # The claim is about runs that train; a run that diverged outright is reported, not counted.
+    return report.Claim(text, measured, _claim_verdict([r["verdict"] for r in mine if not r["diverged"]]))
 
 
 def _loss_claim(runs: list[dict]) -> report.Claim:
