@@ -31,7 +31,7 @@ class Config:
     Command: ``python -m experiments robustness`` (full) or ``--quick``; ``--model deep_linear`` for the deep
     linear chain ``y = x W1 ... Wd W_out`` (``depth`` layers of ``width``), where a step on one weight
     rescales the output through all the others.
-    Expected runtime on 2 CPU cores: quick ~1 min, full ~5 min.
+    Expected runtime on 2 shared CPU cores (2026-11-25): quick 2 min (measured), full ~8 min (estimated).
     Expected result: more grid points train well (not diverged and test accuracy at least
     ``good_fraction`` of the best on the grid) with BN than without; without BN large learning rates
     diverge and small init scales stall in deep networks.
