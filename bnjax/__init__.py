@@ -1,15 +1,32 @@
 """bnjax: trustworthy batch normalization for JAX/Flax, and loss-landscape / curvature analysis.
 
-Public surface:
+Public surface (implementation modules are named for what they do):
+
+Batch normalization
   batch_norm, batch_moments, BatchNormState, init_state  -- the functional core (no Flax inside)
   Moments                                                -- per-feature moments and their exact merge
   BatchNorm                                              -- Flax linen drop-in for flax.linen.BatchNorm
   nnx.BatchNorm                                          -- the Flax NNX counterpart
+  NoisyBatchNorm, noisy_batch_norm, add_nonstationary_noise  -- BN + STIM18 non-stationary noise
+  BatchRenorm, batch_renorm                              -- batch renormalization (Ioffe 2017)
+  precise_batch_stats                                    -- exact population statistics ("precise BN")
+  fold_batch_norm                                        -- fold eval-mode BN into Dense/Conv
+  train_only_batch_norm                                  -- optimizer for fine-tuning BN scale/bias only
+  torch_interop.from_torch / to_torch                    -- PyTorch BN state dicts (NumPy, no torch)
+
+Analysis
+  curvature  -- HVP/GGN products, chunked data-set operators, eigen-solvers, trace/density, EoS tracker
+  landscape  -- smoothness measures, internal covariate shift, activation statistics, loss slices
 """
 
-from bnjax import nnx
+from bnjax import curvature, landscape, nnx, torch_interop
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm, init_state
+from bnjax.folding import fold_batch_norm
+from bnjax.frozen import train_only_batch_norm
 from bnjax.module import BatchNorm
+from bnjax.noisy import NoisyBatchNorm, add_nonstationary_noise, noisy_batch_norm
+from bnjax.precise import precise_batch_stats
+from bnjax.renorm import BatchRenorm, batch_renorm
 from bnjax.statistics import Moments
 
 __version__ = "0.1.0"
@@ -17,9 +34,20 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchNormState",
+    "BatchRenorm",
     "Moments",
+    "NoisyBatchNorm",
+    "add_nonstationary_noise",
     "batch_moments",
     "batch_norm",
+    "batch_renorm",
+    "curvature",
+    "fold_batch_norm",
     "init_state",
+    "landscape",
+    "noisy_batch_norm",
     "nnx",
+    "precise_batch_stats",
+    "torch_interop",
+    "train_only_batch_norm",
 ]
