@@ -48,6 +48,9 @@ class Config:
     train mode (the function GD optimizes; ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's
     code), ``solver`` (``lanczos`` or ``power``) warm-started from the previous eigenvector, at most
     ``solver_iters`` HVPs per checkpoint, relative tolerance ``solver_tol``.
+    Devices: ``devices > 1`` shards the training set over that many devices along the example axis and lets
+    ``jax.jit`` partition training and HVPs (the sharded-jit data-parallel path; BN statistics stay those of
+    the full batch), so the same command scales to an accelerator host.
     Verdict per run: over the last ``verdict_window`` of the checkpoints, "held" when at least
     ``min_in_band`` of them lie within ``[band_low, band_high]`` times the threshold, "not reached" when the
     sharpness never reached ``band_low`` times it, "failed" otherwise.
@@ -74,6 +77,7 @@ class Config:
     solver_iters: int = 20
     solver_tol: float = 1e-3
     chunk_size: int = 1000
+    devices: int = 1
     verdict_window: float = 0.25
     band_low: float = 0.95
     band_high: float = 1.10
@@ -162,6 +166,11 @@ def _check(config: Config) -> None:
         raise ValueError(
             f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}."
         )
+    if not 1 <= config.devices <= jax.device_count() or config.n_train % config.devices:
+        raise ValueError(
+            f"devices must be in [1, {jax.device_count()}] (available) and divide n_train={config.n_train}; "
+            f"got {config.devices}."
+        )
     if not 0 < config.band_low < 1 < config.band_high:
         raise ValueError(f"need 0 < band_low < 1 < band_high, got {config.band_low}, {config.band_high}.")
 
@@ -247,6 +256,10 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
     _check(config)
     ds = data_lib.subset(data_lib.load(config.dataset, config.data_seed), config.n_train)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    if config.devices > 1:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[: config.devices]), ("data",))
+        examples = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        x, y = jax.device_put(x, examples), jax.device_put(y, examples)
     specs = _specs(config)
     records: dict[RunSpec, RunRecord] = {}
     with tqdm(total=len(specs) * (config.steps // config.track_every), desc="eos", unit="segment") as bar:

@@ -3,6 +3,7 @@ the losses against a float64 NumPy forward pass, the edge-of-stability verdict, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -30,10 +31,14 @@ def test_every_experiment_is_tested():
     assert set(RESULT_KEYS) == set(EXPERIMENTS)
 
 
+# eos also exercises its data-parallel path (sharded jit over 2 of conftest's 8 CPU devices).
+EXTRA_ARGS = {"eos": ["--devices", "2"]}
+
+
 @pytest.mark.parametrize("name", sorted(RESULT_KEYS))
 def test_smoke_run_writes_report(name, tmp_path):
     out = tmp_path / name
-    assert cli.main([name, "--smoke", "--out", str(out)]) == 0
+    assert cli.main([name, "--smoke", "--out", str(out), *EXTRA_ARGS.get(name, [])]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["experiment"] == name and config["preset"] == "smoke"
     results = json.loads((out / "results.json").read_text())
@@ -96,6 +101,21 @@ def test_train_loss_matches_numpy(norm, loss):
     value, _ = train.make_loss_fn(model, loss)(state.params, state.batch_stats, jnp.asarray(x), jnp.asarray(y),
                                                jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+
+
+def test_sharded_full_batch_training_matches_one_device():
+    """The eos --devices path: the same GD trajectory (BN statistics of the full batch) on 4 devices."""
+    model, optimizer, state, x, y = _golden_setup("bn")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    examples = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    run = train.full_batch_runner(train.make_train_step(model, "square", optimizer))
+    _, sharded = run(state, jax.device_put(x, examples), jax.device_put(y, examples), 5)
+    np.testing.assert_allclose(np.asarray(sharded.loss), GOLDEN["bn"], rtol=2e-5)
+
+
+def test_eos_rejects_devices_not_dividing_the_data():
+    with pytest.raises(ValueError, match="devices must be"):
+        eos.run(dataclasses.replace(eos.PRESETS["smoke"], devices=3), None)
 
 
 def test_divergence_stops_with_clear_error():
