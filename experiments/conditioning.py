@@ -134,7 +134,7 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
         bn = next(r for r in results if r["offset"] == offset and r["norm"] == "bn")
         measured.append(f"offset {offset:g}: {plain['condition_number']:.3g} -> {bn['condition_number']:.3g}")
         held.append(bn["condition_number"] < plain["condition_number"])
-        faster.append(bn["gd_final_loss"] < plain["gd_final_loss"])
+        faster.append((bn["gd_final_loss"] - plain["gd_final_loss"]) / plain["gd_final_loss"])
     claims = [
         report.Claim(
             "BN (standardized inputs) gives a linear model a better-conditioned Hessian "
@@ -147,7 +147,8 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
             "; ".join(
                 f"offset {r['offset']:g} {r['norm']}: loss {r['gd_final_loss']:.4g}" for r in results
             ),
-            "held" if all(faster) else "not held",
+            # Held when BN is never worse (0.1% slack) and clearly better (1%) somewhere.
+            "held" if max(faster) <= 1e-3 and min(faster) < -0.01 else "not held",
         ),
     ]
     notes = ["Hessian: dense from one HVP per basis vector (BN in train mode over the full batch), float64 eigvalsh."]
