@@ -78,18 +78,19 @@ def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: boo
     for a in reduction_axes:
         n_reduced *= x.shape[a]
     group_size = None
-    if virtual_batch_size is not None:
+    if virtual_batch_size is not None:  # validated always; used in train mode only (eval has no batch stats)
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}.")
         batch = x.shape[reduction_axes[0]]
-        if batch % virtual_batch_size:
+        if train and batch % virtual_batch_size:
             raise ValueError(
                 f"virtual_batch_size={virtual_batch_size} does not divide the batch: the input has "
                 f"{batch} entries along axis {reduction_axes[0]} (shape {x.shape}). Pad the batch or "
                 "choose a divisor."
             )
-        group_size = virtual_batch_size
-        n_reduced = n_reduced // batch * virtual_batch_size
+        if train:
+            group_size = virtual_batch_size
+            n_reduced = n_reduced // batch * virtual_batch_size
     if train and n_reduced == 1:
         raise ValueError(
             f"batch norm in train mode needs more than one element per feature, but the input of shape "

@@ -276,3 +276,13 @@ def test_clear_errors_at_trace_time(kwargs, error, match):
 def test_state_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"state.mean has shape \(4,\).*feature shape \(3,\)"):
         bnjax.batch_norm(np.ones((4, 3), np.float32), state=bnjax.init_state((4,)), train=True)
+
+
+def test_ghost_batches_play_no_role_in_eval_mode():
+    x, scale, bias, fshape = _inputs((10, 3), -1)  # 10 is not a multiple of 4: fine in eval mode
+    state = bnjax.BatchNormState(jnp.full(fshape, 0.2), jnp.full(fshape, 1.5))
+    y, _ = bnjax.batch_norm(x, scale, bias, state, train=False, virtual_batch_size=4)
+    y_ref, _ = bnjax.batch_norm(x, scale, bias, state, train=False)
+    np.testing.assert_array_equal(y, y_ref)
+    with pytest.raises(ValueError, match="virtual_batch_size=4 does not divide the batch"):
+        bnjax.batch_norm(x, scale, bias, state, train=True, virtual_batch_size=4)
