@@ -71,6 +71,7 @@ def test_model_matvec_and_adaptive_lanczos_end_to_end(kind: str, bn: bool) -> No
         v = start(problem)
         hv = flat(jax.jit(matvec)(v, *args))
         r = cv.lanczos_top(matvec, v, *args, tol=1e-10, residual_tol=1e-6, max_iters=80)
+    assert 100 <= hv.size <= 2000, "the issue asks for ~100-2000 parameters"
     np.testing.assert_allclose(hv, h @ flat(v), rtol=1e-9, atol=1e-12)
     assert int(r.iterations) < 80, "did not converge"
     assert_rel(r.eigenvalue, evals[-1], 1e-4)
