@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from bnjax.curvature._validate import check_like
 
