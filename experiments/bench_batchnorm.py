@@ -68,7 +68,8 @@ def _compiled(forward, params, x):
     return {"forward": lambda: fwd(x, params), "forward+backward": lambda: fwd_bwd(x, params)}
 
 
-def _time_interleaved(fns: dict, repeats: int) -> dict:
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each zero-argument function, timed round-robin so noise hits all alike."""
     for f in fns.values():  # compile and warm up
         jax.block_until_ready(f())
         jax.block_until_ready(f())
@@ -93,7 +94,7 @@ def run(cases: dict, repeats: int) -> list[dict]:
         }
         for mode in ("forward", "forward+backward"):
             fns = {v: _compiled(f, p, x)[mode] for v, (f, p) in variants.items()}
-            t = _time_interleaved(fns, repeats)
+            t = time_interleaved(fns, repeats)
             rows.append(
                 {
                     "case": name,

@@ -35,7 +35,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bnjax  # noqa: E402
-from experiments.bench_batchnorm import _time_interleaved  # noqa: E402
+from experiments.bench_batchnorm import time_interleaved  # noqa: E402
 
 AXIS = "batch"
 DEVICES = 8
@@ -90,7 +90,7 @@ def run(cases: dict, repeats: int) -> list[dict]:
                 else:
                     g = jax.jit(lambda x, s, b, f=f: jax.vjp(f, x, s, b)[1](ct))
                 fns[variant] = lambda g=g: g(x, scale, bias)
-            t = _time_interleaved(fns, repeats)
+            t = time_interleaved(fns, repeats)
             rows.append({"case": name, "mode": mode, "median_s": t, **{f"{k} / local": t[k] / t["local"] for k in t}})
             print(_row_md(rows[-1]), flush=True)
     return rows
