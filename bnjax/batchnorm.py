@@ -266,22 +266,26 @@ def batch_norm(
             have = mom.count > 0
             offset = jnp.where(have, offset, state.mean.reshape(bshape).astype(acc) - mom.shift)
             var = jnp.where(have, var, state.var.reshape(bshape).astype(acc))
-        xc = (_grouped(x.astype(acc), layout) - mom.shift) - offset
+        # y = ((x - K) - offset) * mul + bias, written as one multiply-add per element on the small x - K.
+        xc = _grouped(x.astype(acc), layout) - mom.shift
         mul = lax.rsqrt(var + epsilon)
         new_state = None if state is None else _update(state, mom, layout, momentum, convention)
     else:
         xc = x.astype(acc) - state.mean.reshape(bshape).astype(acc)
         mul = lax.rsqrt(state.var.reshape(bshape).astype(acc) + epsilon)
+        offset = None
         new_state = state
 
     dtypes = [x.dtype]
     if scale is not None:
         mul = mul * scale.reshape(bshape)
         dtypes.append(jnp.result_type(scale))
-    y = xc * mul
+    add = None if offset is None else -offset * mul
     if bias is not None:
-        y = y + bias.reshape(bshape)
+        b = bias.reshape(bshape)
+        add = b if add is None else add + b
         dtypes.append(jnp.result_type(bias))
+    y = xc * mul if add is None else xc * mul + add
     if train:
         y = _ungrouped(y, layout)
     out_dtype = jnp.result_type(*dtypes) if dtype is None else dtype
