@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,9 +84,26 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
+        return self._normalize(
+            batch_norm, x, use_running_average, mask, virtual_batch_size=self.virtual_batch_size
+        )
+
+    def _normalize(
+        self,
+        norm_fn: Callable[..., tuple[jax.Array, BatchNormState]],
+        x: jax.Array,
+        use_running_average: bool,
+        mask: jax.Array | None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        """Create/read this layer's variables, call the functional ``norm_fn`` and store its new state.
+
+        Shared by every module with BatchNorm's fields (``BatchRenorm`` passes ``batch_renorm``); ``kwargs``
+        are the options specific to ``norm_fn``. Called from a ``@nn.compact`` method.
+        """
         x = jnp.asarray(x)
         axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
-        # Shapes only; batch_norm validates the axes themselves with a clear message.
+        # Shapes only; norm_fn validates the axes themselves with a clear message.
         feature_shape = tuple(x.shape[a] for a in axes if -x.ndim <= a < x.ndim)
         fresh = init_state(feature_shape)
         ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
@@ -100,7 +117,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
         state = BatchNormState(ra_mean.value, ra_var.value, None if count is None else count.value)
-        y, new_state = batch_norm(
+        y, new_state = norm_fn(
             x,
             scale,
             bias,
@@ -113,12 +130,16 @@ class BatchNorm(nn.Module):
             mask=mask,
             axis_name=None if self.is_initializing() else self.axis_name,
             axis_index_groups=self.axis_index_groups,
-            virtual_batch_size=self.virtual_batch_size,
             dtype=self.dtype,
+            **kwargs,
         )
-        if not use_running_average and not self.is_initializing():
+        if self._updates_state(use_running_average):
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var
             if count is not None:
                 count.value = new_state.count
         return y
+
+    def _updates_state(self, use_running_average: bool) -> bool:
+        """Running statistics change in train mode, except during ``init`` (as in Flax)."""
+        return not use_running_average and not self.is_initializing()

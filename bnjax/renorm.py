@@ -39,7 +39,6 @@ from bnjax.batchnorm import (
     _update,
     batch_moments,
     batch_norm,
-    init_state,
 )
 from bnjax.module import BatchNorm
 from bnjax.statistics import AxisName
@@ -176,51 +175,23 @@ class BatchRenorm(BatchNorm):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = jnp.asarray(x)
-        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
-        feature_shape = tuple(x.shape[a] for a in axes if -x.ndim <= a < x.ndim)
-        fresh = init_state(feature_shape)
-        ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
-        ra_var = self.variable("batch_stats", "var", lambda: fresh.var)
-        count = None
-        if self.convention == "torch":
-            count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         step = None
         if callable(self.r_max) or callable(self.d_max):
             step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
-        scale = (
-            self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
-        )
-        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
         def bound(given, field):
             if given is not None:
                 return given
             return field(step.value) if callable(field) else field
 
-        state = BatchNormState(ra_mean.value, ra_var.value, None if count is None else count.value)
-        y, new_state = batch_renorm(
+        y = self._normalize(
+            batch_renorm,
             x,
-            scale,
-            bias,
-            state,
-            train=not use_running_average or self.test_local_stats,
+            use_running_average,
+            mask,
             r_max=bound(r_max, self.r_max),
             d_max=bound(d_max, self.d_max),
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            convention=self.convention,
-            mask=mask,
-            axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
         )
-        if not use_running_average and not self.is_initializing():
-            ra_mean.value = new_state.mean
-            ra_var.value = new_state.var
-            if count is not None:
-                count.value = new_state.count
-            if step is not None:
-                step.value = step.value + 1
+        if step is not None and self._updates_state(use_running_average):
+            step.value = step.value + 1
         return y
