@@ -122,12 +122,12 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
         if jnp.result_type(mask) != jnp.bool_:
             raise TypeError(f"mask must be a boolean array, got dtype {jnp.result_type(mask)}.")
         try:
-            jnp.broadcast_shapes(jnp.shape(mask), x.shape)
+            broadcast = jnp.broadcast_shapes(jnp.shape(mask), x.shape)
         except ValueError:
             raise ValueError(
                 f"mask of shape {jnp.shape(mask)} is not broadcastable to the input shape {x.shape}."
             ) from None
-        if jnp.broadcast_shapes(jnp.shape(mask), x.shape) != x.shape:
+        if broadcast != x.shape:
             raise ValueError(
                 f"mask of shape {jnp.shape(mask)} would broadcast the input of shape {x.shape} to a larger "
                 "shape; it must be broadcastable to the input shape."
@@ -179,9 +179,10 @@ def _moments(x, layout, mask, axis_name, axis_index_groups) -> Moments:
     xs = _grouped(x.astype(_stats_dtype(x.dtype)), layout)
     m = None if mask is None else _grouped(jnp.broadcast_to(mask, x.shape), layout)
     axes = layout.reduction_axes
-    if layout.group_size is not None:  # the group axis itself is kept; its members are reduced
-        axes = tuple(a + 1 if a > layout.reduction_axes[0] else a for a in axes)
-        axes = (axes[0] + 1,) + axes[1:]
+    if layout.group_size is not None:
+        # The first reduction axis became (groups, members): groups are kept, members and every later
+        # reduction axis (all of which come after it) move up by one.
+        axes = tuple(a + 1 for a in axes)
     local = statistics.local_moments(xs, axes, m)
     return statistics.global_moments(local, axis_name, axis_index_groups)
 
