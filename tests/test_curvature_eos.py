@@ -110,3 +110,68 @@ def test_records_save_load_and_plot(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="suffix"):
         cv.save_records(records, tmp_path / "eos.csv")
+
+
+def _tree_close(a, b, rtol: float) -> None:
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=1e-12), a, b)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_fused_value_and_grad_matches_gradient_and_measure(method: str) -> None:
+    """The fused path returns the exact training gradient and the same record as `measure`, with the same
+    HVP count (its first HVP comes out of the gradient pass), and matches eigh; off-step it is the gradient."""
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        stats, params = problem["stats"], problem["params"]
+        tracker = cv.EoSTracker(loss_fn, cv.gd_rule(0.5), every=2, chunk_size=8, method=method, tol=1e-9,
+                                residual_tol=1e-7, max_iters=60 if method == "lanczos" else 2000)
+        expected_vg = cv.dataset_value_and_grad(loss_fn, params, batch, stats, chunk_size=8)
+        state = tracker.init(params, jax.random.key(3))
+        (loss, grads), record, fused_state = tracker.value_and_grad(state, 4, params, batch, stats)
+        measured, measured_state = tracker.measure(state, 4, params, batch, stats)
+        (loss_off, grads_off), none, same_state = tracker.value_and_grad(fused_state, 5, params, batch, stats)
+        top = np.linalg.eigvalsh(explicit_hessian(problem, "train", chunk_size=8))
+    np.testing.assert_allclose(loss, expected_vg[0], rtol=1e-12)
+    _tree_close(grads, expected_vg[1], 1e-10)
+    assert record["hvps"] == measured["hvps"] > 2
+    np.testing.assert_allclose(record["sharpness"], measured["sharpness"], rtol=1e-8)
+    np.testing.assert_allclose(record["sharpness"], top[-1], rtol=1e-4)
+    np.testing.assert_allclose(record["loss"], measured["loss"], rtol=1e-12)
+    _tree_close(fused_state.vector, measured_state.vector, 1e-5)
+    assert none is None and same_state is fused_state
+    np.testing.assert_allclose(loss_off, expected_vg[0], rtol=1e-12)
+    _tree_close(grads_off, expected_vg[1], 1e-10)
+
+
+def test_fused_with_aux_and_adam_preconditioner() -> None:
+    """has_aux: the value is (loss, aux) with aux chunk-weighted; Adam: fused preconditioned sharpness = eigh."""
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        stats, params = problem["stats"], problem["params"]
+
+        def loss_with_aux(p, b, s):
+            return loss_fn(p, b, s), {"mean_x": jnp.mean(b[0]), "n": jnp.asarray(b[0].shape[0], jnp.float64)}
+
+        opt = optax.adam(1e-2)
+        opt_state = opt.init(params)
+        for _ in range(2):
+            updates, opt_state = opt.update(jax.grad(loss_fn)(params, batch, stats), opt_state)
+            params = optax.apply_updates(params, updates)
+        tracker = cv.EoSTracker(loss_with_aux, cv.adam_rule(1e-2), every=1, chunk_size=10, tol=1e-9,
+                                residual_tol=1e-6, max_iters=60, has_aux=True)
+        state = tracker.init(params, jax.random.key(4))
+        ((loss, aux), grads), record, _ = tracker.value_and_grad(state, 0, params, batch, stats, opt_state=opt_state)
+        expected_loss, expected_grads = cv.dataset_value_and_grad(loss_fn, params, batch, stats, chunk_size=10)
+        h = explicit_hessian({**problem, "params": params}, "train", chunk_size=10)
+        d = 1 / np.sqrt(np.asarray(ravel_pytree(cv.adam_preconditioner(opt_state))[0]))
+        with pytest.raises(ValueError, match="opt_state"):
+            tracker.value_and_grad(state, 0, params, batch, stats)
+    # 16 examples in chunks of 10 and 6: aux is their size-weighted mean, i.e. the plain mean over examples.
+    np.testing.assert_allclose(aux["mean_x"], np.mean(np.asarray(batch[0])), rtol=1e-12)
+    np.testing.assert_allclose(aux["n"], (10 * 10 + 6 * 6) / 16, rtol=1e-12)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    _tree_close(grads, expected_grads, 1e-10)
+    np.testing.assert_allclose(record["sharpness"], np.linalg.eigvalsh(d[:, None] * h * d[None])[-1], rtol=1e-4)
+    assert record["preconditioned"] and record["loss"] == pytest.approx(float(loss))
+    with pytest.raises(TypeError, match="has_aux"):
+        cv.EoSTracker(loss_fn, cv.gd_rule(0.1), has_aux=1)

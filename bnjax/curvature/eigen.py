@@ -62,6 +62,19 @@ def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / jnp.where(b == 0, 1, b)
 
 
+def _with_first_product(
+    mv: Callable[[jax.Array], jax.Array], x0: jax.Array, first_product: jax.Array | None
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``mv_i(i, x)``: the matvec of iteration ``i``, where iteration 0 (applied to ``x0 / ||x0||``) returns
+    ``first_product / ||x0||`` instead of calling ``mv`` (``first_product = A @ x0`` was computed elsewhere)."""
+    if first_product is None:
+        return lambda i, x: mv(x)
+    if first_product.shape != x0.shape:
+        raise ValueError(f"`first_product` must have the start vector's shape {x0.shape}; got {first_product.shape}.")
+    w0 = _safe_div(first_product.astype(x0.dtype), jnp.linalg.norm(x0))
+    return lambda i, x: lax.cond(i == 0, lambda y: w0, mv, x)
+
+
 def _power_loop(
     mv: Callable[[jax.Array], jax.Array],
     x0: jax.Array,
@@ -69,13 +82,18 @@ def _power_loop(
     tol: jax.Array,
     residual_tol: jax.Array,
     max_iters: jax.Array,
+    first_product: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Power iteration on flat vectors.
+
+    ``first_product``, if given, is ``A @ x0`` computed by the caller (e.g. fused with a gradient); it replaces
+    the first matvec, which is still counted as an iteration.
 
     Returns (eigenvalue, unit eigenvector, iterations, residual, next iterate ``A v / ||A v||``); the next
     iterate is a free extra power step, the best warm start for a later solve.
     """
     dtype = x0.dtype
+    mv = _with_first_product(mv, x0, first_product)
     x0 = _safe_div(x0, jnp.linalg.norm(x0))
     inf = jnp.asarray(jnp.inf, dtype)
     # state: iteration count, current unit vector, its Rayleigh quotient, residual, relative change, next vector
@@ -87,7 +105,7 @@ def _power_loop(
 
     def body(state):
         i, _, lam_prev, _, _, x = state
-        w = mv(x)
+        w = mv(i, x)
         lam = jnp.vdot(x, w)
         res = _safe_div(jnp.linalg.norm(w - lam * x), jnp.abs(lam))
         res = jnp.where(lam == 0, inf, res)
@@ -232,13 +250,18 @@ class LanczosDecomposition(NamedTuple):
 
 
 def _lanczos_step(
-    mv: Callable[[jax.Array], jax.Array], j: jax.Array, basis: jax.Array, alphas: jax.Array, betas: jax.Array
+    mv: Callable[[jax.Array, jax.Array], jax.Array],
+    j: jax.Array,
+    basis: jax.Array,
+    alphas: jax.Array,
+    betas: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Lanczos step ``j`` (0-based): one matvec on ``basis[j]``; fills ``alphas[j]``, ``betas[j]``, ``basis[j+1]``."""
+    """Lanczos step ``j`` (0-based): one matvec ``mv(j, basis[j])``; fills ``alphas[j]``, ``betas[j]``,
+    ``basis[j+1]``."""
     m, n = basis.shape
     dtype = basis.dtype
     q = basis[j]
-    w = mv(q)
+    w = mv(j, q)
     alpha = jnp.vdot(q, w)
     # Full reorthogonalization against every basis vector so far (rows > j are still zero).
     w = _project_out(basis, w)
@@ -261,8 +284,9 @@ def _start_basis(x0: jax.Array, m: int) -> jax.Array:
 
 def _lanczos_flat(mv: Callable[[jax.Array], jax.Array], x0: jax.Array, num_iters: int) -> LanczosDecomposition:
     zeros = jnp.zeros(num_iters, x0.dtype)
+    step_mv = _with_first_product(mv, x0, None)
     basis, alphas, betas = lax.fori_loop(
-        0, num_iters, lambda j, c: _lanczos_step(mv, j, *c), (_start_basis(x0, num_iters), zeros, zeros)
+        0, num_iters, lambda j, c: _lanczos_step(step_mv, j, *c), (_start_basis(x0, num_iters), zeros, zeros)
     )
     return LanczosDecomposition(alphas, betas, basis)
 
@@ -274,9 +298,14 @@ def _lanczos_top_loop(
     tol: jax.Array,
     residual_tol: jax.Array,
     max_iters: int,
+    first_product: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Lanczos for the top eigenpair that stops as soon as the tolerances hold (see :func:`lanczos_top`)."""
+    """Lanczos for the top eigenpair that stops as soon as the tolerances hold (see :func:`lanczos_top`).
+
+    ``first_product``: optional ``A @ x0`` computed by the caller; it replaces the first matvec (still counted).
+    """
     m, dtype = max_iters, x0.dtype
+    mv = _with_first_product(mv, x0, first_product)
     inf = jnp.asarray(jnp.inf, dtype)
 
     def ritz(j, alphas, betas):

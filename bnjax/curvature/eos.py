@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
-from bnjax.curvature._validate import check_positive_int
+from bnjax.curvature._validate import check_like, check_positive_int
 from bnjax.curvature.eigen import EigenResult, _flatten, _lanczos_top_loop, _power_loop, random_like
 from bnjax.curvature.hvp import Matvec, hessian_matvec
-from bnjax.curvature.operators import dataset_hessian_matvec, dataset_loss
+from bnjax.curvature.operators import chunked_mean, dataset_hessian_matvec, dataset_loss
 
 PyTree = Any
 
@@ -127,24 +128,41 @@ class TrackerState(NamedTuple):
 class EoSTracker:
     """Records step, loss, sharpness and threshold every ``every`` steps of any training loop.
 
+    Two ways to plug it in (both warm-start each solve from the previous eigenvector and eigenvalue):
+
+    * :meth:`update` / :meth:`measure` after the training step: the tracker evaluates the loss and runs the
+      solver at the given parameters. Nothing in the training loop changes.
+    * :meth:`value_and_grad` *instead of* the gradient computation at due steps (cheaper): one compiled
+      program computes the loss, the training gradient and the first Hessian-vector product in a single
+      forward-over-reverse pass (``jax.jvp`` of the gradient: its primal output is the gradient itself), then
+      continues the solver. The training step uses the returned gradient, so the measurement saves the
+      gradient computation of that step and the separate loss evaluation.
+
     Attributes:
-      loss_fn: ``loss_fn(params, *args) -> scalar``, the training loss whose Hessian is measured. With
-        ``chunk_size``, ``args[0]`` is the data set (arrays with a leading example axis) and
-        ``loss_fn(params, chunk, *rest)`` is the mean loss of a chunk (see :func:`dataset_loss`). For Flax
-        models with ``batch_stats`` use ``flax_curvature_fns(..., bn_mode=...).loss_fn`` and pass the stats.
+      loss_fn: ``loss_fn(params, *args) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``), the training loss
+        whose Hessian is measured. With ``chunk_size``, ``args[0]`` is the data set (arrays with a leading
+        example axis) and ``loss_fn(params, chunk, *rest)`` is the mean loss of a chunk (see
+        :func:`dataset_loss`). For Flax models with ``batch_stats`` use ``flax_curvature_fns(...,
+        bn_mode=...).loss_fn`` and pass the stats.
       rule: :func:`gd_rule`, :func:`heavy_ball_rule` or :func:`adam_rule`.
       every: measure when ``step % every == 0``.
-      chunk_size: evaluate loss and HVPs over the data set in chunks of this size (``None``: one call).
+      chunk_size: evaluate loss, gradient and HVPs over the data set in chunks of this size (``None``: one
+        call).
       method: ``"lanczos"`` (default; robust when the top eigenvalues cluster, as they do at the edge of
         stability) or ``"power"``.
       tol, residual_tol, max_iters: stopping rule of the solver (see :func:`~bnjax.curvature.lanczos_top`);
         ``max_iters`` bounds the HVPs per measurement; the first (cold) measurement may use ``3 * max_iters``.
         The Ritz value approaches the sharpness from below, so ``tol`` is set well under the accuracy wanted
-        (the defaults aim at 1e-3 relative; see ``experiments/bench_curvature.py``). Each record's
-        ``residual`` bounds the error: ``|error| <= residual * sharpness``.
+        (the defaults aim at 1e-3 relative; ``tol=1e-2, residual_tol=3e-2`` aims at about 1e-2 for a third of
+        the HVPs; see ``experiments/bench_curvature.py``). Each record's ``residual`` bounds the error:
+        ``|error| <= residual * sharpness``.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` (e.g. updated ``batch_stats``); only the loss is
+        differentiated. :meth:`value_and_grad` returns ``((loss, aux), grads)`` like
+        ``jax.value_and_grad(..., has_aux=True)``; with ``chunk_size`` the aux is the chunk-size-weighted
+        mean over chunks.
     """
 
-    loss_fn: Callable[..., jax.Array]
+    loss_fn: Callable[..., Any]
     rule: StabilityRule
     every: int = 10
     chunk_size: int | None = None
@@ -152,6 +170,7 @@ class EoSTracker:
     tol: float = 2e-4
     residual_tol: float = 1e-2
     max_iters: int = 20
+    has_aux: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int(self.every, "every")
@@ -162,7 +181,11 @@ class EoSTracker:
             raise ValueError(f"`method` must be 'lanczos' or 'power'; got {self.method!r}.")
         if not isinstance(self.rule, StabilityRule):
             raise TypeError(f"`rule` must be a StabilityRule (gd_rule, heavy_ball_rule, adam_rule); got {self.rule!r}.")
+        if not isinstance(self.has_aux, bool):
+            raise TypeError(f"`has_aux` must be a bool; got {self.has_aux!r}.")
         object.__setattr__(self, "_measure", jax.jit(self._measure_impl, static_argnames="max_iters"))
+        object.__setattr__(self, "_fused", jax.jit(self._fused_impl, static_argnames="max_iters"))
+        object.__setattr__(self, "_value_and_grad", jax.jit(lambda params, args: self._value_and_grad_fn(args)(params)))
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
         """Random start vector like ``params``."""
@@ -170,31 +193,109 @@ class EoSTracker:
         return TrackerState(vector, jnp.asarray(jnp.inf, jax.tree.leaves(vector)[0].dtype))
 
     def due(self, step: int) -> bool:
-        """Whether :meth:`update` measures at ``step``."""
+        """Whether :meth:`update` and :meth:`value_and_grad` measure at ``step``."""
         return int(step) % self.every == 0
+
+    # -- the functions of the parameters that a measurement needs ------------------------------------------
+
+    def _scalar_loss(self) -> Callable[..., jax.Array]:
+        return (lambda *a: self.loss_fn(*a)[0]) if self.has_aux else self.loss_fn
+
+    def _split_data(self, args: tuple) -> tuple[Any, tuple]:
+        if not args:
+            raise ValueError("With `chunk_size`, pass the data set as the first argument after `params`.")
+        return args[0], args[1:]
+
+    def _loss(self, params: PyTree, args: tuple) -> jax.Array:
+        if self.chunk_size is None:
+            return self._scalar_loss()(params, *args)
+        data, rest = self._split_data(args)
+        return dataset_loss(self._scalar_loss(), params, data, *rest, chunk_size=self.chunk_size)
+
+    def _value_and_grad_fn(self, args: tuple) -> Callable[[PyTree], tuple[Any, PyTree]]:
+        """``params -> (value, grads)`` of the training loss (``value`` is ``(loss, aux)`` with ``has_aux``)."""
+        vg = jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)
+        if self.chunk_size is None:
+            return lambda params: vg(params, *args)
+        data, rest = self._split_data(args)
+        return lambda params: chunked_mean(lambda chunk: vg(params, chunk, *rest), data, self.chunk_size)
+
+    def _matvec(self, params: PyTree, args: tuple, precond: PyTree | None) -> tuple[Matvec, tuple]:
+        if self.chunk_size is None:
+            matvec = hessian_matvec(self._scalar_loss())
+        else:
+            self._split_data(args)
+            matvec = dataset_hessian_matvec(self._scalar_loss(), self.chunk_size)
+        mv_params: tuple = (params, *args)
+        if precond is not None:
+            matvec, mv_params = preconditioned_matvec(matvec), (precond, *mv_params)
+        return matvec, mv_params
+
+    def _solve(
+        self, state: TrackerState, matvec: Matvec, mv_params: tuple, max_iters: int, first_product: Any = None
+    ) -> tuple[EigenResult, PyTree]:
+        x0, mv, unravel = _flatten(matvec, state.vector, mv_params)
+        eig0 = state.eigenvalue.astype(x0.dtype)
+        if self.method == "lanczos":
+            lam, x, i, res = _lanczos_top_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters, first_product)
+            warm = x
+        else:
+            lam, x, i, res, warm = _power_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters, first_product)
+        return EigenResult(lam, unravel(x), i, res), unravel(warm)
 
     def _measure_impl(
         self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None, max_iters: int
     ) -> tuple[jax.Array, EigenResult, PyTree]:
-        if self.chunk_size is None:
-            loss = self.loss_fn(params, *args)
-            matvec = hessian_matvec(self.loss_fn)
-        else:
-            if not args:
-                raise ValueError("With `chunk_size`, pass the data set as the first argument after `params`.")
-            loss = dataset_loss(self.loss_fn, params, *args, chunk_size=self.chunk_size)
-            matvec = dataset_hessian_matvec(self.loss_fn, self.chunk_size)
-        mv_params: tuple = (params, *args)
+        matvec, mv_params = self._matvec(params, args, precond)
+        return (self._loss(params, args), *self._solve(state, matvec, mv_params, max_iters))
+
+    def _fused_impl(
+        self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None, max_iters: int
+    ) -> tuple[Any, PyTree, EigenResult, PyTree]:
+        check_like(state.vector, params, name="state.vector")
+        flat, unravel = ravel_pytree(state.vector)
+        tangent = unravel(flat / jnp.linalg.norm(flat))
         if precond is not None:
-            matvec, mv_params = preconditioned_matvec(matvec), (precond, *mv_params)
-        x0, mv, unravel = _flatten(matvec, state.vector, mv_params)
-        eig0 = state.eigenvalue.astype(x0.dtype)
+            scale = jax.tree.map(jax.lax.rsqrt, precond)
+            tangent = jax.tree.map(jnp.multiply, scale, tangent)
+        # Forward-over-reverse: the primal output is (value, gradient), the tangent of the gradient is H @ tangent.
+        (value, grads), (_, h_tangent) = jax.jvp(self._value_and_grad_fn(args), (params,), (tangent,))
+        if precond is not None:
+            h_tangent = jax.tree.map(jnp.multiply, scale, h_tangent)
+        first = ravel_pytree(h_tangent)[0] * jnp.linalg.norm(flat)  # A @ state.vector (the solver rescales)
+        matvec, mv_params = self._matvec(params, args, precond)
+        eig, warm = self._solve(state, matvec, mv_params, max_iters, first.astype(flat.dtype))
+        return value, grads, eig, warm
+
+    # -- public entry points ---------------------------------------------------------------------------
+
+    def _preconditioner(self, opt_state: Any) -> PyTree | None:
+        if not self.rule.preconditioned:
+            return None
+        if opt_state is None:
+            raise ValueError("The Adam rule measures preconditioned sharpness: pass `opt_state=`.")
+        return adam_preconditioner(opt_state, self.rule.b2, self.rule.eps)
+
+    def _max_iters(self, state: TrackerState, params: PyTree) -> int:
+        cold = not bool(jnp.isfinite(state.eigenvalue))
+        max_iters = 3 * self.max_iters if cold else self.max_iters
         if self.method == "lanczos":
-            lam, x, i, res = _lanczos_top_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters)
-            warm = x
-        else:
-            lam, x, i, res, warm = _power_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters)
-        return loss, EigenResult(lam, unravel(x), i, res), unravel(warm)
+            n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+            max_iters = min(max_iters, n)
+        return max_iters
+
+    def _record(self, step: int, loss: jax.Array, eig: EigenResult) -> dict[str, Any]:
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(f"Non-finite loss {float(loss)} at step {step}: training diverged.")
+        return {
+            "step": int(step),
+            "loss": float(loss),
+            "sharpness": float(eig.eigenvalue),
+            "threshold": float(self.rule.threshold),
+            "hvps": int(eig.iterations),
+            "residual": float(eig.residual),
+            "preconditioned": bool(self.rule.preconditioned),
+        }
 
     def measure(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
@@ -205,29 +306,10 @@ class EoSTracker:
         ``threshold``, ``hvps`` (Hessian-vector products used), ``residual`` (relative, of the reported
         eigenpair) and ``preconditioned``.
         """
-        precond = None
-        if self.rule.preconditioned:
-            if opt_state is None:
-                raise ValueError("The Adam rule measures preconditioned sharpness: pass `opt_state=`.")
-            precond = adam_preconditioner(opt_state, self.rule.b2, self.rule.eps)
-        cold = not bool(jnp.isfinite(state.eigenvalue))
-        max_iters = 3 * self.max_iters if cold else self.max_iters
-        if self.method == "lanczos":
-            n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-            max_iters = min(max_iters, n)
+        precond = self._preconditioner(opt_state)
+        max_iters = self._max_iters(state, params)
         loss, eig, warm = self._measure(state, params, args, precond, max_iters=max_iters)
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"Non-finite loss {float(loss)} at step {step}: training diverged.")
-        record = {
-            "step": int(step),
-            "loss": float(loss),
-            "sharpness": float(eig.eigenvalue),
-            "threshold": float(self.rule.threshold),
-            "hvps": int(eig.iterations),
-            "residual": float(eig.residual),
-            "preconditioned": bool(self.rule.preconditioned),
-        }
-        return record, TrackerState(warm, eig.eigenvalue)
+        return self._record(step, loss, eig), TrackerState(warm, eig.eigenvalue)
 
     def update(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
@@ -236,6 +318,36 @@ class EoSTracker:
         if not self.due(step):
             return None, state
         return self.measure(state, step, params, *args, opt_state=opt_state)
+
+    def value_and_grad(
+        self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
+    ) -> tuple[tuple[Any, PyTree], dict[str, Any] | None, TrackerState]:
+        """The training loss and gradient at ``params``, fused with a measurement at due steps.
+
+        Returns ``((value, grads), record, new_state)``: ``(value, grads)`` as from
+        ``jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)`` (chunked like the loss with
+        ``chunk_size``), and ``record`` as from :meth:`measure` at ``params`` (``None`` when not :meth:`due`;
+        then this is just the jitted gradient). The first Hessian-vector product of the solve comes out of the
+        same forward-over-reverse pass as the gradient, so a measurement costs the gradient plus about one
+        HVP less than :meth:`update` after a separate training step. Typical use (skip it at other steps to
+        keep your own fused train step)::
+
+            if tracker.due(step):
+                (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)
+                params, opt_state = apply_gradients(params, opt_state, grads)
+            else:
+                params, opt_state = train_step(params, opt_state, x, y)
+
+        For Adam pass ``opt_state`` as it is *before* this step's update: the preconditioner is the one its
+        most recent update used (as with :meth:`update` after the step, one step earlier).
+        """
+        if not self.due(step):
+            return self._value_and_grad(params, args), None, state
+        precond = self._preconditioner(opt_state)
+        max_iters = self._max_iters(state, params)
+        value, grads, eig, warm = self._fused(state, params, args, precond, max_iters=max_iters)
+        loss = value[0] if self.has_aux else value
+        return (value, grads), self._record(step, loss, eig), TrackerState(warm, eig.eigenvalue)
 
 
 def records_to_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
