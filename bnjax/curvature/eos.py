@@ -23,6 +23,15 @@ Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* traini
 Each measurement is one compiled call: the loss and a warm-started :func:`~bnjax.curvature.lanczos_top`
 (default) or :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue,
 so a converged warm start costs a single Hessian-vector product.
+
+Cheaper, when the loop can take its gradient from the tracker at due steps: :meth:`EoSTracker.value_and_grad`
+computes the loss, the gradient and the first Hessian-vector product in one forward-over-reverse pass::
+
+    if tracker.due(step):
+        (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)
+        params, opt_state = apply_gradients(params, opt_state, grads)
+    else:
+        params, opt_state = train_step(params, opt_state)
 """
 
 from __future__ import annotations
@@ -153,9 +162,9 @@ class EoSTracker:
       tol, residual_tol, max_iters: stopping rule of the solver (see :func:`~bnjax.curvature.lanczos_top`);
         ``max_iters`` bounds the HVPs per measurement; the first (cold) measurement may use ``3 * max_iters``.
         The Ritz value approaches the sharpness from below, so ``tol`` is set well under the accuracy wanted
-        (the defaults aim at 1e-3 relative; ``tol=1e-2, residual_tol=3e-2`` aims at about 1e-2 for a third of
-        the HVPs; see ``experiments/bench_curvature.py``). Each record's ``residual`` bounds the error:
-        ``|error| <= residual * sharpness``.
+        (the defaults aim at 1e-3 relative). Looser tolerances save HVPs but hand a worse warm start to the
+        next measurement, so errors grow along the run (``experiments/bench_curvature.py`` measures both).
+        Each record's ``residual`` bounds the error: ``|error| <= residual * sharpness``.
       has_aux: ``loss_fn`` returns ``(loss, aux)`` (e.g. updated ``batch_stats``); only the loss is
         differentiated. :meth:`value_and_grad` returns ``((loss, aux), grads)`` like
         ``jax.value_and_grad(..., has_aux=True)``; with ``chunk_size`` the aux is the chunk-size-weighted
