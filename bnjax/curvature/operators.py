@@ -88,10 +88,15 @@ def dataset_loss(
 
 
 def dataset_value_and_grad(
-    loss_fn: Callable[..., jax.Array], params: PyTree, data: PyTree, *args: Any, chunk_size: int
-) -> tuple[jax.Array, PyTree]:
-    """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``."""
-    return chunked_mean(lambda c: jax.value_and_grad(loss_fn)(params, c, *args), data, chunk_size)
+    loss_fn: Callable[..., Any], params: PyTree, data: PyTree, *args: Any, chunk_size: int, has_aux: bool = False
+) -> tuple[Any, PyTree]:
+    """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``.
+
+    With ``has_aux``, ``loss_fn`` returns ``(loss, aux)`` and the value is ``(mean loss, mean aux)`` (aux
+    weighted by chunk size like the loss), as ``jax.value_and_grad(..., has_aux=True)`` would nest it.
+    """
+    vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size)
 
 
 def dataset_hvp(
