@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax.curvature._validate import check_positive_int
+from bnjax._validate import check_positive_int
 from bnjax.curvature.eigen import _check_iters, _flatten, _lanczos_flat, _tridiagonal
 from bnjax.curvature.hvp import Matvec
 

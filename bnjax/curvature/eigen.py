@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from bnjax.curvature._validate import check_positive_int
+from bnjax._validate import check_positive_int
 from bnjax.curvature.hvp import Matvec
 
 PyTree = Any

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bnjax.curvature._validate import check_like, check_positive_int
+from bnjax._validate import check_like, check_positive_int
 from bnjax.curvature.eigen import EigenResult, _flatten, _lanczos_top_loop, _power_loop, random_like
 from bnjax.curvature.hvp import Matvec, hessian_matvec
 from bnjax.curvature.operators import dataset_hessian_matvec, dataset_loss, dataset_value_and_grad

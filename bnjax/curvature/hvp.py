@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import jax
 
-from bnjax.curvature._validate import check_like
+from bnjax._validate import check_like
 
 PyTree = Any
 Matvec = Callable[..., PyTree]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax.curvature._validate import check_like, check_positive_int
+from bnjax._validate import check_like, check_positive_int
 from bnjax.curvature.hvp import Matvec, gnvp, hvp
 
 PyTree = Any

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
-from bnjax.curvature._validate import check_positive_int
+from bnjax._validate import check_positive_int
 
 PyTree = Any
 

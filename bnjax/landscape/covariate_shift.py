@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from bnjax.curvature._validate import check_like
+from bnjax._validate import check_like
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any

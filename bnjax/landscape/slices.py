@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bnjax.curvature._validate import check_like
+from bnjax._validate import check_like
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any

@@ -1,4 +1,4 @@
-"""Trace-time input checks shared by the curvature modules (private)."""
+"""Trace-time input checks shared by the curvature and landscape modules (private)."""
 
 from __future__ import annotations
 
