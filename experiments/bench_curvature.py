@@ -1,11 +1,12 @@
 """Benchmark of the curvature toolkit (issue 4) on MNIST-1D (1000 training examples).
 
-Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick]`` (full: ~10 min, quick: ~3 min on 2 idle
+Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick]`` (full: ~22 min, quick: ~9 min on 2
 CPU cores). Writes ``experiments/results/bench_curvature.json`` and prints a markdown table.
 
 Models: a tanh MLP 40-200-200-10 with square loss (the flagship's model) and a 1-D CNN with ``bnjax.BatchNorm``
 (twice: conv 16 width 5 stride 2 - BN - relu; then mean pool - dense 10) with cross-entropy, curvature in
-``bn_mode="train"`` over chunks of 500 (two ghost batches). All ratios are medians of repeats in this run.
+``bn_mode="train"`` over chunks of 500 (two ghost batches). All ratios are medians of repeats in this run
+(gradient and HVP timed in interleaved rounds).
 
 Measured, per model:
 
@@ -16,10 +17,12 @@ Measured, per model:
 * along a full-batch GD run, every 10 steps, for three tracker variants on the same trajectory (warm Lanczos
   with the default stopping rule, warm Lanczos with a loose rule, warm power iteration): HVPs per checkpoint
   (their stopping rule), the fraction of estimates within 1e-3 / 1e-2 of the reference, the median error, and
-  the fewest warm-started Lanczos steps that reach 1e-3 (oracle count);
-* wall-time overhead of :class:`bnjax.curvature.EoSTracker` (every 10 steps, steady state: the tracker is
-  warm when the timed loop starts) on the GD loop: ``update`` after each step, or the fused ``value_and_grad`` giving the due step's
-  gradient, with the default and the loose rule.
+  the fewest HVPs that reach 1e-3 from the warm vector (oracle count: the issue's "HVPs needed") for Lanczos
+  and for power iteration, both started from the default tracker's previous eigenvector;
+* wall-time overhead of :class:`bnjax.curvature.EoSTracker` on the GD loop (steady state: the tracker is warm
+  when the timed loop starts): every 10 steps, ``update`` after each step or the fused ``value_and_grad``
+  giving the due step's gradient, with the default and the loose rule; and the fused default rule every 20
+  and every 50 steps.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from mnist1d.data import get_dataset_args, make_dataset
 
 import bnjax
 from bnjax import curvature as cv
 
+# Longest warm power-iteration run examined per checkpoint for the oracle count (misses count as one more).
+POWER_TRACE = 60
 TARGETS = {"hvp_over_grad": 2.5, "warm_hvps_per_checkpoint": 5.0, "tracking_overhead": 0.30}
 
 # Tracker variants run along the same GD trajectory: the default stopping rule (aims at 1e-3 relative), a
@@ -50,11 +56,13 @@ VARIANTS = {
     "lanczos_loose": {"tol": 1e-2, "residual_tol": 3e-2},
     "power": {"method": "power"},
 }
-# Overhead timings: (how the tracker is called, which variant).
+# Overhead timings: (how the tracker is called, which variant, measure every this many steps).
 OVERHEAD = {
-    "update": ("update", "lanczos"),
-    "fused": ("fused", "lanczos"),
-    "fused_loose": ("fused", "lanczos_loose"),
+    "update": ("update", "lanczos", 10),
+    "fused": ("fused", "lanczos", 10),
+    "fused_loose": ("fused", "lanczos_loose", 10),
+    "fused_every20": ("fused", "lanczos", 20),
+    "fused_every50": ("fused", "lanczos", 50),
 }
 
 
@@ -118,14 +126,17 @@ BENCHES = [
 ]
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, timed in interleaved rounds so that load changes hit all alike."""
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, Any]:
@@ -139,8 +150,8 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
     value_and_grad = jax.jit(lambda p: cv.dataset_value_and_grad(fns.loss_fn, p, data, stats, chunk_size=b.chunk_size))
     hvp = jax.jit(lambda p, v: hess(v, p, data, stats))
     v = cv.random_like(jax.random.key(1), params)
-    t_grad = median_time(lambda: value_and_grad(params), cfg.repeats)
-    t_hvp = median_time(lambda: hvp(params, v), cfg.repeats)
+    t = median_times({"grad": lambda: value_and_grad(params), "hvp": lambda: hvp(params, v)}, cfg.repeats)
+    t_grad, t_hvp = t["grad"], t["hvp"]
 
     # Reference and cold-start counts at the initial point.
     ref = cv.lanczos_top(hess, v, params, data, stats, tol=1e-7, residual_tol=1e-5, max_iters=100)
@@ -171,7 +182,19 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
     states = {name: t.init(params, jax.random.key(2)) for name, t in trackers.items()}
     decompose = jax.jit(lambda vec, p: cv.lanczos_decomposition(hess, vec, p, data, stats, num_iters=20))
     reference = jax.jit(lambda p: cv.lanczos_top(hess, v, p, data, stats, tol=1e-7, residual_tol=1e-5, max_iters=100))
-    p, oracle, last = params, [], None
+    unravel = ravel_pytree(params)[1]
+
+    @jax.jit
+    def power_trace(vec: Any, p: Any) -> jax.Array:
+        # Rayleigh quotient after each HVP of power iteration from ``vec`` (as power_iteration reports it).
+        def body(x: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+            w = ravel_pytree(hess(unravel(x), p, data, stats))[0]
+            return w / jnp.linalg.norm(w), jnp.vdot(x, w)
+
+        x0 = ravel_pytree(vec)[0]
+        return jax.lax.scan(body, x0 / jnp.linalg.norm(x0), None, length=POWER_TRACE)[1]
+
+    p, oracle, power_oracle, last = params, [], [], None
     hvps: dict[str, list[int]] = {name: [] for name in trackers}
     errors: dict[str, list[float]] = {name: [] for name in trackers}
     for s in range(cfg.gd_steps + 1):
@@ -185,6 +208,8 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
                     errors[name].append(abs(record["sharpness"] - true) / abs(true))
                     if name == "lanczos":
                         oracle.append(_first_ok(decompose(warm_vector, p), true, cfg.rel_tol) or 21)
+                        ok = np.abs(np.asarray(power_trace(warm_vector, p)) - true) <= cfg.rel_tol * abs(true)
+                        power_oracle.append(int(np.argmax(ok)) + 1 if ok.any() else POWER_TRACE + 1)
             last = true
         if s < cfg.gd_steps:
             p = step(p)
@@ -216,14 +241,18 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
         jax.block_until_ready(q)
         return time.perf_counter() - t0
 
-    warm_states = {t: t.measure(t.init(params, jax.random.key(3)), 0, params, data, stats)[1] for t in trackers.values()}
+    timed = {
+        name: cv.EoSTracker(fns.loss_fn, cv.gd_rule(b.lr), every=every, chunk_size=b.chunk_size, **VARIANTS[variant])
+        for name, (_, variant, every) in OVERHEAD.items()
+    }
+    warm_states = {t: t.measure(t.init(params, jax.random.key(3)), 0, params, data, stats)[1] for t in timed.values()}
     times: dict[str, list[float]] = {name: [] for name in ["plain", *OVERHEAD]}
-    for name, (mode, variant) in OVERHEAD.items():
-        gd_loop(mode, trackers[variant])  # compile
+    for name, (mode, _, _) in OVERHEAD.items():
+        gd_loop(mode, timed[name])  # compile
     for _ in range(cfg.overhead_repeats):
-        times["plain"].append(gd_loop(None, trackers["lanczos"]))
-        for name, (mode, variant) in OVERHEAD.items():
-            times[name].append(gd_loop(mode, trackers[variant]))
+        times["plain"].append(gd_loop(None, timed["update"]))
+        for name, (mode, _, _) in OVERHEAD.items():
+            times[name].append(gd_loop(mode, timed[name]))
     t_plain = float(np.median(times["plain"]))
     return {
         "model": b.name,
@@ -238,6 +267,8 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
         "checkpoints": len(oracle),
         "warm": warm,
         "warm_oracle_lanczos_hvps": float(np.mean(oracle)),
+        "warm_oracle_power_hvps": float(np.mean(power_oracle)),
+        "warm_oracle_power_reached": float(np.mean(np.asarray(power_oracle) <= POWER_TRACE)),
         "final_sharpness": last,
         "threshold": 2.0 / b.lr,
         "gd_plain_s": t_plain,
@@ -277,6 +308,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
             r["warm"]["lanczos"]["within_1e-3"], r["warm"]["lanczos"]["median_rel_error"])),
         ("  fewest warm Lanczos HVPs to 1e-3 (oracle mean)", plain("warm_oracle_lanczos_hvps", "{:.2f}")),
+        ("  fewest warm power-iteration HVPs to 1e-3 (oracle mean; reached within 60)", lambda r: "{:.2f} ({:.0%})".format(
+            r["warm_oracle_power_hvps"], r["warm_oracle_power_reached"])),
         ("HVPs / checkpoint, warm power iteration, default rule", warm("power", "hvps_per_checkpoint", "{:.2f}")),
         ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
             r["warm"]["power"]["within_1e-3"], r["warm"]["power"]["median_rel_error"])),
@@ -288,6 +321,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ("tracking overhead every 10 steps (target ≤ 30%): `update` after the step, default rule", overhead("update")),
         ("  fused `value_and_grad`, default rule", overhead("fused")),
         ("  fused `value_and_grad`, loose rule", overhead("fused_loose")),
+        ("tracking overhead, fused, default rule, every 20 / every 50 steps", lambda r: "{:.0%} / {:.0%}".format(
+            r["tracking_overhead"]["fused_every20"], r["tracking_overhead"]["fused_every50"])),
     ]
     out = ["| measure | " + " | ".join(r["model"] for r in results) + " |", "|---|" + "---|" * len(results)]
     for label, cell in rows:
