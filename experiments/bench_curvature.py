@@ -44,6 +44,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 
 import bnjax
 from bnjax import curvature as cv
+from experiments.bench_batchnorm import time_interleaved
 
 # Longest warm power-iteration run examined per checkpoint for the oracle count (misses count as one more).
 POWER_TRACE = 60
@@ -126,19 +127,6 @@ BENCHES = [
 ]
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, timed in interleaved rounds so that load changes hit all alike."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, Any]:
     variables = b.model.init(jax.random.key(cfg.seed), x[:8])
     params, stats = variables["params"], variables.get("batch_stats")
@@ -150,7 +138,7 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
     value_and_grad = jax.jit(lambda p: cv.dataset_value_and_grad(fns.loss_fn, p, data, stats, chunk_size=b.chunk_size))
     hvp = jax.jit(lambda p, v: hess(v, p, data, stats))
     v = cv.random_like(jax.random.key(1), params)
-    t = median_times({"grad": lambda: value_and_grad(params), "hvp": lambda: hvp(params, v)}, cfg.repeats)
+    t = time_interleaved({"grad": lambda: value_and_grad(params), "hvp": lambda: hvp(params, v)}, cfg.repeats)
     t_grad, t_hvp = t["grad"], t["hvp"]
 
     # Reference and cold-start counts at the initial point.
