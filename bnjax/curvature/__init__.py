@@ -3,16 +3,20 @@ spectral density, and an edge-of-stability tracker.
 
 All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vectors (matfree's convention:
 parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
-:func:`dataset_hessian_matvec` or :func:`dataset_ggn_matvec`.
+:func:`dataset_hessian_matvec` or :func:`dataset_ggn_matvec`. Every solver and the tracker take
+``placement`` (where the loop runs, :mod:`bnjax.loops`) and ``linearize_budget`` (linearize the operator once
+per parameter point when its residuals fit; :func:`linearization_bytes`).
 """
 
 from bnjax.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, slq_density
 from bnjax.curvature.eigen import (
+    DEFAULT_LINEARIZE_BUDGET,
     EigenResult,
     LanczosDecomposition,
     lanczos,
     lanczos_decomposition,
     lanczos_top,
+    linearization_bytes,
     power_iteration,
     power_iteration_topk,
     random_like,
@@ -46,6 +50,7 @@ from bnjax.curvature.operators import (
 )
 
 __all__ = [
+    "DEFAULT_LINEARIZE_BUDGET",
     "EigenResult",
     "EoSTracker",
     "StabilityRule",
@@ -80,6 +85,7 @@ __all__ = [
     "lanczos",
     "lanczos_decomposition",
     "lanczos_top",
+    "linearization_bytes",
     "power_iteration",
     "power_iteration_topk",
     "random_like",

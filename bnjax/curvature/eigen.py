@@ -1,27 +1,47 @@
 """Eigen-solvers for symmetric operators given as matvecs: power iteration, deflation, spectral shift, Lanczos.
 
 Every solver takes a matvec ``matvec(vector, *params) -> vector`` (see :mod:`bnjax.curvature.hvp`) on pytree
-vectors, a start vector ``v0`` (a pytree like the vectors; it need not be normalized but must be nonzero) and
-the matvec's ``*params``. Internally vectors are flattened to one 1-D array of size ``n`` (the parameter
-count); eigenvectors come back as pytrees. Each solve is a single ``jax.jit``-compiled program whose loop is a
-``lax.while_loop`` / ``lax.fori_loop``: no host round trip per iteration. ``matvec`` is a static argument, so
-build it once (e.g. ``mv = hessian_matvec(loss_fn)``) and reuse it to hit the compilation cache.
+vectors, a start vector ``v0`` (a pytree like the vectors; it need not be normalized but must be nonzero and
+finite) and the matvec's ``*params``. Internally vectors are flattened to one 1-D array of size ``n`` (the
+parameter count); eigenvectors come back as pytrees. ``matvec`` is static (hashed by identity), so build it
+once (e.g. ``mv = hessian_matvec(loss_fn)``) and reuse it to hit the compilation caches.
+
+Two choices shared by every solver (one implementation each; only the loop driver differs):
+
+* ``placement``: ``"device"`` runs the whole solve as one compiled program (a ``lax.while_loop``);
+  ``"host"`` drives the loop from Python, one jitted call per matvec plus one small jitted bookkeeping call;
+  ``"auto"`` (default) picks ``"host"`` on CPU when the matvec contains a convolution, where XLA:CPU runs
+  backward convolutions 15-20x slower inside loop bodies (see :mod:`bnjax.loops`). Results agree between
+  placements to rounding.
+* ``linearize_budget`` (bytes, default :data:`DEFAULT_LINEARIZE_BUDGET` = 1 GiB): the operator is linearized
+  once per solve, ``jax.linearize(lambda v: matvec(v, *params), v0)``, when the residuals that linearization
+  stores fit in the budget (:func:`linearization_bytes` says how many; for a Hessian they are the forward and
+  backward activations of the whole data set, about what one gradient computation holds at its peak). Each
+  further product then runs only the tangent pass (about 1.5 gradients instead of 2 for a Hessian-vector
+  product). Over the budget, or with ``0``, every product is recomputed from scratch; ``None`` means no limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from bnjax import loops
 from bnjax._validate import check_positive_int
 from bnjax.curvature.hvp import Matvec
 
 PyTree = Any
+
+
+DEFAULT_LINEARIZE_BUDGET = 2**30  # bytes of stored residuals up to which operators are linearized once per solve
 
 
 class EigenResult(NamedTuple):
@@ -35,121 +55,162 @@ class EigenResult(NamedTuple):
     eigenvector: PyTree  # like v0, unit 2-norm; leaves (k, ...) for k pairs
     iterations: jax.Array  # () or (k,) int32: matvecs (HVPs) used
     residual: jax.Array  # () or (k,): ||A v - lambda v|| / |lambda|
+    converged: jax.Array  # () or (k,) bool: the stopping rule held and the values are finite; read it before
+    # trusting `eigenvalue` (a zero or non-finite start under jit, or max_iters reached, gives False)
 
 
-def _flatten(matvec: Matvec, v0: PyTree, params: tuple) -> tuple[jax.Array, Callable, Callable]:
-    """Flat start vector, flat matvec ``R^n -> R^n`` and the inverse of the flattening."""
-    flat0, unravel = ravel_pytree(v0)
-    if flat0.ndim != 1 or flat0.size == 0:
-        raise ValueError("`v0` must be a nonempty pytree of arrays (a vector like the parameters).")
-    if not jnp.issubdtype(flat0.dtype, jnp.inexact):
-        raise TypeError(f"`v0` must be floating point; got dtype {flat0.dtype}.")
+# -- flat vectors and the operator ---------------------------------------------------------------------------
 
-    def mv(x: jax.Array) -> jax.Array:
-        out = matvec(unravel(x), *params)
-        flat, _ = ravel_pytree(out)
-        if flat.shape != x.shape:
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a pytree vector maps to one flat 1-D array; static and hashable (``ravel_pytree``'s unravel is a
+    fresh closure per call, which would defeat the compilation caches of the host loop driver)."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    dtype: str
+
+    @staticmethod
+    def of(tree: PyTree, name: str = "v0") -> _Layout:
+        leaves, treedef = jax.tree.flatten(tree)
+        shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
+        if not leaves or sum(math.prod(s) for s in shapes) == 0:
+            raise ValueError(f"`{name}` must be a nonempty pytree of arrays (a vector like the parameters).")
+        dtypes = tuple(str(jnp.result_type(x)) for x in leaves)
+        dtype = jnp.result_type(*dtypes)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"`{name}` must be floating point; got dtype {dtype}.")
+        return _Layout(treedef, shapes, dtypes, str(dtype))
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def ravel(self, tree: PyTree) -> jax.Array:
+        leaves = jax.tree.leaves(tree)
+        flat = jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves]) if leaves else jnp.zeros(0)
+        if flat.shape != (self.size,):
             raise ValueError(
-                f"`matvec` returned a vector with {flat.size} entries for an input with {x.size}; it must map "
+                f"`matvec` returned a vector with {flat.size} entries for an input with {self.size}; it must map "
                 "a pytree like `v0` to a pytree like `v0`. Check that `v0` is shaped like the parameters."
             )
-        return flat.astype(x.dtype)
+        return flat
 
-    return flat0, mv, unravel
+    def unravel(self, flat: jax.Array) -> PyTree:
+        parts, start = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes):
+            size = math.prod(shape)
+            parts.append(flat[start : start + size].reshape(shape).astype(dtype))
+            start += size
+        return jax.tree.unflatten(self.treedef, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operator:
+    """``x -> A x`` on flat vectors. ``operands`` are the matvec's ``params``, or (``linearized``) the linear
+    map that ``jax.linearize`` returned for them."""
+
+    matvec: Matvec
+    layout: _Layout
+    linearized: bool
+
+    def __call__(self, operands: Any, x: jax.Array) -> jax.Array:
+        v = self.layout.unravel(x)
+        out = operands(v) if self.linearized else self.matvec(v, *operands)
+        return self.layout.ravel(out).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepare:
+    """Once per parameter point: ``(operands, A x or None)``. Linearizing evaluates ``A x`` on the way, so the
+    first product comes free; without linearization nothing is computed here."""
+
+    op: _Operator
+
+    def __call__(self, x: jax.Array, params: tuple) -> tuple[Any, jax.Array | None]:
+        if not self.op.linearized:
+            return params, None
+        w, lin = jax.linearize(lambda v: self.op.matvec(v, *params), self.op.layout.unravel(x))
+        return lin, self.op.layout.ravel(w).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _linearization_bytes(matvec: Matvec, avals: tuple) -> int:
+    treedef, shapes = avals
+    vector, *params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+    lin = jax.eval_shape(lambda v, p: jax.linearize(lambda u: matvec(u, *p), v)[1], vector, tuple(params))
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lin)))
+
+
+def linearization_bytes(matvec: Matvec, vector: PyTree, *params: Any) -> int:
+    """Bytes that ``jax.linearize(lambda v: matvec(v, *params), vector)`` stores (its residuals, per device).
+
+    This is the memory a solver holds for the whole solve when it linearizes the operator (see
+    ``linearize_budget``). For a Hessian of a loss over ``N`` examples it is about the forward and backward
+    activations of all ``N`` examples, plus the parameters. Nothing runs: shapes only.
+    """
+    try:
+        return _linearization_bytes(matvec, loops.avals((vector, *params)))
+    except TypeError:  # unhashable matvec
+        return _linearization_bytes.__wrapped__(matvec, loops.avals((vector, *params)))
+
+
+def check_linearize_budget(budget: Any) -> int | None:
+    """``budget`` if it is ``None`` or a non-negative int (bytes), else a ValueError naming it."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0):
+        raise ValueError(
+            f"`linearize_budget` must be a number of bytes >= 0 (0 disables linearization) or None (no limit); "
+            f"got {budget!r}."
+        )
+    return budget
+
+
+def _linearizes(matvec: Matvec, v0: PyTree, params: tuple, budget: int | None) -> bool:
+    budget = check_linearize_budget(budget)
+    if budget == 0:
+        return False
+    return budget is None or linearization_bytes(matvec, v0, *params) <= budget
+
+
+def _check_start(x0: jax.Array, name: str = "v0") -> None:
+    """A concrete start vector must be finite and nonzero (under ``jit`` the result's ``converged`` says it)."""
+    if loops.is_traced(x0):
+        return
+    flat = np.asarray(x0)
+    if not np.all(np.isfinite(flat)):
+        raise ValueError(f"`{name}` has {int(np.sum(~np.isfinite(flat)))} non-finite entries; start from a finite vector.")
+    if not np.any(flat):
+        raise ValueError(
+            f"`{name}` is the zero vector, which spans no Krylov space; start from a random vector, e.g. "
+            "`random_like(jax.random.key(0), params)`."
+        )
+
+
+def _check_tolerance(value: Any, name: str) -> None:
+    if loops.is_traced(value):
+        return
+    if not np.all(np.asarray(value, dtype=np.float64) >= 0):  # also rejects NaN
+        raise ValueError(f"`{name}` must be >= 0 (a relative tolerance); got {value!r}.")
+
+
+def _setup(
+    matvec: Matvec, v0: PyTree, params: tuple, placement: loops.Placement, linearize_budget: int | None
+) -> tuple[loops.Driver, _Operator, jax.Array]:
+    layout = _Layout.of(v0)
+    x0 = layout.ravel(v0)
+    _check_start(x0)
+    driver = loops.driver_for(placement, matvec, v0, *params)
+    return driver, _Operator(matvec, layout, _linearizes(matvec, v0, params, linearize_budget)), x0
 
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / jnp.where(b == 0, 1, b)
 
 
-def _with_first_product(
-    mv: Callable[[jax.Array], jax.Array], x0: jax.Array, first_product: jax.Array | None
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``mv_i(i, x)``: the matvec of iteration ``i``, where iteration 0 (applied to ``x0 / ||x0||``) returns
-    ``first_product / ||x0||`` instead of calling ``mv`` (``first_product = A @ x0`` was computed elsewhere)."""
-    if first_product is None:
-        return lambda i, x: mv(x)
-    if first_product.shape != x0.shape:
-        raise ValueError(f"`first_product` must have the start vector's shape {x0.shape}; got {first_product.shape}.")
-    w0 = _safe_div(first_product.astype(x0.dtype), jnp.linalg.norm(x0))
-    return lambda i, x: lax.cond(i == 0, lambda y: w0, mv, x)
-
-
-def _power_loop(
-    mv: Callable[[jax.Array], jax.Array],
-    x0: jax.Array,
-    eigenvalue0: jax.Array,
-    tol: jax.Array,
-    residual_tol: jax.Array,
-    max_iters: jax.Array,
-    first_product: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Power iteration on flat vectors.
-
-    ``first_product``, if given, is ``A @ x0`` computed by the caller (e.g. fused with a gradient); it replaces
-    the first matvec, which is still counted as an iteration.
-
-    Returns (eigenvalue, unit eigenvector, iterations, residual, next iterate ``A v / ||A v||``); the next
-    iterate is a free extra power step, the best warm start for a later solve.
-    """
-    dtype = x0.dtype
-    mv = _with_first_product(mv, x0, first_product)
-    x0 = _safe_div(x0, jnp.linalg.norm(x0))
-    inf = jnp.asarray(jnp.inf, dtype)
-    # state: iteration count, current unit vector, its Rayleigh quotient, residual, relative change, next vector
-    init = (jnp.int32(0), x0, jnp.asarray(eigenvalue0, dtype), inf, inf, x0)
-
-    def cond(state):
-        i, _, _, res, change, _ = state
-        return (i < max_iters) & ~((change <= tol) & (res <= residual_tol))
-
-    def body(state):
-        i, _, lam_prev, _, _, x = state
-        w = mv(i, x)
-        lam = jnp.vdot(x, w)
-        res = _safe_div(jnp.linalg.norm(w - lam * x), jnp.abs(lam))
-        res = jnp.where(lam == 0, inf, res)
-        change = jnp.where(jnp.isfinite(lam_prev), _safe_div(jnp.abs(lam - lam_prev), jnp.abs(lam)), inf)
-        return i + 1, x, lam, res, change, _safe_div(w, jnp.linalg.norm(w))
-
-    i, x, lam, res, _, x_next = lax.while_loop(cond, body, init)
-    return lam, x, i, res, x_next
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def power_iteration(
-    matvec: Matvec,
-    v0: PyTree,
-    *params: Any,
-    tol: float = 1e-4,
-    residual_tol: float = 1e-2,
-    max_iters: int = 100,
-    eigenvalue0: float | jax.Array = jnp.inf,
-) -> EigenResult:
-    """Eigenvalue of largest *magnitude* (a large negative one can win) and its eigenvector.
-
-    Iterates ``v <- A v / ||A v||`` with ``lambda = v . A v``; one matvec per iteration. Stops when both the
-    relative change ``|lambda_i - lambda_{i-1}| / |lambda_i| <= tol`` and the relative residual
-    ``||A v - lambda v|| / |lambda| <= residual_tol``, or after ``max_iters`` matvecs. For symmetric ``A`` the
-    eigenvalue error is at most ``residual * |lambda|`` and about ``residual**2 * |lambda|**2 / gap``.
-
-    Args:
-      matvec: ``matvec(vector, *params) -> vector`` of a symmetric operator.
-      v0: start vector (pytree like the vectors; a previous eigenvector for a warm start).
-      *params: the matvec's parameters.
-      tol: relative eigenvalue-change tolerance.
-      residual_tol: relative residual tolerance.
-      max_iters: maximum number of matvecs.
-      eigenvalue0: previous eigenvalue estimate for a warm start: the first iteration's change is measured
-        against it, so a converged warm start stops after one matvec. ``inf`` (default) means none.
-
-    Returns:
-      :class:`EigenResult` with scalar fields; ``eigenvector`` is the vector whose Rayleigh quotient and
-      residual are reported.
-    """
-    x0, mv, unravel = _flatten(matvec, v0, params)
-    lam, x, i, res, _ = _power_loop(mv, x0, eigenvalue0, tol, residual_tol, max_iters)
-    return EigenResult(lam, unravel(x), i, res)
+def _unit(x: jax.Array) -> jax.Array:
+    return _safe_div(x, jnp.linalg.norm(x))
 
 
 def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
@@ -158,87 +219,68 @@ def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
     return x - basis.T @ (basis @ x)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="k")
-def power_iteration_topk(
-    matvec: Matvec,
-    v0: PyTree,
-    *params: Any,
-    k: int,
-    tol: float = 1e-4,
-    residual_tol: float = 1e-2,
-    max_iters: int = 100,
-) -> EigenResult:
-    """The ``k`` eigenvalues of largest magnitude by power iteration with deflation (orthogonalization).
-
-    Eigenpair ``j`` is found by power iteration restricted to the orthogonal complement of the eigenvectors
-    already found (every iterate is projected). Errors compound along the sequence, so later pairs are less
-    accurate; prefer :func:`lanczos` when ``k`` is more than a few.
-
-    Args:
-      matvec, *params, tol, residual_tol, max_iters: as in :func:`power_iteration` (``max_iters`` per pair).
-      v0: ``k`` start vectors stacked on a new leading axis (each leaf has shape ``(k, *leaf_shape)``), e.g.
-        ``random_like(key, params, num=k)``.
-      k: number of eigenpairs (static).
-
-    Returns:
-      :class:`EigenResult` with leading axis ``k``, in the order found (decreasing magnitude up to accuracy).
-    """
-    k = check_positive_int(k, "k")
-    leading = {jnp.shape(x)[:1] for x in jax.tree.leaves(v0)}
-    if leading != {(k,)}:
-        raise ValueError(
-            f"`v0` must stack k={k} start vectors on a leading axis; got leading axes {sorted(leading)}. "
-            "Use `random_like(key, params, num=k)`."
-        )
-    x0s, mv, unravel = _flatten(matvec, jax.tree.map(lambda x: x[0], v0), params)
-    starts = jax.vmap(lambda v: ravel_pytree(v)[0])(v0)
-    if k > x0s.size:
-        raise ValueError(f"`k`={k} exceeds the dimension {x0s.size} of the operator.")
-
-    def solve_one(j, carry):
-        basis, lams, iters, ress = carry
-        project = functools.partial(_project_out, basis)
-        lam, x, i, res, _ = _power_loop(
-            lambda y: project(mv(project(y))), project(starts[j]), jnp.inf, tol, residual_tol, max_iters
-        )
-        return basis.at[j].set(x), lams.at[j].set(lam), iters.at[j].set(i), ress.at[j].set(res)
-
-    dtype = x0s.dtype
-    init = (jnp.zeros((k, x0s.size), dtype), jnp.zeros(k, dtype), jnp.zeros(k, jnp.int32), jnp.zeros(k, dtype))
-    basis, lams, iters, ress = lax.fori_loop(0, k, solve_one, init)
-    return EigenResult(lams, jax.vmap(unravel)(basis), iters, ress)
+def _converged(change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array) -> jax.Array:
+    return (change <= tol) & (res <= residual_tol) & jnp.isfinite(value)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def smallest_eigenvalue(
-    matvec: Matvec,
-    v0: PyTree,
-    *params: Any,
-    shift: float | jax.Array | None = None,
-    tol: float = 1e-6,
-    residual_tol: float = 1e-3,
-    max_iters: int = 1000,
-) -> EigenResult:
-    """The smallest (most negative) eigenvalue by power iteration on the shifted operator ``A - shift I``.
+# -- power iteration: one bookkeeping step per matvec ---------------------------------------------------------
 
-    With ``shift >= lambda_max`` the spectrum of ``A - shift I`` lies in ``[lambda_min - shift, 0]`` and its
-    largest-magnitude eigenvalue is ``lambda_min - shift``. By default ``shift = |lambda|`` of the largest-
-    magnitude eigenvalue, found first by :func:`power_iteration` (its matvecs are counted in ``iterations``).
-    Convergence is slow when ``lambda_min`` is close to the next eigenvalues relative to ``shift``; for an
-    accurate bottom of the spectrum prefer ``lanczos(..., which="smallest")``.
 
-    Returns:
-      :class:`EigenResult`; ``residual`` is relative to the shifted eigenvalue ``|lambda_min - shift|`` (the
-      quantity the iteration controls), since ``lambda_min`` itself may be near zero.
-    """
-    x0, mv, unravel = _flatten(matvec, v0, params)
-    used = jnp.int32(0)
-    if shift is None:
-        top, _, used, _, _ = _power_loop(mv, x0, jnp.inf, tol, residual_tol, max_iters)
-        shift = jnp.abs(top)
-    shift = jnp.asarray(shift, x0.dtype)
-    mu, x, i, res, _ = _power_loop(lambda y: mv(y) - shift * y, x0, jnp.inf, tol, residual_tol, max_iters)
-    return EigenResult(mu + shift, unravel(x), i + used, res)
+class _PowerState(NamedTuple):
+    i: jax.Array  # int32[]: matvecs absorbed
+    x: jax.Array  # (n,) unit vector whose Rayleigh quotient is `lam`
+    lam: jax.Array  # () Rayleigh quotient of x (before the first product: the warm-start eigenvalue)
+    res: jax.Array  # () ||A x - lam x|| / |lam|
+    change: jax.Array  # () |lam - previous lam| / |lam|
+    query: jax.Array  # (n,) the next vector to multiply: A x / ||A x|| (projected); the free next iterate
+    done: jax.Array  # bool[]
+    tol: jax.Array  # () relative-change tolerance
+    residual_tol: jax.Array  # () relative-residual tolerance
+    max_iters: jax.Array  # int32[]
+    shift: jax.Array  # () the iteration runs on A - shift I
+    basis: jax.Array  # (k, n) orthonormal or zero rows projected out of every iterate (deflation)
+
+
+def _power_init(
+    x0: jax.Array, eigenvalue0: Any, tol: Any, residual_tol: Any, max_iters: Any, shift: Any, basis: jax.Array
+) -> _PowerState:
+    dtype = x0.dtype
+    q = _unit(_project_out(basis, x0))
+    inf = jnp.asarray(jnp.inf, dtype)
+    scalar = functools.partial(jnp.asarray, dtype=dtype)
+    return _PowerState(
+        jnp.int32(0), q, scalar(eigenvalue0), inf, inf, q, jnp.asarray(False),
+        scalar(tol), scalar(residual_tol), jnp.asarray(max_iters, jnp.int32), scalar(shift), basis,
+    )  # fmt: skip
+
+
+def _power_absorb(s: _PowerState, w: jax.Array) -> _PowerState:
+    """Absorb ``w = A @ s.query``: Rayleigh quotient, residual, stopping rule, next iterate."""
+    q = s.query
+    w = _project_out(s.basis, w - s.shift * q)
+    lam = jnp.vdot(q, w)
+    inf = jnp.asarray(jnp.inf, q.dtype)
+    res = jnp.where(lam == 0, inf, _safe_div(jnp.linalg.norm(w - lam * q), jnp.abs(lam)))
+    change = jnp.where(jnp.isfinite(s.lam), _safe_div(jnp.abs(lam - s.lam), jnp.abs(lam)), inf)
+    i = s.i + 1
+    done = (i >= s.max_iters) | _converged(change, res, s.tol, s.residual_tol, lam) | ~jnp.isfinite(lam)
+    nxt = _project_out(s.basis, _unit(w))
+    return s._replace(i=i, x=q, lam=lam, res=res, change=change, query=nxt, done=done)
+
+
+def _power_solve(
+    d: loops.Driver, op: _Operator, operands: Any, state: _PowerState, first: jax.Array | None = None
+) -> _PowerState:
+    """Run power iteration from ``state``; ``first`` (if given) is ``A @ state.query``, computed elsewhere."""
+    w = d.call(op, operands, state.query) if first is None else first
+    return d.iterate(_power_absorb, op, d.call(_power_absorb, state, w), operands)
+
+
+def _power_converged(s: _PowerState) -> jax.Array:
+    return _converged(s.change, s.res, s.tol, s.residual_tol, s.lam)
+
+
+# -- Lanczos: one bookkeeping step per matvec -----------------------------------------------------------------
 
 
 class LanczosDecomposition(NamedTuple):
@@ -249,102 +291,362 @@ class LanczosDecomposition(NamedTuple):
     basis: jax.Array  # (m, n) orthonormal rows: the flattened Krylov basis, basis[0] = v0 / ||v0||
 
 
-def _lanczos_step(
-    mv: Callable[[jax.Array, jax.Array], jax.Array],
-    j: jax.Array,
-    basis: jax.Array,
-    alphas: jax.Array,
-    betas: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Lanczos step ``j`` (0-based): one matvec ``mv(j, basis[j])``; fills ``alphas[j]``, ``betas[j]``,
-    ``basis[j+1]``."""
-    m, n = basis.shape
-    dtype = basis.dtype
-    q = basis[j]
-    w = mv(j, q)
-    alpha = jnp.vdot(q, w)
-    # Full reorthogonalization against every basis vector so far (rows > j are still zero). Two BLAS passes
-    # over the whole (m, n) basis are faster on CPU than a loop over the j live rows.
-    w = _project_out(basis, w)
-    beta = jnp.linalg.norm(w)
-    scale = jnp.maximum(jnp.abs(alpha) + betas[jnp.maximum(j - 1, 0)], jnp.finfo(dtype).tiny)
-    breakdown = beta <= 100 * jnp.finfo(dtype).eps * scale
-
-    def fresh(_: None) -> jax.Array:
-        # Invariant subspace found: continue with a fresh direction orthogonal to the basis (T splits into
-        # blocks, every Ritz value stays an eigenvalue) instead of dividing by ~0.
-        r = _project_out(basis, jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (n,), dtype))
-        return r / jnp.linalg.norm(r)
-
-    nxt = lax.cond(breakdown, fresh, lambda _: w / jnp.where(breakdown, 1, beta), None)
-    beta = jnp.where(breakdown, 0, beta)
-    # The last step only records beta (the residual norm); there is no row m to fill (row m-1 is rewritten).
-    row = jnp.minimum(j + 1, m - 1)
-    basis = basis.at[row].set(jnp.where(j + 1 < m, nxt, basis[row]))
-    return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)
+class _LanczosState(NamedTuple):
+    j: jax.Array  # int32[]: steps (matvecs) absorbed
+    basis: jax.Array  # (m, n) Krylov basis; rows > j are zero
+    alphas: jax.Array  # (m,)
+    betas: jax.Array  # (m,)
+    theta: jax.Array  # () top Ritz value (before the first step: the warm-start eigenvalue)
+    res: jax.Array  # () Ritz residual of the top pair, relative
+    change: jax.Array  # () relative change of theta in the last step
+    query: jax.Array  # (n,) basis[j], the next vector to multiply
+    done: jax.Array  # bool[]
+    tol: jax.Array  # ()
+    residual_tol: jax.Array  # ()
 
 
-def _start_basis(x0: jax.Array, m: int) -> jax.Array:
-    return jnp.zeros((m, x0.size), x0.dtype).at[0].set(_safe_div(x0, jnp.linalg.norm(x0)))
+@dataclasses.dataclass(frozen=True)
+class _LanczosInit:
+    num_iters: int  # m: rows of the basis
+
+    def __call__(self, x0: jax.Array, eigenvalue0: Any, tol: Any, residual_tol: Any) -> _LanczosState:
+        m, dtype = self.num_iters, x0.dtype
+        basis = jnp.zeros((m, x0.size), dtype).at[0].set(_unit(x0))
+        zeros, inf = jnp.zeros(m, dtype), jnp.asarray(jnp.inf, dtype)
+        scalar = functools.partial(jnp.asarray, dtype=dtype)
+        return _LanczosState(
+            jnp.int32(0), basis, zeros, zeros, scalar(eigenvalue0), inf, inf, basis[0], jnp.asarray(False),
+            scalar(tol), scalar(residual_tol),
+        )  # fmt: skip
 
 
-def _lanczos_flat(mv: Callable[[jax.Array], jax.Array], x0: jax.Array, num_iters: int) -> LanczosDecomposition:
-    zeros = jnp.zeros(num_iters, x0.dtype)
-    step_mv = _with_first_product(mv, x0, None)
-    basis, alphas, betas = lax.fori_loop(
-        0, num_iters, lambda j, c: _lanczos_step(step_mv, j, *c), (_start_basis(x0, num_iters), zeros, zeros)
-    )
-    return LanczosDecomposition(alphas, betas, basis)
+def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top eigenpair of the leading ``(j+1) x (j+1)`` block of ``T``, padded to ``(m, m)``: the padding rows are
+    decoupled and set below every Ritz value of the block (which is ``>= max(alphas[:j+1])``)."""
+    m = alphas.shape[0]
+    live = jnp.arange(m) <= j
+    floor = jnp.min(jnp.where(live, alphas, jnp.inf))
+    diag = jnp.where(live, alphas, floor - 1 - jnp.abs(floor))
+    off = jnp.where(jnp.arange(m - 1) < j, betas[:-1], 0)
+    theta, s = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
+    return theta[-1], s[:, -1]
 
 
-def _lanczos_top_loop(
-    mv: Callable[[jax.Array], jax.Array],
+@dataclasses.dataclass(frozen=True)
+class _LanczosAbsorb:
+    """Lanczos step ``j`` given ``w = A @ basis[j]``: fills ``alphas[j]``, ``betas[j]``, ``basis[j+1]``; with
+    ``track_top`` also the top Ritz pair and the stopping rule (else it stops after ``m`` steps)."""
+
+    track_top: bool
+
+    def __call__(self, s: _LanczosState, w: jax.Array) -> _LanczosState:
+        m, n = s.basis.shape
+        dtype, j = s.basis.dtype, s.j
+        alpha = jnp.vdot(s.query, w)
+        # Full reorthogonalization against every basis vector so far (rows > j are still zero). Two BLAS passes
+        # over the whole (m, n) basis are faster on CPU than a loop over the j live rows.
+        w = _project_out(s.basis, w)
+        beta = jnp.linalg.norm(w)
+        scale = jnp.maximum(jnp.abs(alpha) + s.betas[jnp.maximum(j - 1, 0)], jnp.finfo(dtype).tiny)
+        breakdown = beta <= 100 * jnp.finfo(dtype).eps * scale
+
+        def fresh(_: None) -> jax.Array:
+            # Invariant subspace found: continue with a fresh direction orthogonal to the basis (T splits into
+            # blocks, every Ritz value stays an eigenvalue) instead of dividing by ~0.
+            r = _project_out(s.basis, jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (n,), dtype))
+            return r / jnp.linalg.norm(r)
+
+        nxt = lax.cond(breakdown, fresh, lambda _: w / jnp.where(breakdown, 1, beta), None)
+        beta = jnp.where(breakdown, 0, beta)
+        # The last step only records beta (the residual norm); there is no row m to fill (row m-1 is rewritten).
+        row = jnp.minimum(j + 1, m - 1)
+        basis = s.basis.at[row].set(jnp.where(j + 1 < m, nxt, s.basis[row]))
+        alphas, betas = s.alphas.at[j].set(alpha), s.betas.at[j].set(beta)
+        done = (j + 1 >= m) | ~jnp.isfinite(alpha)
+        theta, res, change = s.theta, s.res, s.change
+        if self.track_top:
+            inf = jnp.asarray(jnp.inf, dtype)
+            theta, vec = _top_ritz(j, alphas, betas)
+            res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * vec[j]), jnp.abs(theta)))
+            change = jnp.where(jnp.isfinite(s.theta), _safe_div(jnp.abs(theta - s.theta), jnp.abs(theta)), inf)
+            done = done | _converged(change, res, s.tol, s.residual_tol, theta)
+        return _LanczosState(j + 1, basis, alphas, betas, theta, res, change, basis[row], done, s.tol, s.residual_tol)
+
+
+def _lanczos_solve(
+    d: loops.Driver, op: _Operator, operands: Any, state: _LanczosState, track_top: bool, first: jax.Array | None = None
+) -> _LanczosState:
+    absorb = _LanczosAbsorb(track_top)
+    w = d.call(op, operands, state.query) if first is None else first
+    return d.iterate(absorb, op, d.call(absorb, state, w), operands)
+
+
+def _lanczos_top_vector(s: _LanczosState) -> jax.Array:
+    _, vec = _top_ritz(s.j - 1, s.alphas, s.betas)
+    vector = vec @ s.basis  # padding components of vec are zero, and rows >= j of the basis are unused
+    return _unit(vector)
+
+
+def _lanczos_converged(s: _LanczosState) -> jax.Array:
+    # A zero (or non-finite) start leaves basis[0] zero: the breakdown restart then finds true eigenpairs, but
+    # the zero row adds a spurious Ritz value 0, so such a run never counts as converged.
+    return _converged(s.change, s.res, s.tol, s.residual_tol, s.theta) & _started(s.basis)
+
+
+def _started(basis: jax.Array) -> jax.Array:
+    return jnp.linalg.norm(basis[0]) > 0
+
+
+# -- the top eigenpair (power iteration or Lanczos), shared with the edge-of-stability tracker --------------
+
+
+class _TopPair(NamedTuple):
+    eigenvalue: jax.Array
+    vector: jax.Array  # flat, unit
+    iterations: jax.Array
+    residual: jax.Array
+    converged: jax.Array
+    warm: jax.Array  # flat: the best start for the next solve (power: the free next iterate; Lanczos: vector)
+
+
+def _top_pair_power(s: _PowerState) -> _TopPair:
+    return _TopPair(s.lam, s.x, s.i, s.res, _power_converged(s), s.query)
+
+
+def _top_pair_lanczos(s: _LanczosState) -> _TopPair:
+    vector = _lanczos_top_vector(s)
+    return _TopPair(s.theta, vector, s.j, s.res, _lanczos_converged(s), vector)
+
+
+def _top_pair(
+    d: loops.Driver,
+    method: str,
+    op: _Operator,
     x0: jax.Array,
-    eigenvalue0: jax.Array,
-    tol: jax.Array,
-    residual_tol: jax.Array,
+    eigenvalue0: Any,
+    tol: Any,
+    residual_tol: Any,
     max_iters: int,
-    first_product: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Lanczos for the top eigenpair that stops as soon as the tolerances hold (see :func:`lanczos_top`).
+    *,
+    params: tuple = (),
+    operands: Any = None,
+    first: jax.Array | None = None,
+) -> _TopPair:
+    """The top eigenpair from ``x0`` by ``method`` ("power": largest magnitude; "lanczos": largest).
 
-    ``first_product``: optional ``A @ x0`` computed by the caller; it replaces the first matvec (still counted).
+    Either ``params`` (the operator is prepared here, at the unit start vector) or ``operands`` already prepared
+    by the caller with optional ``first = A @ unit(x0)``.
     """
-    m, dtype = max_iters, x0.dtype
-    mv = _with_first_product(mv, x0, first_product)
-    inf = jnp.asarray(jnp.inf, dtype)
-
-    def ritz(j, alphas, betas):
-        # Leading (j+1)x(j+1) block of T; the padding rows are decoupled and set below every Ritz value of the
-        # block (which is >= max(alphas[:j+1])), so the top eigenpair of the padded matrix is the block's.
-        live = jnp.arange(m) <= j
-        floor = jnp.min(jnp.where(live, alphas, inf))
-        diag = jnp.where(live, alphas, floor - 1 - jnp.abs(floor))
-        off = jnp.where(jnp.arange(m - 1) < j, betas[:-1], 0)
-        theta, s = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
-        return theta[-1], s[:, -1]
-
-    def cond(state):
-        j, _, _, _, _, res, change = state
-        return (j < m) & ~((change <= tol) & (res <= residual_tol))
-
-    def body(state):
-        j, basis, alphas, betas, theta_prev, _, _ = state
-        basis, alphas, betas = _lanczos_step(mv, j, basis, alphas, betas)
-        theta, s = ritz(j, alphas, betas)
-        res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * s[j]), jnp.abs(theta)))
-        change = jnp.where(jnp.isfinite(theta_prev), _safe_div(jnp.abs(theta - theta_prev), jnp.abs(theta)), inf)
-        return j + 1, basis, alphas, betas, theta, res, change
-
-    zeros = jnp.zeros(m, dtype)
-    init = (jnp.int32(0), _start_basis(x0, m), zeros, zeros, jnp.asarray(eigenvalue0, dtype), inf, inf)
-    j, basis, alphas, betas, theta, res, _ = lax.while_loop(cond, body, init)
-    _, s = ritz(j - 1, alphas, betas)
-    vector = s @ basis  # padding components of s are zero, and rows >= j of basis are unused
-    return theta, vector / jnp.linalg.norm(vector), j, res
+    if method == "lanczos":
+        state = d.call(_LanczosInit(max_iters), x0, eigenvalue0, tol, residual_tol)
+    else:
+        empty = jnp.zeros((0, x0.size), x0.dtype)
+        state = d.call(_power_init, x0, eigenvalue0, tol, residual_tol, max_iters, 0, empty)
+    if operands is None:
+        operands, first = d.call(_Prepare(op), state.query, params)
+    if method == "lanczos":
+        return d.call(_top_pair_lanczos, _lanczos_solve(d, op, operands, state, True, first))
+    return d.call(_top_pair_power, _power_solve(d, op, operands, state, first))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="max_iters")
+@dataclasses.dataclass(frozen=True)
+class _TopSolve:
+    """The whole solve of :func:`power_iteration` / :func:`lanczos_top` (static: the operator and placement)."""
+
+    method: str
+    op: _Operator
+    driver: loops.Driver
+    max_iters: int | None  # Lanczos: static basis size; power: None (max_iters is a dynamic argument)
+
+    def __call__(self, x0, params, eigenvalue0, tol, residual_tol, max_iters) -> EigenResult:
+        m = self.max_iters if self.method == "lanczos" else max_iters
+        r = _top_pair(self.driver, self.method, self.op, x0, eigenvalue0, tol, residual_tol, m, params=params)
+        return EigenResult(r.eigenvalue, self.op.layout.unravel(r.vector), r.iterations, r.residual, r.converged)
+
+
+# -- public solvers -----------------------------------------------------------------------------------------
+
+_PLACEMENT_DOC = """placement: ``"auto"`` (default), ``"device"`` or ``"host"``: where the solver's loop runs (see
+        the module docstring and :mod:`bnjax.loops`). Inside ``jax.jit`` only ``"device"`` is possible.
+      linearize_budget: linearize the operator once when its stored residuals take at most this many bytes
+        (:func:`linearization_bytes`); ``0`` never, ``None`` always."""
+
+
+def power_iteration(
+    matvec: Matvec,
+    v0: PyTree,
+    *params: Any,
+    tol: float = 1e-4,
+    residual_tol: float = 1e-2,
+    max_iters: int = 100,
+    eigenvalue0: float | jax.Array = jnp.inf,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
+) -> EigenResult:
+    """Eigenvalue of largest *magnitude* (a large negative one can win) and its eigenvector.
+
+    Iterates ``v <- A v / ||A v||`` with ``lambda = v . A v``; one matvec per iteration. Stops when both the
+    relative change ``|lambda_i - lambda_{i-1}| / |lambda_i| <= tol`` and the relative residual
+    ``||A v - lambda v|| / |lambda| <= residual_tol``, or after ``max_iters`` matvecs. For symmetric ``A`` the
+    eigenvalue error is at most ``residual * |lambda|`` and about ``residual**2 * |lambda|**2 / gap``.
+
+    Args:
+      matvec: ``matvec(vector, *params) -> vector`` of a symmetric operator.
+      v0: start vector (pytree like the vectors; a previous eigenvector for a warm start); nonzero and finite.
+      *params: the matvec's parameters.
+      tol: relative eigenvalue-change tolerance (``>= 0``).
+      residual_tol: relative residual tolerance (``>= 0``).
+      max_iters: maximum number of matvecs (positive int).
+      eigenvalue0: previous eigenvalue estimate for a warm start: the first iteration's change is measured
+        against it, so a converged warm start stops after one matvec. ``inf`` (default) means none.
+      {placement}
+
+    Returns:
+      :class:`EigenResult` with scalar fields; ``eigenvector`` is the vector whose Rayleigh quotient and
+      residual are reported; ``converged`` is False when ``max_iters`` ran out first.
+    """
+    _check_tolerance(tol, "tol")
+    _check_tolerance(residual_tol, "residual_tol")
+    max_iters = check_positive_int(max_iters, "max_iters")
+    driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
+    return driver.run(_TopSolve("power", op, driver, None), x0, params, eigenvalue0, tol, residual_tol, max_iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PowerTopK:
+    op: _Operator
+    driver: loops.Driver
+    k: int
+
+    def __call__(self, starts, params, tol, residual_tol, max_iters) -> EigenResult:
+        d, n, dtype = self.driver, starts.shape[1], starts.dtype
+        operands, _ = d.call(_Prepare(self.op), starts[0], params)
+
+        def solve_one(j: Any, carry: tuple) -> tuple:
+            state = d.call(_power_init, starts[j], jnp.inf, tol, residual_tol, max_iters, 0, carry[0])
+            return d.call(_store_pair, carry, j, _power_solve(d, self.op, operands, state))
+
+        init = (
+            jnp.zeros((self.k, n), dtype), jnp.zeros(self.k, dtype), jnp.zeros(self.k, jnp.int32),
+            jnp.zeros(self.k, dtype), jnp.zeros(self.k, bool),
+        )  # fmt: skip
+        basis, lams, iters, ress, conv = d.fori_loop(self.k, solve_one, init)
+        return EigenResult(lams, jax.vmap(self.op.layout.unravel)(basis), iters, ress, conv)
+
+
+def _store_pair(carry: tuple, j: Any, s: _PowerState) -> tuple:
+    basis, lams, iters, ress, conv = carry
+    return (
+        basis.at[j].set(s.x), lams.at[j].set(s.lam), iters.at[j].set(s.i), ress.at[j].set(s.res),
+        conv.at[j].set(_power_converged(s)),
+    )  # fmt: skip
+
+
+def power_iteration_topk(
+    matvec: Matvec,
+    v0: PyTree,
+    *params: Any,
+    k: int,
+    tol: float = 1e-4,
+    residual_tol: float = 1e-2,
+    max_iters: int = 100,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
+) -> EigenResult:
+    """The ``k`` eigenvalues of largest magnitude by power iteration with deflation (orthogonalization).
+
+    Eigenpair ``j`` is found by power iteration restricted to the orthogonal complement of the eigenvectors
+    already found (every iterate is projected). Errors compound along the sequence, so later pairs are less
+    accurate; prefer :func:`lanczos` when ``k`` is more than a few.
+
+    Args:
+      matvec, *params, tol, residual_tol, max_iters: as in :func:`power_iteration` (``max_iters`` per pair).
+      v0: ``k`` start vectors stacked on a new leading axis (each leaf has shape ``(k, *leaf_shape)``), e.g.
+        ``random_like(key, params, num=k)``; each nonzero and finite.
+      k: number of eigenpairs (static).
+      {placement}
+
+    Returns:
+      :class:`EigenResult` with leading axis ``k``, in the order found (decreasing magnitude up to accuracy).
+    """
+    k = check_positive_int(k, "k")
+    _check_tolerance(tol, "tol")
+    _check_tolerance(residual_tol, "residual_tol")
+    max_iters = check_positive_int(max_iters, "max_iters")
+    leading = {jnp.shape(x)[:1] for x in jax.tree.leaves(v0)}
+    if leading != {(k,)}:
+        raise ValueError(
+            f"`v0` must stack k={k} start vectors on a leading axis; got leading axes {sorted(leading)}. "
+            "Use `random_like(key, params, num=k)`."
+        )
+    first = jax.tree.map(lambda x: x[0], v0)
+    driver, op, _ = _setup(matvec, first, params, placement, linearize_budget)
+    if k > op.layout.size:
+        raise ValueError(f"`k`={k} exceeds the dimension {op.layout.size} of the operator.")
+    starts = jax.vmap(op.layout.ravel)(v0)
+    for j in range(k):
+        _check_start(starts[j], f"v0[{j}]")
+    return driver.run(_PowerTopK(op, driver, k), starts, params, tol, residual_tol, max_iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Smallest:
+    op: _Operator
+    driver: loops.Driver
+    auto_shift: bool
+
+    def __call__(self, x0, params, shift, tol, residual_tol, max_iters) -> EigenResult:
+        d = self.driver
+        empty = jnp.zeros((0, x0.size), x0.dtype)
+        state = d.call(_power_init, x0, jnp.inf, tol, residual_tol, max_iters, 0, empty)
+        operands, first = d.call(_Prepare(self.op), state.query, params)
+        used = jnp.int32(0)
+        if self.auto_shift:
+            top = _power_solve(d, self.op, operands, state, first)
+            shift, used, first = jnp.abs(top.lam), top.i, None
+        state = d.call(_power_init, x0, jnp.inf, tol, residual_tol, max_iters, shift, empty)
+        s = _power_solve(d, self.op, operands, state, first)
+        return EigenResult(
+            s.lam + s.shift, self.op.layout.unravel(s.x), s.i + used, s.res, d.call(_power_converged, s)
+        )
+
+
+def smallest_eigenvalue(
+    matvec: Matvec,
+    v0: PyTree,
+    *params: Any,
+    shift: float | jax.Array | None = None,
+    tol: float = 1e-6,
+    residual_tol: float = 1e-3,
+    max_iters: int = 1000,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
+) -> EigenResult:
+    """The smallest (most negative) eigenvalue by power iteration on the shifted operator ``A - shift I``.
+
+    With ``shift >= lambda_max`` the spectrum of ``A - shift I`` lies in ``[lambda_min - shift, 0]`` and its
+    largest-magnitude eigenvalue is ``lambda_min - shift``. By default ``shift = |lambda|`` of the largest-
+    magnitude eigenvalue, found first by :func:`power_iteration` (its matvecs are counted in ``iterations``).
+    Convergence is slow when ``lambda_min`` is close to the next eigenvalues relative to ``shift``; for an
+    accurate bottom of the spectrum prefer ``lanczos(..., which="smallest")``.
+
+    Args:
+      {placement}
+
+    Returns:
+      :class:`EigenResult`; ``residual`` is relative to the shifted eigenvalue ``|lambda_min - shift|`` (the
+      quantity the iteration controls), since ``lambda_min`` itself may be near zero.
+    """
+    _check_tolerance(tol, "tol")
+    _check_tolerance(residual_tol, "residual_tol")
+    max_iters = check_positive_int(max_iters, "max_iters")
+    if shift is not None and not loops.is_traced(shift) and not np.isfinite(np.asarray(shift, np.float64)):
+        raise ValueError(f"`shift` must be finite; got {shift!r}.")
+    driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
+    plan = _Smallest(op, driver, shift is None)
+    return driver.run(plan, x0, params, 0.0 if shift is None else shift, tol, residual_tol, max_iters)
+
+
 def lanczos_top(
     matvec: Matvec,
     v0: PyTree,
@@ -353,6 +655,8 @@ def lanczos_top(
     residual_tol: float = 1e-2,
     max_iters: int = 30,
     eigenvalue0: float | jax.Array = jnp.inf,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
 ) -> EigenResult:
     """The algebraically largest eigenpair by Lanczos, stopping as soon as it has converged.
 
@@ -362,11 +666,16 @@ def lanczos_top(
     matvecs than power iteration. ``max_iters`` is static (it sizes the ``(max_iters, n)`` basis). The first
     step from ``v0`` gives exactly the Rayleigh quotient and residual of ``v0``, so a converged warm start
     with ``eigenvalue0`` costs one matvec.
+
+    Args:
+      {placement}
     """
-    x0, mv, unravel = _flatten(matvec, v0, params)
-    max_iters = _check_iters(max_iters, x0.size)
-    theta, x, j, res = _lanczos_top_loop(mv, x0, eigenvalue0, tol, residual_tol, max_iters)
-    return EigenResult(theta, unravel(x), j, res)
+    _check_tolerance(tol, "tol")
+    _check_tolerance(residual_tol, "residual_tol")
+    driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
+    max_iters = _check_iters(max_iters, op.layout.size, "max_iters")
+    plan = _TopSolve("lanczos", op, driver, max_iters)
+    return driver.run(plan, x0, params, eigenvalue0, tol, residual_tol, max_iters)
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -375,28 +684,83 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     return jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
 
-def _check_iters(num_iters: int, n: int) -> int:
-    num_iters = check_positive_int(num_iters, "num_iters")
+def _check_iters(num_iters: int, n: int, name: str = "num_iters") -> int:
+    num_iters = check_positive_int(num_iters, name)
     if num_iters > n:
         raise ValueError(
-            f"`num_iters`={num_iters} exceeds the operator dimension {n}: a Krylov basis has at most n vectors. "
-            f"Use num_iters <= {n}."
+            f"`{name}`={num_iters} exceeds the operator dimension {n}: a Krylov basis has at most n vectors. "
+            f"Use {name} <= {n}."
         )
     return num_iters
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="num_iters")
-def lanczos_decomposition(matvec: Matvec, v0: PyTree, *params: Any, num_iters: int) -> LanczosDecomposition:
+def _decomposition(d: loops.Driver, op: _Operator, operands: Any, x0: jax.Array, num_iters: int, first=None):
+    state = d.call(_LanczosInit(num_iters), x0, jnp.inf, 0, 0)
+    s = _lanczos_solve(d, op, operands, state, False, first)
+    return LanczosDecomposition(s.alphas, s.betas, s.basis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decompose:
+    op: _Operator
+    driver: loops.Driver
+    num_iters: int
+
+    def __call__(self, x0: jax.Array, params: tuple) -> LanczosDecomposition:
+        operands, first = self.driver.call(_Prepare(self.op), _unit(x0), params)
+        return _decomposition(self.driver, self.op, operands, x0, self.num_iters, first)
+
+
+def lanczos_decomposition(
+    matvec: Matvec,
+    v0: PyTree,
+    *params: Any,
+    num_iters: int,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
+) -> LanczosDecomposition:
     """``num_iters`` Lanczos steps with full reorthogonalization (``num_iters`` matvecs, ``O(num_iters * n)``
     memory for the basis).
 
     The Ritz values after ``m <= num_iters`` steps are the eigenvalues of the leading ``m x m`` block of ``T``.
+    ``placement`` and ``linearize_budget`` as in :func:`power_iteration`.
     """
-    x0, mv, _ = _flatten(matvec, v0, params)
-    return _lanczos_flat(mv, x0, _check_iters(num_iters, x0.size))
+    driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
+    return driver.run(_Decompose(op, driver, _check_iters(num_iters, op.layout.size)), x0, params)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("k", "num_iters", "which"))
+@dataclasses.dataclass(frozen=True)
+class _Lanczos:
+    op: _Operator
+    driver: loops.Driver
+    k: int
+    num_iters: int
+    which: str
+
+    def __call__(self, x0: jax.Array, params: tuple, residual_tol: Any) -> EigenResult:
+        dec = _Decompose(self.op, self.driver, self.num_iters)(x0, params)
+        return self.driver.call(_LanczosPairs(self.op.layout, self.k, self.which), dec, residual_tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LanczosPairs:
+    layout: _Layout
+    k: int
+    which: str
+
+    def __call__(self, dec: LanczosDecomposition, residual_tol: Any) -> EigenResult:
+        m = dec.alphas.shape[0]
+        theta, s = jnp.linalg.eigh(_tridiagonal(dec.alphas, dec.betas))
+        order = jnp.arange(m - 1, m - 1 - self.k, -1) if self.which == "largest" else jnp.arange(self.k)
+        theta, s = theta[order], s[:, order]
+        vectors = s.T @ dec.basis
+        vectors = _safe_div(vectors, jnp.linalg.norm(vectors, axis=1, keepdims=True))
+        residual = _safe_div(jnp.abs(dec.betas[-1] * s[-1]), jnp.abs(theta))
+        converged = (residual <= residual_tol) & jnp.isfinite(theta) & jnp.isfinite(residual) & _started(dec.basis)
+        iterations = jnp.full(self.k, m, jnp.int32)
+        return EigenResult(theta, jax.vmap(self.layout.unravel)(vectors), iterations, residual, converged)
+
+
 def lanczos(
     matvec: Matvec,
     v0: PyTree,
@@ -404,6 +768,9 @@ def lanczos(
     k: int,
     num_iters: int,
     which: Literal["largest", "smallest"] = "largest",
+    residual_tol: float = 1e-2,
+    placement: loops.Placement = "auto",
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
 ) -> EigenResult:
     """The ``k`` algebraically largest (or smallest) eigenpairs by Lanczos with full reorthogonalization.
 
@@ -413,6 +780,8 @@ def lanczos(
       num_iters: Krylov dimension = number of matvecs (static), ``<= n``. Extreme eigenvalues converge much
         faster than with power iteration for the same number of matvecs; ``num_iters`` of 2k–4k + 10 is typical.
       which: ``"largest"`` (descending order) or ``"smallest"`` (ascending order).
+      residual_tol: a pair counts as ``converged`` when its relative residual is at most this.
+      {placement}
 
     Returns:
       :class:`EigenResult` with leading axis ``k``; ``residual`` is the Ritz estimate
@@ -422,19 +791,16 @@ def lanczos(
     k = check_positive_int(k, "k")
     if which not in ("largest", "smallest"):
         raise ValueError(f"`which` must be 'largest' or 'smallest'; got {which!r}.")
-    x0, mv, unravel = _flatten(matvec, v0, params)
-    num_iters = _check_iters(num_iters, x0.size)
+    _check_tolerance(residual_tol, "residual_tol")
+    driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
+    num_iters = _check_iters(num_iters, op.layout.size)
     if k > num_iters:
         raise ValueError(f"`k`={k} must not exceed `num_iters`={num_iters}.")
-    dec = _lanczos_flat(mv, x0, num_iters)
-    theta, s = jnp.linalg.eigh(_tridiagonal(dec.alphas, dec.betas))
-    order = jnp.arange(num_iters - 1, num_iters - 1 - k, -1) if which == "largest" else jnp.arange(k)
-    theta, s = theta[order], s[:, order]
-    vectors = s.T @ dec.basis
-    vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
-    residual = _safe_div(jnp.abs(dec.betas[-1] * s[-1]), jnp.abs(theta))
-    iterations = jnp.full(k, num_iters, jnp.int32)
-    return EigenResult(theta, jax.vmap(unravel)(vectors), iterations, residual)
+    return driver.run(_Lanczos(op, driver, k, num_iters, which), x0, params, residual_tol)
+
+
+for _solver in (power_iteration, power_iteration_topk, smallest_eigenvalue, lanczos_top, lanczos):
+    _solver.__doc__ = _solver.__doc__.replace("{placement}", _PLACEMENT_DOC)
 
 
 def random_like(key: jax.Array, params: PyTree, num: int | None = None) -> PyTree:

@@ -20,9 +20,13 @@ Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* traini
             records.append(record)
     save_records(records, "eos.json"); plot_records(records, "eos.png")
 
-Each measurement is one compiled call: the loss and a warm-started :func:`~bnjax.curvature.lanczos_top`
-(default) or :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue,
-so a converged warm start costs a single Hessian-vector product.
+Each measurement is the loss and a warm-started :func:`~bnjax.curvature.lanczos_top` (default) or
+:func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue, so a converged
+warm start costs a single Hessian-vector product. The training loss is linearized once per measurement
+(``jax.linearize`` of its value and gradient, when the stored residuals fit ``linearize_budget``): the loss and
+the gradient come out of that one pass, and every Hessian-vector product after it runs only the tangent pass.
+With ``placement`` the solver loop runs inside one compiled program or is driven from Python (the default
+picks the latter on CPU for conv nets; see :mod:`bnjax.loops`).
 
 Cheaper, when the loop can take its gradient from the tracker at due steps: :meth:`EoSTracker.value_and_grad`
 computes the loss, the gradient and the first Hessian-vector product in one forward-over-reverse pass::
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -45,12 +50,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
+from bnjax import loops
 from bnjax._validate import check_like, check_positive_int
-from bnjax.curvature.eigen import EigenResult, _flatten, _lanczos_top_loop, _power_loop, random_like
+from bnjax.curvature.eigen import (
+    DEFAULT_LINEARIZE_BUDGET,
+    _check_tolerance,
+    _Layout,
+    _Operator,
+    _top_pair,
+    _TopPair,
+    _unit,
+    check_linearize_budget,
+    random_like,
+)
 from bnjax.curvature.hvp import Matvec, hessian_matvec
-from bnjax.curvature.operators import dataset_hessian_matvec, dataset_loss, dataset_value_and_grad
+from bnjax.curvature.operators import dataset_hessian_matvec, dataset_value_and_grad
 
 PyTree = Any
 
@@ -126,6 +141,14 @@ def preconditioned_matvec(matvec: Matvec) -> Matvec:
     return mv
 
 
+def _apply_linearized(vector: PyTree, lin: Callable[[PyTree], Any]) -> PyTree:
+    """The Hessian-vector product from a linearization of ``params -> (value, gradient)``."""
+    return lin(vector)[1]
+
+
+_apply_linearized_preconditioned = preconditioned_matvec(_apply_linearized)
+
+
 class TrackerState(NamedTuple):
     """Warm start carried between measurements (a pytree)."""
 
@@ -164,11 +187,17 @@ class EoSTracker:
         The Ritz value approaches the sharpness from below, so ``tol`` is set well under the accuracy wanted
         (the defaults aim at 1e-3 relative). Looser tolerances save HVPs but hand a worse warm start to the
         next measurement, so errors grow along the run (``experiments/bench_curvature.py`` measures both).
-        Each record's ``residual`` bounds the error: ``|error| <= residual * sharpness``.
+        Each record's ``residual`` bounds the error: ``|error| <= residual * sharpness``; its ``converged`` is
+        False when ``max_iters`` ran out before the stopping rule held.
       has_aux: ``loss_fn`` returns ``(loss, aux)`` (e.g. updated ``batch_stats``); only the loss is
         differentiated. :meth:`value_and_grad` returns ``((loss, aux), grads)`` like
         ``jax.value_and_grad(..., has_aux=True)``; with ``chunk_size`` the aux is the chunk-size-weighted
         mean over chunks.
+      placement: ``"auto"`` (default), ``"device"`` or ``"host"``: where the solver loop runs (see
+        :mod:`bnjax.loops`; auto = host on CPU when the loss contains a convolution).
+      linearize_budget: linearize the training loss once per measurement when the stored residuals take at
+        most this many bytes (about the activations of one forward and backward pass over the data set);
+        ``0`` never (every product recomputes the forward and backward pass), ``None`` always.
     """
 
     loss_fn: Callable[..., Any]
@@ -180,6 +209,8 @@ class EoSTracker:
     residual_tol: float = 1e-2
     max_iters: int = 20
     has_aux: bool = False
+    placement: loops.Placement = "auto"
+    linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET
 
     def __post_init__(self) -> None:
         check_positive_int(self.every, "every")
@@ -192,8 +223,20 @@ class EoSTracker:
             raise TypeError(f"`rule` must be a StabilityRule (gd_rule, heavy_ball_rule, adam_rule); got {self.rule!r}.")
         if not isinstance(self.has_aux, bool):
             raise TypeError(f"`has_aux` must be a bool; got {self.has_aux!r}.")
-        object.__setattr__(self, "_measure", jax.jit(self._measure_impl, static_argnames="max_iters"))
-        object.__setattr__(self, "_fused", jax.jit(self._fused_impl, static_argnames="max_iters"))
+        _check_tolerance(self.tol, "tol")
+        _check_tolerance(self.residual_tol, "residual_tol")
+        loops.check_placement(self.placement)
+        check_linearize_budget(self.linearize_budget)
+        # Built once, so that the compiled pieces (keyed on these functions) are reused at every checkpoint.
+        scalar_loss = (lambda *a: self.loss_fn(*a)[0]) if self.has_aux else self.loss_fn
+        if self.chunk_size is None:
+            hessian = hessian_matvec(scalar_loss)
+        else:
+            hessian = dataset_hessian_matvec(scalar_loss, self.chunk_size)
+        object.__setattr__(self, "_scalar_loss", scalar_loss)
+        object.__setattr__(self, "_hessian", hessian)
+        object.__setattr__(self, "_hessian_preconditioned", preconditioned_matvec(hessian))
+        object.__setattr__(self, "_lin_bytes", {})
         object.__setattr__(self, "_value_and_grad", jax.jit(lambda params, args: self._value_and_grad_fn(args)(params)))
 
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
@@ -207,19 +250,10 @@ class EoSTracker:
 
     # -- the functions of the parameters that a measurement needs ------------------------------------------
 
-    def _scalar_loss(self) -> Callable[..., jax.Array]:
-        return (lambda *a: self.loss_fn(*a)[0]) if self.has_aux else self.loss_fn
-
     def _split_data(self, args: tuple) -> tuple[Any, tuple]:
         if not args:
             raise ValueError("With `chunk_size`, pass the data set as the first argument after `params`.")
         return args[0], args[1:]
-
-    def _loss(self, params: PyTree, args: tuple) -> jax.Array:
-        if self.chunk_size is None:
-            return self._scalar_loss()(params, *args)
-        data, rest = self._split_data(args)
-        return dataset_loss(self._scalar_loss(), params, data, *rest, chunk_size=self.chunk_size)
 
     def _value_and_grad_fn(self, args: tuple) -> Callable[[PyTree], tuple[Any, PyTree]]:
         """``params -> (value, grads)`` of the training loss (``value`` is ``(loss, aux)`` with ``has_aux``)."""
@@ -230,52 +264,43 @@ class EoSTracker:
             self.loss_fn, params, data, *rest, chunk_size=self.chunk_size, has_aux=self.has_aux
         )
 
-    def _matvec(self, params: PyTree, args: tuple, precond: PyTree | None) -> tuple[Matvec, tuple]:
-        if self.chunk_size is None:
-            matvec = hessian_matvec(self._scalar_loss())
+    def _linearizes(self, params: PyTree, args: tuple) -> bool:
+        """Whether the residuals of ``jax.linearize`` of (value, gradient) fit ``linearize_budget``."""
+        if self.linearize_budget == 0:
+            return False
+        if self.linearize_budget is None:
+            return True
+        key = loops.avals((params, args))
+        if key not in self._lin_bytes:
+            lin = jax.eval_shape(lambda p, a: jax.linearize(self._value_and_grad_fn(a), p)[1], params, args)
+            self._lin_bytes[key] = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lin))
+        return self._lin_bytes[key] <= self.linearize_budget
+
+    def _operator(self, params: PyTree, linearized: bool, preconditioned: bool) -> _Operator:
+        if linearized:
+            matvec = _apply_linearized_preconditioned if preconditioned else _apply_linearized
         else:
-            self._split_data(args)
-            matvec = dataset_hessian_matvec(self._scalar_loss(), self.chunk_size)
-        mv_params: tuple = (params, *args)
-        if precond is not None:
-            matvec, mv_params = preconditioned_matvec(matvec), (precond, *mv_params)
-        return matvec, mv_params
+            matvec = self._hessian_preconditioned if preconditioned else self._hessian
+        # The linear map is an operand of `matvec` here (not the operator itself), so the flag stays False.
+        return _Operator(matvec, _Layout.of(params, "params"), False)
 
-    def _solve(
-        self, state: TrackerState, matvec: Matvec, mv_params: tuple, max_iters: int, first_product: Any = None
-    ) -> tuple[EigenResult, PyTree]:
-        x0, mv, unravel = _flatten(matvec, state.vector, mv_params)
-        eig0 = state.eigenvalue.astype(x0.dtype)
-        if self.method == "lanczos":
-            lam, x, i, res = _lanczos_top_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters, first_product)
-            warm = x
-        else:
-            lam, x, i, res, warm = _power_loop(mv, x0, eig0, self.tol, self.residual_tol, max_iters, first_product)
-        return EigenResult(lam, unravel(x), i, res), unravel(warm)
-
-    def _measure_impl(
-        self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None, max_iters: int
-    ) -> tuple[jax.Array, EigenResult, PyTree]:
-        matvec, mv_params = self._matvec(params, args, precond)
-        return (self._loss(params, args), *self._solve(state, matvec, mv_params, max_iters))
-
-    def _fused_impl(
-        self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None, max_iters: int
-    ) -> tuple[Any, PyTree, EigenResult, PyTree]:
+    def _measurement(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        """``(driver, plan)`` of one measurement at ``params``: the plan's call returns ``(value, grads, pair)``."""
         check_like(state.vector, params, name="state.vector")
-        flat, unravel = ravel_pytree(state.vector)
-        tangent = unravel(flat / jnp.linalg.norm(flat))
-        if precond is not None:
-            scale = jax.tree.map(jax.lax.rsqrt, precond)
-            tangent = jax.tree.map(jnp.multiply, scale, tangent)
-        # Forward-over-reverse: the primal output is (value, gradient), the tangent of the gradient is H @ tangent.
-        (value, grads), (_, h_tangent) = jax.jvp(self._value_and_grad_fn(args), (params,), (tangent,))
-        if precond is not None:
-            h_tangent = jax.tree.map(jnp.multiply, scale, h_tangent)
-        first = ravel_pytree(h_tangent)[0] * jnp.linalg.norm(flat)  # A @ state.vector (the solver rescales)
-        matvec, mv_params = self._matvec(params, args, precond)
-        eig, warm = self._solve(state, matvec, mv_params, max_iters, first.astype(flat.dtype))
-        return value, grads, eig, warm
+        if self.chunk_size is not None:
+            self._split_data(args)
+        driver = loops.driver_for(self.placement, self._scalar_loss, params, *args)
+        cold = not bool(jnp.isfinite(state.eigenvalue))
+        max_iters = 3 * self.max_iters if cold else self.max_iters
+        if self.method == "lanczos":
+            max_iters = min(max_iters, sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+        linearized = self._linearizes(params, args)
+        op = self._operator(params, linearized, precond is not None)
+        return driver, _Measurement(self, driver, op, linearized, max_iters)
+
+    def _measure(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        driver, plan = self._measurement(state, params, args, precond)
+        return driver.run(plan, state, params, args, precond)
 
     # -- public entry points ---------------------------------------------------------------------------
 
@@ -286,24 +311,17 @@ class EoSTracker:
             raise ValueError("The Adam rule measures preconditioned sharpness: pass `opt_state=`.")
         return adam_preconditioner(opt_state, self.rule.b2, self.rule.eps)
 
-    def _max_iters(self, state: TrackerState, params: PyTree) -> int:
-        cold = not bool(jnp.isfinite(state.eigenvalue))
-        max_iters = 3 * self.max_iters if cold else self.max_iters
-        if self.method == "lanczos":
-            n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-            max_iters = min(max_iters, n)
-        return max_iters
-
-    def _record(self, step: int, loss: jax.Array, eig: EigenResult) -> dict[str, Any]:
+    def _record(self, step: int, loss: jax.Array, pair: _TopPair) -> dict[str, Any]:
         if not np.isfinite(float(loss)):
             raise FloatingPointError(f"Non-finite loss {float(loss)} at step {step}: training diverged.")
         return {
             "step": int(step),
             "loss": float(loss),
-            "sharpness": float(eig.eigenvalue),
+            "sharpness": float(pair.eigenvalue),
             "threshold": float(self.rule.threshold),
-            "hvps": int(eig.iterations),
-            "residual": float(eig.residual),
+            "hvps": int(pair.iterations),
+            "residual": float(pair.residual),
+            "converged": bool(pair.converged),
             "preconditioned": bool(self.rule.preconditioned),
         }
 
@@ -314,12 +332,14 @@ class EoSTracker:
 
         ``record`` is a dict of Python scalars: ``step``, ``loss``, ``sharpness`` (preconditioned for Adam),
         ``threshold``, ``hvps`` (Hessian-vector products used), ``residual`` (relative, of the reported
-        eigenpair) and ``preconditioned``.
+        eigenpair), ``converged`` (the stopping rule held within ``max_iters``) and ``preconditioned``.
         """
-        precond = self._preconditioner(opt_state)
-        max_iters = self._max_iters(state, params)
-        loss, eig, warm = self._measure(state, params, args, precond, max_iters=max_iters)
-        return self._record(step, loss, eig), TrackerState(warm, eig.eigenvalue)
+        value, _, pair = self._measure(state, params, args, self._preconditioner(opt_state))
+        loss = value[0] if self.has_aux else value
+        return self._record(step, loss, pair), self._next_state(params, pair)
+
+    def _next_state(self, params: PyTree, pair: _TopPair) -> TrackerState:
+        return TrackerState(_Layout.of(params, "params").unravel(pair.warm), pair.eigenvalue)
 
     def update(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
@@ -354,11 +374,61 @@ class EoSTracker:
         """
         if not self.due(step):
             return self._value_and_grad(params, args), None, state
-        precond = self._preconditioner(opt_state)
-        max_iters = self._max_iters(state, params)
-        value, grads, eig, warm = self._fused(state, params, args, precond, max_iters=max_iters)
+        value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state))
         loss = value[0] if self.has_aux else value
-        return (value, grads), self._record(step, loss, eig), TrackerState(warm, eig.eigenvalue)
+        return (value, grads), self._record(step, loss, pair), self._next_state(params, pair)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measurement:
+    """One measurement (static: the tracker, placement, operator and basis size), one implementation for both
+    placements: prepare the operator at ``params`` (linearize (value, gradient) once, or a plain
+    forward-over-reverse pass), whose tangent along the warm vector is the solver's first product, then run the
+    warm-started solver."""
+
+    tracker: EoSTracker
+    driver: loops.Driver
+    op: _Operator
+    linearized: bool
+    max_iters: int
+
+    def prepare(self, vector: PyTree, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        layout = self.op.layout
+        tangent = layout.unravel(_unit(layout.ravel(vector)))
+        if precond is not None:
+            scale = jax.tree.map(jax.lax.rsqrt, precond)
+            tangent = jax.tree.map(jnp.multiply, scale, tangent)
+        value_and_grad = self.tracker._value_and_grad_fn(args)
+        if self.linearized:
+            (value, grads), lin = jax.linearize(value_and_grad, params)
+            h_tangent = lin(tangent)[1]
+            operands: tuple = (lin,)
+        else:
+            # Forward-over-reverse: the primal output is (value, gradient), the tangent of the gradient is H t.
+            (value, grads), (_, h_tangent) = jax.jvp(value_and_grad, (params,), (tangent,))
+            operands = (params, *args)
+        if precond is not None:
+            h_tangent = jax.tree.map(jnp.multiply, scale, h_tangent)
+            operands = (precond, *operands)
+        return value, grads, operands, layout.ravel(h_tangent)
+
+    def __call__(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        d, t = self.driver, self.tracker
+        value, grads, operands, first = d.call(_Prepare(self), state.vector, params, args, precond)
+        x0 = self.op.layout.ravel(state.vector)
+        eigenvalue0 = state.eigenvalue.astype(x0.dtype)
+        pair = _top_pair(
+            d, t.method, self.op, x0, eigenvalue0, t.tol, t.residual_tol, self.max_iters, operands=operands, first=first
+        )
+        return value, grads, pair
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepare:
+    measurement: _Measurement
+
+    def __call__(self, *args: Any) -> tuple:
+        return self.measurement.prepare(*args)
 
 
 def records_to_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:

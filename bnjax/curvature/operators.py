@@ -12,6 +12,12 @@ statistics, so the data-set "loss" is the mean over chunks of those chunk losses
 (minibatch) gradient descent with batch size ``chunk_size`` optimizes; Cohen et al. (2021) measure sharpness
 this way. In *eval* mode the running statistics are constants and the loss is an ordinary per-example mean.
 The two Hessians differ; :func:`flax_curvature_fns` makes the choice explicit and never switches silently.
+
+The chunk loop (``chunk_loop``) is a ``lax.scan`` (``"scan"``) or straight-line code, one copy of the chunk
+computation per chunk (``"unroll"``: compile time grows with the number of chunks). ``"auto"`` (default)
+unrolls up to :data:`MAX_UNROLL` chunks on CPU when the chunk computation contains a convolution, because
+XLA:CPU runs backward convolutions 15-20x slower inside loop bodies (see :mod:`bnjax.loops`); with more chunks
+it scans, and you may prefer a larger ``chunk_size``. Both give the same result up to rounding.
 """
 
 from __future__ import annotations
@@ -22,11 +28,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnjax import loops
 from bnjax._validate import check_like, check_positive_int
 from bnjax.curvature.hvp import Matvec, gnvp, hvp
 
 PyTree = Any
 BNMode = Literal["train", "eval"]
+ChunkLoop = Literal["auto", "scan", "unroll"]
+CHUNK_LOOPS = ("auto", "scan", "unroll")
+MAX_UNROLL = 16  # "auto" unrolls at most this many chunks (each copy adds to the compile time)
+
+
+def _check_chunk_loop(chunk_loop: Any) -> str:
+    if chunk_loop not in CHUNK_LOOPS:
+        raise ValueError(f"`chunk_loop` must be one of {CHUNK_LOOPS}; got {chunk_loop!r}.")
+    return chunk_loop
 
 
 def _num_examples(data: PyTree) -> int:
@@ -45,7 +61,9 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
-def chunked_mean(fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int) -> PyTree:
+def chunked_mean(
+    fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int, *, chunk_loop: ChunkLoop = "auto"
+) -> PyTree:
     """Size-weighted mean of ``fn(chunk)`` over consecutive chunks of ``data``.
 
     Args:
@@ -53,24 +71,33 @@ def chunked_mean(fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int) 
         axis. ``fn`` should return a *mean* over the chunk's examples.
       data: pytree of arrays sharing a leading example axis of size ``N``.
       chunk_size: examples per chunk (static). Values ``>= N`` mean a single chunk.
+      chunk_loop: ``"scan"``, ``"unroll"`` or ``"auto"`` (see the module docstring).
 
     Returns:
       ``sum_c n_c * fn(chunk_c) / N`` with chunks of ``chunk_size`` examples and a last chunk of
-      ``N mod chunk_size`` examples if that is nonzero. Full chunks run in one ``lax.scan``; the smaller last
+      ``N mod chunk_size`` examples if that is nonzero. Full chunks run in the chunk loop; the smaller last
       chunk is one extra call (its shape differs).
     """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    _check_chunk_loop(chunk_loop)
     n = _num_examples(data)
     chunk_size = min(chunk_size, n)
     num_full, rest = divmod(n, chunk_size)
     full = jax.tree.map(lambda x: x[: num_full * chunk_size].reshape(num_full, chunk_size, *x.shape[1:]), data)
-    out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], full))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree.map(lambda x: x[0], full))
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
     def body(total: PyTree, chunk: PyTree) -> tuple[PyTree, None]:
         return jax.tree.map(lambda t, y: t + chunk_size * y, total, fn(chunk)), None
 
-    total, _ = lax.scan(body, zeros, full)
+    if chunk_loop == "auto":
+        unroll = num_full <= MAX_UNROLL and jax.default_backend() == "cpu" and loops.has_convolution(jaxpr.jaxpr)
+        chunk_loop = "unroll" if unroll else "scan"
+    if chunk_loop == "scan" and num_full > 1:
+        total, _ = lax.scan(body, total, full)
+    else:
+        for i in range(num_full):
+            total, _ = body(total, jax.tree.map(lambda x: x[i], full))
     if rest:
         tail = fn(jax.tree.map(lambda x: x[num_full * chunk_size :], data))
         total = jax.tree.map(lambda t, y: t + rest * y, total, tail)
@@ -78,17 +105,28 @@ def chunked_mean(fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int) 
 
 
 def dataset_loss(
-    loss_fn: Callable[..., jax.Array], params: PyTree, data: PyTree, *args: Any, chunk_size: int
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    data: PyTree,
+    *args: Any,
+    chunk_size: int,
+    chunk_loop: ChunkLoop = "auto",
 ) -> jax.Array:
     """Mean loss over ``data`` in chunks: ``chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)``.
 
     ``loss_fn(params, chunk, *args) -> scalar`` is the mean loss of a chunk; ``args`` are not chunked.
     """
-    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)
+    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop)
 
 
 def dataset_value_and_grad(
-    loss_fn: Callable[..., Any], params: PyTree, data: PyTree, *args: Any, chunk_size: int, has_aux: bool = False
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    data: PyTree,
+    *args: Any,
+    chunk_size: int,
+    has_aux: bool = False,
+    chunk_loop: ChunkLoop = "auto",
 ) -> tuple[Any, PyTree]:
     """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``.
 
@@ -96,15 +134,21 @@ def dataset_value_and_grad(
     weighted by chunk size like the loss), as ``jax.value_and_grad(..., has_aux=True)`` would nest it.
     """
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size)
+    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size, chunk_loop=chunk_loop)
 
 
 def dataset_hvp(
-    loss_fn: Callable[..., jax.Array], params: PyTree, vector: PyTree, data: PyTree, *args: Any, chunk_size: int
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    vector: PyTree,
+    data: PyTree,
+    *args: Any,
+    chunk_size: int,
+    chunk_loop: ChunkLoop = "auto",
 ) -> PyTree:
     """Hessian of the chunked mean loss (see :func:`dataset_loss`) times ``vector``; a pytree like ``params``."""
     check_like(vector, params)
-    return chunked_mean(lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size)
+    return chunked_mean(lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop)
 
 
 def dataset_gnvp(
@@ -115,31 +159,43 @@ def dataset_gnvp(
     data: PyTree,
     *args: Any,
     chunk_size: int,
+    chunk_loop: ChunkLoop = "auto",
 ) -> PyTree:
     """GGN of the chunked mean loss times ``vector``: ``output_fn(params, chunk, *args)``,
     ``output_loss(outputs, chunk, *args)`` (see :func:`bnjax.curvature.gnvp`)."""
     check_like(vector, params)
-    return chunked_mean(lambda c: gnvp(output_fn, output_loss, params, vector, c, *args), data, chunk_size)
+    return chunked_mean(
+        lambda c: gnvp(output_fn, output_loss, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop
+    )
 
 
-def dataset_hessian_matvec(loss_fn: Callable[..., jax.Array], chunk_size: int) -> Matvec:
+def dataset_hessian_matvec(
+    loss_fn: Callable[..., jax.Array], chunk_size: int, chunk_loop: ChunkLoop = "auto"
+) -> Matvec:
     """Data-set Hessian as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_hvp`)."""
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    _check_chunk_loop(chunk_loop)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
-        return dataset_hvp(loss_fn, params, vector, data, *args, chunk_size=chunk_size)
+        return dataset_hvp(loss_fn, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop)
 
     return matvec
 
 
 def dataset_ggn_matvec(
-    output_fn: Callable[..., jax.Array], output_loss: Callable[..., jax.Array], chunk_size: int
+    output_fn: Callable[..., jax.Array],
+    output_loss: Callable[..., jax.Array],
+    chunk_size: int,
+    chunk_loop: ChunkLoop = "auto",
 ) -> Matvec:
     """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`)."""
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    _check_chunk_loop(chunk_loop)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
-        return dataset_gnvp(output_fn, output_loss, params, vector, data, *args, chunk_size=chunk_size)
+        return dataset_gnvp(
+            output_fn, output_loss, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop
+        )
 
     return matvec
 
