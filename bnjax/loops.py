@@ -193,3 +193,27 @@ class Driver:
 def driver_for(placement: Placement, fn: Callable[..., Any] | None = None, *args: Any) -> Driver:
     """The :class:`Driver` for ``placement`` (``"auto"`` resolved by :func:`resolve_placement`)."""
     return Driver(resolve_placement(placement, fn, *args))
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeviceScan:
+    step: Callable[..., tuple[Any, Any]]
+    length: int
+
+    def __call__(self, carry: Any, *operands: Any) -> tuple[Any, Any]:
+        return Driver("device").scan(self.step, carry, self.length, *operands)
+
+
+def scan_steps(
+    step: Callable[..., tuple[Any, Any]], carry: Any, length: int, *operands: Any, placement: Placement = "auto"
+) -> tuple[Any, Any]:
+    """``length`` steps ``carry, out = step(carry, *operands)``, outputs stacked: a training loop with a placement.
+
+    ``"device"``: one jitted ``lax.scan`` (one host round trip for all ``length`` steps); ``"host"``: one jitted
+    call per step; ``"auto"``: host on CPU when ``step`` contains a convolution (see :func:`resolve_placement`).
+    ``step`` is static (hashed by identity): build it once and reuse it, so that both placements compile once.
+    """
+    driver = driver_for(placement, step, carry, *operands)
+    if driver.on_host:
+        return driver.scan(step, carry, length, *operands)
+    return _jit_call(_DeviceScan(step, length), carry, *operands)

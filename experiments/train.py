@@ -3,14 +3,14 @@
 The model is a Flax module from :mod:`experiments.models` called as ``model.apply(variables, x, train=...)``.
 A loss function here has the signature ``loss_fn(params, batch_stats, x, y, key) -> (loss, aux)`` with
 ``aux = (new_batch_stats, logits)``: train mode (batch statistics; running statistics updated and returned),
-noise drawn from ``key`` for noisy BN. Steps run inside ``lax.scan`` in chunks, so one host round trip
-covers a chunk of steps; after each chunk the losses are checked and a non-finite one stops the run with
-:class:`Diverged`.
+noise drawn from ``key`` for noisy BN. Steps run in segments with :func:`bnjax.loops.scan_steps`: by default
+one jitted ``lax.scan`` per segment (one host round trip per segment), but one jitted call per step for conv
+nets on CPU, whose backward convolutions XLA:CPU runs 15-20x slower inside a loop body (``placement``); after
+each segment the losses are checked and a non-finite one stops the run with :class:`Diverged`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax import lax
+
+from bnjax import loops
 
 PyTree = Any
 LOSSES = ("square", "cross_entropy")
@@ -127,12 +128,13 @@ def make_train_step(
 
 def full_batch_runner(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
+    placement: loops.Placement = "auto",
 ) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
-    """Jitted ``run(state, x, y, num_steps) -> (state, metrics stacked over steps)``: full-batch GD in one scan."""
+    """``run(state, x, y, num_steps) -> (state, metrics stacked over steps)``: full-batch GD steps, placed by
+    :func:`bnjax.loops.scan_steps` (one jitted scan, or one jitted call per step)."""
 
-    @functools.partial(jax.jit, static_argnums=3)
     def run(state, x, y, num_steps):
-        return lax.scan(lambda s, _: step(s, x, y), state, None, length=num_steps)
+        return loops.scan_steps(step, state, num_steps, x, y, placement=placement)
 
     return run
 
@@ -140,26 +142,26 @@ def full_batch_runner(
 def minibatch_runner(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
     batch_size: int,
+    placement: loops.Placement = "auto",
 ) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
-    """Jitted ``run(state, x, y, num_steps) -> (state, metrics per step)``: minibatch steps in one scan.
+    """``run(state, x, y, num_steps) -> (state, metrics per step)``: minibatch steps, placed like
+    :func:`full_batch_runner`.
 
     Each step draws ``batch_size`` distinct examples uniformly at random (from ``state.key``), so a run can
     be cut into segments of any length without epoch bookkeeping; every batch has exactly ``batch_size``
     examples (BN statistics depend on the batch size).
     """
 
-    @functools.partial(jax.jit, static_argnums=3)
+    def body(s, x, y):
+        key, perm_key = jax.random.split(s.key)
+        idx = jax.random.permutation(perm_key, x.shape[0])[:batch_size]
+        return step(s._replace(key=key), x[idx], y[idx])
+
     def run(state, x, y, num_steps):
         n = x.shape[0]
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in (0, {n}] for {n} training examples, got {batch_size}.")
-
-        def body(s, _):
-            key, perm_key = jax.random.split(s.key)
-            idx = jax.random.permutation(perm_key, n)[:batch_size]
-            return step(s._replace(key=key), x[idx], y[idx])
-
-        return lax.scan(body, state, None, length=num_steps)
+        return loops.scan_steps(body, state, num_steps, x, y, placement=placement)
 
     return run
 

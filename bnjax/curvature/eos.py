@@ -186,7 +186,7 @@ class EoSTracker:
         ``max_iters`` bounds the HVPs per measurement; the first (cold) measurement may use ``3 * max_iters``.
         The Ritz value approaches the sharpness from below, so ``tol`` is set well under the accuracy wanted
         (the defaults aim at 1e-3 relative). Looser tolerances save HVPs but hand a worse warm start to the
-        next measurement, so errors grow along the run (``experiments/bench_curvature.py`` measures both).
+        next measurement, so errors grow along the run (``experiments/bench_warmstart.py`` measures both).
         Each record's ``residual`` bounds the error: ``|error| <= residual * sharpness``; its ``converged`` is
         False when ``max_iters`` ran out before the stopping rule held.
       has_aux: ``loss_fn`` returns ``(loss, aux)`` (e.g. updated ``batch_stats``); only the loss is

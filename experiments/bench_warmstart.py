@@ -1,7 +1,9 @@
-"""Benchmark of the curvature toolkit (issue 4) on MNIST-1D (1000 training examples).
+"""Warm-start study of the edge-of-stability tracker on MNIST-1D (1000 training examples): HVP counts and
+accuracy of warm-started solves along a GD run, and tracking overhead. (Speed against PyHessian and the loop
+placements: ``experiments/bench_curvature.py``.)
 
-Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick]`` (full: ~22 min, quick: ~9 min on 2
-CPU cores). Writes ``experiments/results/bench_curvature.json`` and prints a markdown table.
+Command: ``PYTHONPATH=. python experiments/bench_warmstart.py [--quick]`` (full: ~22 min, quick: ~9 min on 2
+CPU cores). Writes ``experiments/results/bench_warmstart.json`` and prints a markdown table.
 
 Models: a tanh MLP 40-200-200-10 with square loss (the flagship's model) and a 1-D CNN with ``bnjax.BatchNorm``
 (twice: conv 16 width 5 stride 2 - BN - relu; then mean pool - dense 10) with cross-entropy, curvature in
@@ -321,7 +323,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter GD runs and fewer repeats")
-    parser.add_argument("--out", default="experiments/results/bench_curvature.json")
+    parser.add_argument("--out", default="experiments/results/bench_warmstart.json")
     args = parser.parse_args()
     cfg = PRESETS["quick"] if args.quick else Config()
     ds_args = get_dataset_args()
@@ -332,7 +334,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = [run_bench(b, x, y, cfg) for b in BENCHES]
     payload = {
-        "command": "PYTHONPATH=. python experiments/bench_curvature.py" + (" --quick" if args.quick else ""),
+        "command": "PYTHONPATH=. python experiments/bench_warmstart.py" + (" --quick" if args.quick else ""),
         "date": datetime.date.today().isoformat(),
         "config": dataclasses.asdict(cfg),
         "targets": TARGETS,
