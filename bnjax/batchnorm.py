@@ -239,8 +239,8 @@ def batch_norm(
       dtype: output dtype; None promotes ``x``'s dtype with those of ``scale`` and ``bias`` (as Flax does).
       sync: how statistics are merged across ``axis_name``: ``"gather"`` (one ``all_gather``, traffic
         growing with the device count), ``"allreduce"`` (two ``psum`` rounds, traffic independent of it) or
-        ``"auto"`` (gather on at most 4 devices); both are exact and give the same results. See
-        :func:`bnjax.statistics.global_moments`.
+        ``"auto"`` (gather only while ``4 * devices * features`` is at most 4096 floats); both are exact and give
+        the same results. See :func:`bnjax.statistics.global_moments` and :func:`~bnjax.statistics.choose_sync`.
 
     Returns:
       ``(y, new_state)``: ``y`` has ``x``'s shape; statistics are computed in float32 or wider. With

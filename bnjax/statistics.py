@@ -33,8 +33,8 @@ from jax._src.lax.parallel import all_gather_invariant
 AxisName = Any  # a hashable axis name or a tuple of them
 Sync = Literal["auto", "gather", "allreduce"]
 SYNC_MODES = ("auto", "gather", "allreduce")
-# sync="auto" gathers on device axes up to this size and all-reduces above (see choose_sync).
-AUTO_GATHER_MAX_DEVICES = 4
+# sync="auto" gathers while the gathered moments hold at most this many floats per device (see choose_sync).
+AUTO_GATHER_MAX_FLOATS = 4096
 
 
 class Moments(NamedTuple):
@@ -173,21 +173,26 @@ def global_moments(
 
 
 def choose_sync(sync: Sync, axis_size: int, n_features: int) -> str:
-    """The merge ``sync`` stands for: ``"gather"`` or ``"allreduce"``.
+    """The merge ``sync`` stands for on an axis of ``axis_size`` devices: ``"gather"`` or ``"allreduce"``.
 
-    ``"auto"`` picks the gather on axes of at most ``AUTO_GATHER_MAX_DEVICES`` devices and the all-reduce
-    above. The all-gather receives ``4 * (D - 1) * F`` floats per device in one round; a ring all-reduce of
-    ``2 * F`` floats moves ``4 * F * (D - 1) / D`` per round, two rounds. Up to 4 devices the gather moves at
-    most 1.5x the bytes of the all-reduce and saves a round (latency dominates batch norm's few features);
-    beyond, its traffic and its ``4 * D * F`` buffer grow with ``D`` while the all-reduce's stay flat
-    (``experiments/bench_scale.py`` and README's "Scale: synchronization traffic"). ``n_features`` is taken
-    for the rule's signature: on the measured sizes the crossover did not depend on it.
+    ``"auto"`` gathers when the gathered array, ``4 * axis_size * n_features`` floats per device, holds at
+    most ``AUTO_GATHER_MAX_FLOATS`` (16 KiB), and all-reduces otherwise. The gather never moves fewer bytes:
+    its all-gather has ``4 * D * F`` floats of result per device and it grows with ``D``, while the
+    all-reduce's two rounds carry ``2 * F`` floats each whatever ``D`` is (compiled-HLO figures of
+    ``experiments/bench_scale.py``). Its one advantage is one round instead of two, which only pays where a
+    collective's fixed latency (microseconds on an accelerator interconnect) exceeds the time to move the
+    extra bytes: small payloads. On forced CPU devices the all-reduce was as fast or faster in every measured
+    case (README, "Scale: synchronization traffic"), so the threshold is kept small.
+
+    Args:
+      sync: ``"auto"``, ``"gather"`` or ``"allreduce"``.
+      axis_size: number of devices merged over (the product of the sizes of the named axes).
+      n_features: elements of one device's moment arrays (features times ghost batches).
     """
     check_sync(sync)
     if sync != "auto":
         return sync
-    del n_features
-    return "gather" if axis_size <= AUTO_GATHER_MAX_DEVICES else "allreduce"
+    return "gather" if 4 * axis_size * n_features <= AUTO_GATHER_MAX_FLOATS else "allreduce"
 
 
 def check_sync(sync: Any) -> None:
@@ -195,7 +200,7 @@ def check_sync(sync: Any) -> None:
     if sync not in SYNC_MODES:
         raise ValueError(
             f"sync={sync!r} is not a cross-device merge; expected one of {', '.join(map(repr, SYNC_MODES))} "
-            '("auto" picks "gather" on small device axes and "allreduce" on large ones).'
+            '("auto" gathers small payloads and all-reduces the rest).'
         )
 
 
