@@ -134,8 +134,9 @@ def global_moments(
     Both merges give every device (of a group) the same exact global moments, expressed around the same
     shift ``K*`` (the count-weighted mean of the devices' means, held constant for differentiation), so the
     result is typed *replicated* wherever that exists: not mapped under ``vmap``/``nn.vmap``, invariant under
-    ``shard_map(check_vma=True)``. Gradients flow through the collectives (the transpose of ``all_gather`` is a
-    reduce-scatter, that of ``psum`` a ``psum``), so they match single-device batch norm on the global batch.
+    ``shard_map(check_vma=True)``. Gradients flow through the collectives (the transpose of ``psum`` is a
+    ``psum``; that of ``all_gather`` a reduce-scatter, or under ``check_vma=True`` a slice of cotangents that are
+    already summed over devices), so they match single-device batch norm on the global batch.
 
     Args:
       local: this device's moments, every field of the same shape (``F`` elements: features times ghost
@@ -146,8 +147,8 @@ def global_moments(
       sync: ``"gather"``: one ``all_gather`` of ``(count, shift, offset, M2)``, then Chan's merge on every
         device: one round, ``4 * D * F`` floats received per device (``D`` devices on the axis).
         ``"allreduce"``: two ``psum`` rounds, of ``(count, count * mean)`` to agree on ``K*`` and of
-        ``(sum(x - K*), sum((x - K*)^2))``: ``4 * F`` floats whatever ``D`` is (``4 * G * F`` with ``G``
-        groups, each device adding its contribution to its group's row). ``"auto"``: see :func:`choose_sync`.
+        ``(sum(x - K*), sum((x - K*)^2))``: ``2 * F`` floats per round whatever ``D`` is (``2 * G * F`` with
+        ``G`` groups, each device adding its contribution to its group's row). ``"auto"``: see :func:`choose_sync`.
 
     Returns:
       :class:`Moments` of ``local``'s shape with ``shift = K*``; a group whose devices hold no valid element
@@ -257,7 +258,9 @@ def _varying_axes(a: jax.Array) -> frozenset:
 def _allreduce_merge(local: Moments, axis_name: AxisName, group) -> Moments:
     # Round 1: agree on K*. Round 2: each device's shifted sums around K*, from its own moments:
     # sum(x - K*) = n (d_i), sum((x - K*)^2) = M2_i + n d_i^2 with d_i = (K_i - K*) + offset_i.
-    count, weighted = _psum(jnp.stack([local.count, local.count * local.mean]), axis_name, group)
+    # K* carries no gradient, so round 1 is not differentiated (no collective for it in the backward pass).
+    first = lax.stop_gradient(jnp.stack([local.count, local.count * local.mean]))
+    count, weighted = _psum(first, axis_name, group)
     shift = _common_shift(count, weighted / jnp.maximum(count, 1.0))
     d = (local.shift - shift) + local.offset
     s1, s2 = _psum(jnp.stack([local.count * d, local.m2 + local.count * d * d]), axis_name, group)
