@@ -1,7 +1,7 @@
 """Benchmark: what exact cross-device batch-norm statistics cost as the device count grows.
 
-    PYTHONPATH=. python experiments/bench_scale.py                  # 1, 2, 4, 8, 32 devices, ~5 min on 2 cores
-    PYTHONPATH=. python experiments/bench_scale.py --quick          # 1, 2, 8 devices, small cases, ~1 min
+    PYTHONPATH=. python experiments/bench_scale.py                  # 1, 2, 4, 8, 32 devices, ~2 min on 2 cores
+    PYTHONPATH=. python experiments/bench_scale.py --quick          # 1, 2, 8 devices, small cases, ~40 s
     PYTHONPATH=. python experiments/bench_scale.py --devices 4 8    # chosen device counts
 
 Every device count ``D`` runs in its own subprocess, which sets
