@@ -4,8 +4,8 @@
     PYTHONPATH=. python experiments/bench_scale.py --quick          # 1, 2, 8 devices, small cases, ~40 s
     PYTHONPATH=. python experiments/bench_scale.py --devices 4 8    # chosen device counts
 
-Every device count ``D`` runs in its own subprocess, which sets
-``XLA_FLAGS=--xla_force_host_platform_device_count=D`` before importing JAX. Per device count and case (the
+Every device count ``D`` runs in its own subprocess, started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=D`` in its environment (read when JAX initializes). Per device count and case (the
 shape is per device; the global batch is ``D`` times larger), one train step of batch norm alone inside
 ``jax.shard_map`` (default ``check_vma=True``): forward and backward with respect to the input, the running
 statistics returned through ``out_specs=P()``. Variants:
@@ -41,6 +41,15 @@ import re
 import subprocess
 import sys
 import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+from experiments.bench_batchnorm import time_interleaved
 
 AXIS = "batch"
 CASES = {  # per-device shapes; features last
@@ -107,8 +116,6 @@ def memory_per_device(compiled) -> dict:
 
 def time_ratios(fns: dict, repeats: int, baseline: str) -> dict:
     """Median seconds per call of each zero-argument function (interleaved) and its ratio to ``baseline``."""
-    from experiments.bench_batchnorm import time_interleaved
-
     t = time_interleaved(fns, repeats)
     return {"median_s": t, "ratio": {k: t[k] / t[baseline] for k in t}}
 
@@ -118,13 +125,6 @@ def time_ratios(fns: dict, repeats: int, baseline: str) -> dict:
 
 def _sync_steps(mesh, n_features):
     """Variant -> jitted ``step(x, ct) -> (dx, new_mean, new_var)`` of one BN layer inside ``shard_map``."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    import bnjax
-
     state = bnjax.init_state((n_features,))
     scale, bias = jnp.ones(n_features), jnp.zeros(n_features)
 
@@ -156,18 +156,11 @@ def _sync_steps(mesh, n_features):
 
     # Per-device statistics differ between devices, so they leave stacked; every synchronized variant's
     # statistics are replicated and leave through P() as they are (no pmean).
-    return {
-        name: step(norm, P(AXIS) if name == "local" else P())
-        for name, norm in norms.items()
-    }
+    return {name: step(norm, P(AXIS) if name == "local" else P()) for name, norm in norms.items()}
 
 
 def measure_sync(devices: int, cases: dict, repeats: int) -> list[dict]:
     """Collective bytes, memory and time ratios of a BN train step, per case, on ``devices`` devices."""
-    import jax
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     mesh = jax.make_mesh((devices,), (AXIS,), axis_types=(AxisType.Auto,))
     rows = []
     for case, shape in cases.items():
@@ -216,8 +209,6 @@ HEADER = (
 
 def _worker(args) -> None:
     """Runs in the subprocess for one device count: measure the requested parts, print JSON last."""
-    import jax
-
     if jax.device_count() != args.worker:
         raise SystemExit(f"expected {args.worker} devices, JAX sees {jax.device_count()}: check XLA_FLAGS")
     cases = QUICK_CASES if args.quick else CASES
@@ -255,8 +246,6 @@ def main() -> None:
         lines = proc.stdout.splitlines()
         print("\n".join(line for line in lines if line.startswith("|")), flush=True)
         results[str(d)] = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
-    import jax
-
     meta = {"jax": jax.__version__, "device_counts": list(counts), "cpu_count": os.cpu_count(),
             "repeats": args.repeats, "quick": args.quick, "wall_s": time.perf_counter() - start,
             "date": time.strftime("%Y-%m-%d")}
