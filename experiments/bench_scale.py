@@ -5,10 +5,10 @@
     PYTHONPATH=. python experiments/bench_scale.py --devices 4 8    # chosen device counts
 
 Every device count ``D`` runs in its own subprocess, started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=D`` in its environment (read when JAX initializes). Per device count and case (the
-shape is per device; the global batch is ``D`` times larger), one train step of batch norm alone inside
-``jax.shard_map`` (default ``check_vma=True``): forward and backward with respect to the input, the running
-statistics returned through ``out_specs=P()``. Variants:
+``XLA_FLAGS=--xla_force_host_platform_device_count=D`` in its environment (read when JAX initializes). Per
+device count and case (the shape is per device; the global batch is ``D`` times larger), one train step of
+batch norm alone inside ``jax.shard_map`` (default ``check_vma=True``): forward and backward with respect to
+the input, the running statistics returned through ``out_specs=P()``. Variants:
 
 - ``local``: ``bnjax.batch_norm`` without ``axis_name`` (per-device statistics; the baseline);
 - ``gather``, ``allreduce``: ``bnjax.batch_norm`` with ``axis_name`` and that ``sync``;
