@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import statistics
-from bnjax.statistics import AxisName, Moments
+from bnjax.statistics import AxisName, Moments, Sync
 
 Axes = int | Sequence[int]
 Convention = Literal["flax", "torch"]
@@ -163,8 +163,9 @@ def batch_moments(
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     virtual_batch_size: int | None = None,
+    sync: Sync = "auto",
 ) -> Moments:
-    """Global per-feature moments of ``x`` (merged across ``axis_name`` when given).
+    """Global per-feature moments of ``x`` (merged across ``axis_name`` when given, by ``sync``).
 
     The result's fields have ``x``'s rank with reduced axes kept as size 1 (with ghost batches, the first
     reduction axis is split into ``(groups, 1)``). Use ``Moments.mean`` / ``Moments.var`` for the statistics.
@@ -172,10 +173,10 @@ def batch_moments(
     x = jnp.asarray(x)
     layout = _layout(x, axis, virtual_batch_size, train=True)
     _check_inputs(x, None, None, None, mask, layout.feature_shape)
-    return _moments(x, layout, mask, axis_name, axis_index_groups)
+    return _moments(x, layout, mask, axis_name, axis_index_groups, sync)
 
 
-def _moments(x, layout, mask, axis_name, axis_index_groups) -> Moments:
+def _moments(x, layout, mask, axis_name, axis_index_groups, sync) -> Moments:
     xs = _grouped(x.astype(_stats_dtype(x.dtype)), layout)
     m = None if mask is None else _grouped(jnp.broadcast_to(mask, x.shape), layout)
     axes = layout.reduction_axes
@@ -184,7 +185,7 @@ def _moments(x, layout, mask, axis_name, axis_index_groups) -> Moments:
         # reduction axis (all of which come after it) move up by one.
         axes = tuple(a + 1 for a in axes)
     local = statistics.local_moments(xs, axes, m)
-    return statistics.global_moments(local, axis_name, axis_index_groups)
+    return statistics.global_moments(local, axis_name, axis_index_groups, sync)
 
 
 def batch_norm(
@@ -203,6 +204,7 @@ def batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     virtual_batch_size: int | None = None,
     dtype: Any = None,
+    sync: Sync = "auto",
 ) -> tuple[jax.Array, BatchNormState | None]:
     """Batch normalization as a pure function.
 
@@ -235,13 +237,20 @@ def batch_norm(
         reduction axis separately (merged across ``axis_name`` sub-batch by sub-batch). The running
         statistics are updated with the count-weighted average of the sub-batches' means and variances.
       dtype: output dtype; None promotes ``x``'s dtype with those of ``scale`` and ``bias`` (as Flax does).
+      sync: how statistics are merged across ``axis_name``: ``"gather"`` (one ``all_gather``, traffic
+        growing with the device count), ``"allreduce"`` (two ``psum`` rounds, traffic independent of it) or
+        ``"auto"`` (gather only while ``4 * devices * features`` is at most 4096 floats); both are exact and give
+        the same results. See :func:`bnjax.statistics.global_moments` and :func:`~bnjax.statistics.choose_sync`.
 
     Returns:
-      ``(y, new_state)``: ``y`` has ``x``'s shape; statistics are computed in float32 or wider.
+      ``(y, new_state)``: ``y`` has ``x``'s shape; statistics are computed in float32 or wider. With
+      ``axis_name``, ``new_state`` is the same on every device and typed so (not mapped under ``vmap``,
+      invariant under ``shard_map``): it can leave a ``shard_map`` through ``out_specs=P()`` as it is.
     """
     x = jnp.asarray(x)
     if convention not in ("flax", "torch"):
         raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
+    statistics.check_sync(sync)
     layout = _layout(x, axis, virtual_batch_size, train)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
     if momentum is None and not (convention == "torch" and (state is None or state.count is not None)):
@@ -260,14 +269,15 @@ def batch_norm(
     if train:
         # Work in the grouped layout (a no-op without ghost batches): broadcast shapes gain a size-1 axis.
         bshape = _grouped_shape(bshape, layout)
-        mom = _moments(x, layout, mask, axis_name, axis_index_groups)
+        mom = _moments(x, layout, mask, axis_name, axis_index_groups, sync)
         offset, var = mom.offset, mom.var
         if state is not None:
             # No valid element anywhere: use the running statistics (finite outputs, state unchanged).
             have = mom.count > 0
             offset = jnp.where(have, offset, state.mean.reshape(bshape).astype(acc) - mom.shift)
             var = jnp.where(have, var, state.var.reshape(bshape).astype(acc))
-        # y = ((x - K) - offset) * mul + bias, written as one multiply-add per element on the small x - K.
+        # y = ((x - K) - offset) * mul + bias, written as one multiply-add per element on the small x - K
+        # (K is the merged shift, the same on every device, so every statistic below is device-invariant).
         xc = _grouped(x.astype(acc), layout) - mom.shift
         mul = lax.rsqrt(var + epsilon)
         new_state = None if state is None else _update(state, mom, layout, momentum, convention)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm, init_state
-from bnjax.statistics import AxisName
+from bnjax.statistics import AxisName, Sync
 
 Initializer = Any
 
@@ -49,6 +49,10 @@ class BatchNorm(nn.Module):
       bias_init, scale_init: their initializers.
       axis_name: device axis name(s) to merge statistics across (pmap / shard_map / vmap).
       axis_index_groups: groups of device indices within ``axis_name``.
+      sync: how statistics are merged across ``axis_name``: ``"auto"`` (default), ``"gather"`` or
+        ``"allreduce"``; see :func:`bnjax.batch_norm`. Updated ``batch_stats`` come out replicated, so
+        ``nn.vmap(..., variable_axes={"batch_stats": None}, axis_name=...)`` and ``shard_map`` with
+        ``out_specs=P()`` take them as they are.
     """
 
     use_running_average: bool | None = None
@@ -66,6 +70,7 @@ class BatchNorm(nn.Module):
     convention: Convention = "flax"
     virtual_batch_size: int | None = None
     test_local_stats: bool = False
+    sync: Sync = "auto"
 
     @nn.compact
     def __call__(
@@ -131,6 +136,7 @@ class BatchNorm(nn.Module):
             axis_name=None if self.is_initializing() else self.axis_name,
             axis_index_groups=self.axis_index_groups,
             dtype=self.dtype,
+            sync=self.sync,
             **kwargs,
         )
         if self._updates_state(use_running_average):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm
-from bnjax.statistics import AxisName
+from bnjax.statistics import AxisName, Sync, check_sync
 
 
 class BatchNorm(nnx.Module):
@@ -19,7 +19,10 @@ class BatchNorm(nnx.Module):
     feature axes pass a tuple of sizes), same variables (``scale``/``bias`` as ``nnx.Param``, ``mean``/``var`` as
     ``nnx.BatchStat``, float32), same ``__call__(x, use_running_average=None, *, mask=None)``. Statistics are
     exact and stable (no ``use_fast_variance``), reduced in at least float32; the output dtype follows
-    :func:`bnjax.batch_norm`. Extra arguments: ``convention`` and ``virtual_batch_size``.
+    :func:`bnjax.batch_norm`. Extra arguments: ``convention``, ``virtual_batch_size`` and ``sync`` (the
+    cross-device merge, see :func:`bnjax.batch_norm`). With ``axis_name``, the updated ``mean``/``var`` are
+    replicated, so ``nnx.vmap`` with the module broadcast (``in_axes=None``) and ``nnx.shard_map`` with
+    ``P()`` for its state accept them.
     """
 
     def __init__(
@@ -40,8 +43,10 @@ class BatchNorm(nnx.Module):
         axis_index_groups: Sequence[Sequence[int]] | None = None,
         convention: Convention = "flax",
         virtual_batch_size: int | None = None,
+        sync: Sync = "auto",
         rngs: nnx.Rngs,
     ):
+        check_sync(sync)
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -58,6 +63,7 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.convention = convention
         self.virtual_batch_size = virtual_batch_size
+        self.sync = sync
 
     def __call__(
         self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -84,6 +90,7 @@ class BatchNorm(nnx.Module):
             axis_index_groups=self.axis_index_groups,
             virtual_batch_size=self.virtual_batch_size,
             dtype=self.dtype,
+            sync=self.sync,
         )
         if not use_running_average:
             self.mean[...] = jax.lax.stop_gradient(new.mean)

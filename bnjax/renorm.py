@@ -41,7 +41,7 @@ from bnjax.batchnorm import (
     batch_norm,
 )
 from bnjax.module import BatchNorm
-from bnjax.statistics import AxisName
+from bnjax.statistics import AxisName, Sync
 
 Bound = float | jax.Array
 Schedule = Callable[[jax.Array], jax.Array]
@@ -79,6 +79,7 @@ def batch_renorm(
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     dtype: Any = None,
+    sync: Sync = "auto",
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch renormalization as a pure function; arguments as in :func:`bnjax.batch_norm`, plus:
 
@@ -99,7 +100,7 @@ def batch_renorm(
     if not train:
         return batch_norm(
             x, scale, bias, state, train=False, axis=axis, momentum=momentum, epsilon=epsilon,
-            convention=convention, dtype=dtype,
+            convention=convention, dtype=dtype, sync=sync,
         )
     if convention not in ("flax", "torch"):
         raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
@@ -111,7 +112,9 @@ def batch_renorm(
     x = jnp.asarray(x)
     layout = _layout(x, axis, None, train=True)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
-    mom = batch_moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    mom = batch_moments(
+        x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, sync=sync
+    )
     acc = _stats_dtype(x.dtype)
     bshape = mom.count.shape
     run_mean = state.mean.reshape(bshape).astype(acc)

@@ -9,21 +9,32 @@ Because ``x - K`` is small and (for ``x`` and ``K`` within a factor of two) exac
 statistics do not suffer the catastrophic cancellation of ``E[x^2] - E[x]^2``, and the caller can normalize
 as ``((x - K) - d) / sigma`` without ever rounding the mean itself to the input's precision.
 
-Cross-device merge. Each device contributes ``(count, shift, offset, M2)``; the merge is Chan et al.'s
-parallel formula, carried out on every device relative to its *own* shift, so each device gets the exact
-global ``mean - K_local`` and ``M2``. Devices (or sub-batches) with no valid element contribute nothing.
+Cross-device merge. Every device ends with the exact global ``(count, K*, mean - K*, M2)`` around one common
+shift ``K*`` (the count-weighted mean of the devices' means), so the merged statistics are the same value on
+every device and typed so (not mapped under ``vmap``, invariant under ``shard_map(check_vma=True)``). Two
+ways, chosen by ``sync``: ``"gather"`` all-gathers each device's ``(count, shift, offset, M2)`` and applies
+Chan et al.'s parallel formula (one round, traffic ``O(devices x features)``); ``"allreduce"`` agrees on
+``K*`` with one small ``psum`` and then sums the shifted sums ``(sum(x - K*), sum((x - K*)^2))`` re-expressed
+from each device's moments (two rounds, traffic ``O(features)``). Devices (or sub-batches) with no valid
+element contribute nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import math
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lax.parallel import all_gather_invariant
 
 AxisName = Any  # a hashable axis name or a tuple of them
+Sync = Literal["auto", "gather", "allreduce"]
+SYNC_MODES = ("auto", "gather", "allreduce")
+# sync="auto" gathers while the gathered moments hold at most this many floats per device (see choose_sync).
+AUTO_GATHER_MAX_FLOATS = 4096
 
 
 class Moments(NamedTuple):
@@ -116,50 +127,171 @@ def global_moments(
     local: Moments,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    sync: Sync = "auto",
 ) -> Moments:
     """Merge ``local`` moments across the named device axes (identity when ``axis_name`` is None).
 
-    One ``all_gather`` of the four moment arrays (per axis name); its transpose (a reduce-scatter) makes the backward pass
-    use the global reductions too, so gradients match single-device batchnorm on the global batch.
+    Both merges give every device (of a group) the same exact global moments, expressed around the same
+    shift ``K*`` (the count-weighted mean of the devices' means, held constant for differentiation), so the
+    result is typed *replicated* wherever that exists: not mapped under ``vmap``/``nn.vmap``, invariant under
+    ``shard_map(check_vma=True)``. Gradients flow through the collectives (the transpose of ``psum`` is a
+    ``psum``; that of ``all_gather`` a reduce-scatter, or under ``check_vma=True`` a slice of cotangents that are
+    already summed over devices), so they match single-device batch norm on the global batch.
 
-    ``axis_index_groups`` (a partition of the linear device indices along ``axis_name``) is applied after a
-    gather over the whole axis, by giving the parts outside this device's group a count of zero: the same
-    code then works under ``pmap``, ``shard_map`` and ``vmap`` (whose ``all_gather`` rejects groups), and the
-    extra traffic is a few floats per feature and device.
+    Args:
+      local: this device's moments, every field of the same shape (``F`` elements: features times ghost
+        batches).
+      axis_name: a bound axis name, a tuple of them, or None.
+      axis_index_groups: optional partition of the linear device indices along ``axis_name`` (row-major over
+        a tuple of names); each group merges only its members' moments.
+      sync: ``"gather"``: one ``all_gather`` of ``(count, shift, offset, M2)``, then Chan's merge on every
+        device: one round, ``4 * D * F`` floats received per device (``D`` devices on the axis).
+        ``"allreduce"``: two ``psum`` rounds, of ``(count, count * mean)`` to agree on ``K*`` and of
+        ``(sum(x - K*), sum((x - K*)^2))``: ``2 * F`` floats per round whatever ``D`` is (``2 * G * F`` with
+        ``G`` groups, each device adding its contribution to its group's row). ``"auto"``: see :func:`choose_sync`.
+
+    Returns:
+      :class:`Moments` of ``local``'s shape with ``shift = K*``; a group whose devices hold no valid element
+      gets ``count = 0``, ``offset = m2 = 0`` and ``K* = 0``.
+
+    ``axis_index_groups`` are emulated by masking (gather) or by one row per group (all-reduce), because
+    ``all_gather`` and ``psum`` reject groups under ``shard_map`` and ``vmap``: the same code runs under every
+    transform.
     """
+    check_sync(sync)
     if axis_name is None:
         return local
     check_axis_name(axis_name)
+    names = _names(axis_name)
+    size = math.prod(lax.axis_size(name) for name in names)
+    group = None
+    if axis_index_groups is not None:
+        group_of = _group_of(axis_index_groups, size)
+        group = (group_of, jnp.asarray(group_of)[lax.axis_index(axis_name)])
+    if choose_sync(sync, size, local.count.size) == "gather":
+        return _gather_merge(local, names, group)
+    return _allreduce_merge(local, axis_name, group)
+
+
+def choose_sync(sync: Sync, axis_size: int, n_features: int) -> str:
+    """The merge ``sync`` stands for on an axis of ``axis_size`` devices: ``"gather"`` or ``"allreduce"``.
+
+    ``"auto"`` gathers when the gathered array, ``4 * axis_size * n_features`` floats per device, holds at
+    most ``AUTO_GATHER_MAX_FLOATS`` (16 KiB), and all-reduces otherwise. The gather never moves fewer bytes:
+    its all-gather has ``4 * D * F`` floats of result per device and it grows with ``D``, while the
+    all-reduce's two rounds carry ``2 * F`` floats each whatever ``D`` is (compiled-HLO figures of
+    ``experiments/bench_scale.py``). Its one advantage is one round instead of two, which only pays where a
+    collective's fixed latency (microseconds on an accelerator interconnect) exceeds the time to move the
+    extra bytes: small payloads. On forced CPU devices the all-reduce was as fast or faster in every measured
+    case (README, "Scale: synchronization traffic"), so the threshold is kept small.
+
+    Args:
+      sync: ``"auto"``, ``"gather"`` or ``"allreduce"``.
+      axis_size: number of devices merged over (the product of the sizes of the named axes).
+      n_features: elements of one device's moment arrays (features times ghost batches).
+    """
+    check_sync(sync)
+    if sync != "auto":
+        return sync
+    return "gather" if 4 * axis_size * n_features <= AUTO_GATHER_MAX_FLOATS else "allreduce"
+
+
+def check_sync(sync: Any) -> None:
+    """Raise a ValueError naming the accepted values when ``sync`` is not one of them."""
+    if sync not in SYNC_MODES:
+        raise ValueError(
+            f"sync={sync!r} is not a cross-device merge; expected one of {', '.join(map(repr, SYNC_MODES))} "
+            '("auto" gathers small payloads and all-reduces the rest).'
+        )
+
+
+def _common_shift(count: jax.Array, mean: jax.Array, axis: int | None = None) -> jax.Array:
+    """``K* = sum(count * mean) / sum(count)`` over ``axis`` (0 when nothing is valid), without gradient.
+
+    ``K*`` is within rounding of the global mean, so ``x - K*`` is as exact as ``x - K_local`` and the
+    re-centred sums below lose nothing to cancellation.
+    """
+    count, mean = lax.stop_gradient(count), lax.stop_gradient(mean)
+    weighted = count * mean if axis is None else jnp.sum(count * mean, axis=axis)
+    n = count if axis is None else jnp.sum(count, axis=axis)
+    return weighted / jnp.maximum(n, 1.0)
+
+
+def _gather_merge(local: Moments, names: tuple, group) -> Moments:
     packed = jnp.stack(local, axis=0)
     # One gather per name, last name first: the parts then come out in the row-major device order of
     # lax.axis_index(axis_name). (JAX's batching rule rejects all_gather over a tuple that includes a vmap axis.)
     gathered = packed
-    for name in reversed(_names(axis_name)):
-        gathered = lax.all_gather(gathered, name, axis=0)
+    for name in reversed(names):
+        gathered = _all_gather(gathered, name)
     gathered = gathered.reshape((-1,) + packed.shape)
     parts = Moments(*(gathered[:, i] for i in range(4)))
-    if axis_index_groups is not None:
-        same_group = _same_group_table(axis_index_groups, gathered.shape[0])
-        member = jnp.asarray(same_group)[lax.axis_index(axis_name)]
-        member = member.reshape((-1,) + (1,) * local.count.ndim)
+    if group is not None:
+        group_of, mine = group
+        member = (jnp.asarray(group_of) == mine).reshape((-1,) + (1,) * local.count.ndim)
         parts = parts._replace(
             count=jnp.where(member, parts.count, 0.0), m2=jnp.where(member, parts.m2, 0.0)
         )
-    return merge_moments(parts, local.shift, axis=0)
+    return merge_moments(parts, _common_shift(parts.count, parts.mean, axis=0), axis=0)
 
 
-def _same_group_table(axis_index_groups: Sequence[Sequence[int]], axis_size: int) -> np.ndarray:
-    """bool[axis_size, axis_size]: whether devices i and j are in the same group; validates the groups."""
+def _all_gather(a: jax.Array, name) -> jax.Array:
+    """``all_gather`` over one axis name, typed invariant under ``shard_map(check_vma=True)``.
+
+    There ``lax.all_gather`` is typed device-varying although every device receives the same array, and
+    the merged statistics would inherit that type; ``all_gather_invariant`` (same HLO, not exported by JAX)
+    is typed invariant and its transpose is the slice that is right under that typing. Elsewhere (``pmap``,
+    ``vmap``, ``check_vma=False``) the plain gather, whose transpose is the reduce-scatter those need.
+    """
+    if name in _varying_axes(lax.axis_index(name)):
+        return all_gather_invariant(a, name)
+    return lax.all_gather(a, name)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    """The mesh axes ``a`` is typed device-varying along (empty outside ``shard_map(check_vma=True)``)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)  # JAX 0.10; earlier versions keep the set in ``aval.vma``
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _allreduce_merge(local: Moments, axis_name: AxisName, group) -> Moments:
+    # Round 1: agree on K*. Round 2: each device's shifted sums around K*, from its own moments:
+    # sum(x - K*) = n (d_i), sum((x - K*)^2) = M2_i + n d_i^2 with d_i = (K_i - K*) + offset_i.
+    # K* carries no gradient, so round 1 is not differentiated (no collective for it in the backward pass).
+    first = lax.stop_gradient(jnp.stack([local.count, local.count * local.mean]))
+    count, weighted = _psum(first, axis_name, group)
+    shift = _common_shift(count, weighted / jnp.maximum(count, 1.0))
+    d = (local.shift - shift) + local.offset
+    s1, s2 = _psum(jnp.stack([local.count * d, local.m2 + local.count * d * d]), axis_name, group)
+    offset = s1 / jnp.maximum(count, 1.0)
+    # |offset| is within rounding of 0 (K* is the mean), so s2 - s1 * offset does not cancel.
+    m2 = jnp.maximum(s2 - s1 * offset, 0.0)
+    return Moments(count, shift, offset, m2)
+
+
+def _psum(a: jax.Array, axis_name: AxisName, group) -> jax.Array:
+    """``psum`` over ``axis_name``, or within this device's group: one row per group, summed, ours read back."""
+    if group is None:
+        return lax.psum(a, axis_name)
+    group_of, mine = group
+    n_groups = int(group_of.max()) + 1
+    rows = jnp.where((jnp.arange(n_groups) == mine).reshape((-1,) + (1,) * a.ndim), a[None], 0.0)
+    return lax.dynamic_index_in_dim(lax.psum(rows, axis_name), mine, axis=0, keepdims=False)
+
+
+def _group_of(axis_index_groups: Sequence[Sequence[int]], axis_size: int) -> np.ndarray:
+    """int[axis_size]: the group index of each device; validates that the groups partition the devices."""
     flat = [i for group in axis_index_groups for i in group]
     if sorted(flat) != list(range(axis_size)):
         raise ValueError(
             f"axis_index_groups={axis_index_groups!r} must partition the device indices 0..{axis_size - 1} "
             f"along the axis (each index in exactly one group), got the indices {sorted(flat)}."
         )
-    group_of = np.empty(axis_size, np.int64)
+    group_of = np.empty(axis_size, np.int32)
     for g, group in enumerate(axis_index_groups):
         group_of[list(group)] = g
-    return group_of[:, None] == group_of[None, :]
+    return group_of
 
 
 def check_axis_name(axis_name: AxisName) -> None:

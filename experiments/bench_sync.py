@@ -9,7 +9,8 @@ under ``jit`` in forward and forward+backward (VJP w.r.t. input, scale and bias)
 by round, median per variant:
 
 - ``local``: ``shard_map``, ``bnjax.batch_norm`` without ``axis_name`` (per-device statistics);
-- ``sync``: the same with ``axis_name``: one ``all_gather`` of (count, shift, offset, M2) per feature;
+- ``sync``: the same with ``axis_name`` and the default ``sync="auto"`` merge (see ``bench_scale.py``
+  for the two merges side by side);
 - ``flax sync``: ``flax.linen.BatchNorm(axis_name=...)`` in the same ``shard_map`` (a ``pmean`` of moments);
 - ``sharded jit``: ``jit`` over the batch-sharded array, no ``axis_name`` (XLA inserts the all-reduces).
 

@@ -30,11 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
+import bnjax.nnx
 from bnjax.batchnorm import BatchNormState, batch_norm
 from reference import bn_forward
 
@@ -45,6 +47,7 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 # (axis names, mesh shape): one name over 8 devices, or a tuple of names over a 2 x 4 mesh.
 AXES = {"name": (("d",), (8,)), "tuple": (("a", "b"), (2, 4))}
 KINDS = ["pmap", "shard_map", "vmap"]
+SYNCS = ["gather", "allreduce"]  # the two cross-device merges; every multi-device check runs both
 # shard_map with check_vma=False has per-device (pmap-like) gradient semantics: see the module docstring.
 GRAD_KINDS = [("pmap", True), ("vmap", True), ("shard_map", True), ("shard_map", False)]
 GRAD_IDS = ["pmap", "vmap", "shard_map", "shard_map-no-vma"]
@@ -156,7 +159,16 @@ def _flax_reference(x, dy, mask, scale, bias):
 
 
 def _local_step(x, dy, mask, scale, bias, *, axis_name, axis_index_groups=None):
-    """One device: forward, grads of sum(valid * y * dy) w.r.t. (x, scale, bias), updated running stats."""
+    """One device: forward, grads of sum(valid * y * dy) w.r.t. (x, scale, bias), updated running stats.
+
+    Computed with each merge: a dict ``sync -> (y, grads, mean, var)`` (one compilation checks both).
+    """
+    return {
+        sync: _local_step_with(x, dy, mask, scale, bias, axis_name, axis_index_groups, sync) for sync in SYNCS
+    }
+
+
+def _local_step_with(x, dy, mask, scale, bias, axis_name, axis_index_groups, sync):
     state = BatchNormState(jnp.zeros(3), jnp.ones(3))
 
     def loss(x, scale, bias):
@@ -171,6 +183,7 @@ def _local_step(x, dy, mask, scale, bias, *, axis_name, axis_index_groups=None):
             mask=mask,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
+            sync=sync,
         )
         valid = jnp.ones(x.shape, bool) if mask is None else mask
         return jnp.sum(jnp.where(valid, y * dy, 0.0)), (y, new)
@@ -208,8 +221,13 @@ def test_matches_single_device_on_global_batch(scenario, kind, check_vma, axes):
 
     step = _step_fn(_axis_name(names), masked=mask is not None)
     sharded = [x, dy] if mask is None else [x, dy, mask]
-    y, (dx, ds, db), mean, var = per_device(kind, names, sizes, step, sharded, [scale, bias], check_vma)
+    for sync, out in per_device(kind, names, sizes, step, sharded, [scale, bias], check_vma).items():
+        _check_against_single_device(kind, check_vma, x, mask, out, y_ref, (dx_ref, ds_ref, db_ref), stats_ref)
 
+
+def _check_against_single_device(kind, check_vma, x, mask, out, y_ref, grads_ref, stats_ref):
+    y, (dx, ds, db), mean, var = out
+    dx_ref, ds_ref, db_ref = grads_ref
     valid = np.ones(x.shape, bool) if mask is None else mask
     np.testing.assert_allclose(y.reshape(x.shape)[valid], np.asarray(y_ref)[valid], **TOL)
     np.testing.assert_allclose(dx.reshape(x.shape), dx_ref, **TOL)
@@ -243,7 +261,12 @@ def test_axis_index_groups_merge_within_each_group(kind, axes):
     scale = np.array([0.5, 1.0, 2.0], np.float32)
     bias = np.zeros(3, np.float32)
     step = _grouped_step_fn(_axis_name(names), groups)
-    y, (dx, ds, _), mean, _ = per_device(kind, names, sizes, step, [x, dy], [scale, bias])
+    for out in per_device(kind, names, sizes, step, [x, dy], [scale, bias]).values():
+        _check_groups(kind, groups, x, dy, scale, bias, out)
+
+
+def _check_groups(kind, groups, x, dy, scale, bias, out):
+    y, (dx, ds, _), mean, _ = out
     n = x.shape[0] // 8
     ds_total = np.zeros(3)
     for group in groups:
@@ -265,6 +288,90 @@ def test_axis_index_groups_must_partition_the_devices():
     step = _grouped_step_fn("d", ((0, 1, 2), (4, 5, 6, 7)))
     with pytest.raises(ValueError, match="axis_index_groups.*partition"):
         per_device("vmap", ("d",), (8,), step, [x, dy], [np.ones(3, np.float32), np.zeros(3, np.float32)])
+
+
+# ----------------------------------------------------------------------------- the two merges
+
+
+@functools.cache
+def _precision_step(axis_name, sync):
+    return lambda x, mask: batch_norm(
+        x, None, None, BatchNormState(jnp.zeros(4), jnp.ones(4)), train=True, epsilon=EPS, mask=mask,
+        axis_name=axis_name, sync=sync,
+    )
+
+
+@pytest.mark.parametrize("kind, axes", [("shard_map", "name"), ("vmap", "tuple"), ("pmap", "name")])
+def test_merges_are_exact_at_mean_1e3_std_1e_2_with_uneven_and_empty_devices(kind, axes):
+    """The case shifted sums exist for, across devices: within 1e-5 of the largest output, both merges.
+
+    Device d holds 6 rows of which the first ``counts[d]`` are valid (a padded shard; two devices empty),
+    and device means differ by many standard deviations, so K* differs from every local shift.
+    """
+    names, sizes = AXES[axes]
+    rng = np.random.default_rng(7)
+    counts = [6, 0, 2, 5, 1, 0, 6, 3]
+    x = 1e3 + 1e-2 * rng.standard_normal((48, 4)) + 0.05 * np.repeat(np.arange(8.0), 6)[:, None]
+    x = x.astype(np.float32)
+    mask = np.zeros((48, 1), bool)
+    for d, k in enumerate(counts):
+        mask[6 * d : 6 * d + k] = True
+    y64, mean64, var64, _ = bn_forward(x, mask=mask, eps=EPS)
+    valid = np.broadcast_to(mask, x.shape)
+    bound = 1e-5 * np.abs(y64[valid]).max()
+    ys = {}
+    for sync in SYNCS:
+        y, new = per_device(kind, names, sizes, _precision_step(_axis_name(names), sync), [x, mask])
+        ys[sync] = y.reshape(x.shape)[valid]
+        assert np.abs(ys[sync] - y64[valid]).max() <= bound, sync
+        np.testing.assert_allclose(new.mean, np.broadcast_to(0.01 * mean64, new.mean.shape), rtol=1e-6)
+        np.testing.assert_allclose(new.var, np.broadcast_to(0.99 + 0.01 * var64, new.var.shape), rtol=1e-6)
+    assert np.abs(ys["gather"] - ys["allreduce"]).max() <= bound
+
+
+def _lowered_collectives(sync, n_devices, n_features):
+    """The collective ops (StableHLO names) of one train-mode batch norm under shard_map."""
+    mesh = jax.make_mesh((n_devices,), ("d",), devices=jax.devices()[:n_devices])
+    f = jax.shard_map(
+        lambda x: batch_norm(x, None, None, None, train=True, axis_name="d", sync=sync)[0],
+        mesh=mesh, in_specs=P("d"), out_specs=P("d"),
+    )
+    x = jax.ShapeDtypeStruct((2 * n_devices, n_features), jnp.float32, sharding=NamedSharding(mesh, P("d")))
+    text = jax.jit(f).lower(x).as_text()
+    return [line.split("=", 1)[1].strip() for line in text.splitlines() if "stablehlo.all_" in line]
+
+
+def test_allreduce_traffic_does_not_grow_with_the_device_count():
+    """Two all-reduces of (2, 1, F) floats whatever the axis size; the gather's result grows with it."""
+    for n in (2, 8):
+        ops = _lowered_collectives("allreduce", n, 64)
+        assert len(ops) == 2 and all("all_reduce" in op for op in ops), ops
+        gather = _lowered_collectives("gather", n, 64)
+        assert len(gather) == 1 and f"tensor<{n}x4x1x64xf32>" in gather[0], gather
+
+
+@pytest.mark.parametrize(
+    "n_devices, n_features, expected",
+    [(2, 64, "gather"), (8, 128, "gather"), (8, 129, "allreduce"), (2, 2048, "allreduce"), (256, 2048, "allreduce")],
+)
+def test_auto_gathers_only_small_payloads(n_devices, n_features, expected):
+    assert bnjax.statistics.choose_sync("auto", n_devices, n_features) == expected
+    assert bnjax.statistics.choose_sync("gather", n_devices, n_features) == "gather"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: batch_norm(x, None, None, None, train=True, sync="ring"),
+        lambda x: bnjax.BatchNorm(use_running_average=False, sync="ring").init(jax.random.key(0), x),
+        lambda x: bnjax.nnx.BatchNorm(3, sync="ring", rngs=nnx.Rngs(0)),
+        lambda x: bnjax.batch_renorm(x, None, None, bnjax.init_state((3,)), train=False, sync="ring"),
+    ],
+    ids=["functional", "linen", "nnx", "renorm"],
+)
+def test_unknown_sync_is_a_clear_value_error(call):
+    with pytest.raises(ValueError, match=r"sync='ring' is not a cross-device merge; expected one of 'auto'"):
+        call(np.ones((4, 3), np.float32))
 
 
 # ----------------------------------------------------------------------------- a small Flax model
@@ -302,8 +409,8 @@ def _model_loss_and_stats(model, variables, x, t, mask):
 
 
 @functools.cache
-def _model_step(axis_name):
-    model = MLP(functools.partial(bnjax.BatchNorm, axis_name=axis_name))
+def _model_step(axis_name, sync):
+    model = MLP(functools.partial(bnjax.BatchNorm, axis_name=axis_name, sync=sync))
 
     def step(x, t, mask, params, stats):
         loss = lambda p: _model_loss_and_stats(model, {"params": p, "batch_stats": stats}, x, t, mask)  # noqa: E731
@@ -325,18 +432,19 @@ def _model_variables(x):
     return MLP(FLAX_NORM).init(jax.random.key(0), x[:2], mask=None)
 
 
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize(
     "kind, check_vma, axes",
     [("pmap", True, "name"), ("vmap", True, "name"), ("shard_map", True, "name"), ("shard_map", True, "tuple")],
 )
-def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vma, axes):
+def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vma, axes, sync):
     """Gradients of every parameter (incl. the Dense layer *before* BN) and batch_stats, with uneven masks."""
     names, sizes = AXES[axes]
     x, t, mask = _model_data()
     variables = _model_variables(x)
     grads_ref, stats_ref = _flax_model_reference(x, t, mask, variables)
     grads, stats = per_device(
-        kind, names, sizes, _model_step(_axis_name(names)), [x, t, mask],
+        kind, names, sizes, _model_step(_axis_name(names), sync), [x, t, mask],
         [variables["params"], variables["batch_stats"]], check_vma,
     )
     if not (kind == "shard_map" and check_vma):
@@ -347,12 +455,13 @@ def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vm
     )
 
 
-def test_outer_grad_of_shard_map_loss_is_the_global_gradient():
+@pytest.mark.parametrize("sync", SYNCS)
+def test_outer_grad_of_shard_map_loss_is_the_global_gradient(sync):
     """The shard_map idiom: psum the local losses inside, differentiate the whole thing outside."""
     x, t, mask = _model_data()
     variables = _model_variables(x)
     grads_ref, _ = _flax_model_reference(x, t, mask, variables)
-    model = MLP(functools.partial(bnjax.BatchNorm, axis_name="d"))
+    model = MLP(functools.partial(bnjax.BatchNorm, axis_name="d", sync=sync))
     mesh = jax.make_mesh((8,), ("d",))
 
     def global_loss(params, x, t, mask):
@@ -481,14 +590,14 @@ def test_sharded_jit_functional_core_keeps_the_batch_sharded(axis_type, virtual_
 
 
 @functools.cache
-def _ghost_step_fn(axis_name, virtual_batch_size):
+def _ghost_step_fn(axis_name, virtual_batch_size, sync):
     state = BatchNormState(jnp.zeros(3), jnp.ones(3))
 
     def step(x, dy, scale):
         def loss(x, scale):
             y, new = batch_norm(
                 x, scale, None, state, train=True, momentum=MOMENTUM, epsilon=EPS,
-                axis_name=axis_name, virtual_batch_size=virtual_batch_size,
+                axis_name=axis_name, virtual_batch_size=virtual_batch_size, sync=sync,
             )
             return jnp.sum(y * dy), (y, new)
 
@@ -498,13 +607,14 @@ def _ghost_step_fn(axis_name, virtual_batch_size):
     return step
 
 
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_ghost_batches_with_axis_name(kind):
+def test_ghost_batches_with_axis_name(kind, sync):
     """Sub-batch k of every device forms virtual batch k: each is normalized as one single-device batch."""
     g, k = 2, 3  # virtual batch size per device, sub-batches per device
     x, dy, _ = _problem("equal", n_per_dev=g * k)
     scale = np.array([0.5, 1.0, 2.0], np.float32)
-    y, dx, ds, mean, var = per_device(kind, ("d",), (8,), _ghost_step_fn("d", g), [x, dy], [scale])
+    y, dx, ds, mean, var = per_device(kind, ("d",), (8,), _ghost_step_fn("d", g, sync), [x, dy], [scale])
     # rows of virtual batch j: device d's rows d*g*k + j*g + [0, g)
     idx = np.arange(8 * g * k).reshape(8, k, g).transpose(1, 0, 2).reshape(k, 8 * g)
     ds_total, means, variances = np.zeros(3), [], []

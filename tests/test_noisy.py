@@ -1,5 +1,6 @@
 """NoisyBatchNorm and STIM18's non-stationary noise: statistics over many draws, eval identity, determinism."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +104,25 @@ def test_functional_noisy_batch_norm_matches_reference():
     y_bn, _ = bnjax.batch_norm(x, scale, bias, new_state, train=False)
     np.testing.assert_array_equal(y_eval, y_bn)
     assert same is new_state
+
+
+@pytest.mark.parametrize("sync", ["gather", "allreduce"])
+def test_module_with_axis_name_under_nn_vmap_keeps_clean_global_statistics(sync):
+    """``NoisyBatchNorm(axis_name=..., sync=...)`` under ``nn.vmap`` with shared batch_stats: the running
+    statistics are those of the clean flattened batch (the noise comes after BN)."""
+    x = jax.random.normal(jax.random.key(7), (4, 6, 3)) * 2 + 1
+    mapped = nn.vmap(
+        NoisyBatchNorm,
+        in_axes=0,
+        variable_axes={"params": None, "batch_stats": None},
+        split_rngs={"params": False, "noise": True},
+        axis_name="d",
+    )(use_running_average=False, momentum=0.9, axis_name="d", sync=sync)
+    variables = mapped.init(jax.random.key(0), x)
+    _, upd = mapped.apply(variables, x, rngs={"noise": jax.random.key(1)}, mutable=["batch_stats"])
+    _, mean, var, _ = reference.bn_forward(np.asarray(x).reshape(24, 3))
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
 
 
 def _variables(module, x):

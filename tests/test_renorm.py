@@ -118,13 +118,18 @@ def test_gradients_treat_r_and_d_as_constants():
     assert np.max(np.abs(np.asarray(wrong) - np.asarray(ref[0]))) > 1e-2
 
 
-def test_cross_device_statistics_equal_global_batch():
+@pytest.mark.parametrize("sync", ["gather", "allreduce"])
+def test_cross_device_statistics_equal_global_batch(sync):
     x, scale, bias, state = _inputs((12, 3), seed=6)
-    fn = lambda x: batch_renorm(x, scale, bias, state, train=True, r_max=1.5, d_max=0.5, axis_name="d")  # noqa
-    y_dev, st = jax.vmap(fn, axis_name="d")(x.reshape(4, 3, 3))
+    fn = lambda x: batch_renorm(  # noqa: E731
+        x, scale, bias, state, train=True, r_max=1.5, d_max=0.5, axis_name="d", sync=sync
+    )
+    # The updated statistics are the same on every device and come out unmapped.
+    y_dev, st = jax.vmap(fn, axis_name="d", out_axes=(0, None))(x.reshape(4, 3, 3))
     y, st_ref = batch_renorm(x, scale, bias, state, train=True, r_max=1.5, d_max=0.5)
     np.testing.assert_allclose(y_dev.reshape(12, 3), y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(st.mean[0], st_ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(st.mean, st_ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(st.var, st_ref.var, rtol=1e-6)
 
 
 def test_module_schedule_and_call_time_bounds():
