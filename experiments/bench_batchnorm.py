@@ -68,11 +68,12 @@ def _compiled(forward, params, x):
     return {"forward": lambda: fwd(x, params), "forward+backward": lambda: fwd_bwd(x, params)}
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each zero-argument function, timed round-robin so noise hits all alike."""
-    for f in fns.values():  # compile and warm up
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each zero-argument function, timed round-robin so noise hits all alike
+    (after ``warmup`` untimed calls of each, the first of which compiles)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f())
     samples = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():

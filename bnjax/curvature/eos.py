@@ -357,11 +357,10 @@ class EoSTracker:
         Returns ``((value, grads), record, new_state)``: ``(value, grads)`` as from
         ``jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)`` (chunked like the loss with
         ``chunk_size``), and ``record`` as from :meth:`measure` at ``params`` (``None`` when not :meth:`due`;
-        then this is just the jitted gradient). The first Hessian-vector product of the solve comes out of the
-        same forward-over-reverse pass as the gradient, so the step's gradient and the loss come almost free
-        (in ``experiments/bench_curvature.py`` a due step cost about 0.7 gradient less than a training step
-        followed by :meth:`update`). Typical use (skip it at other steps to keep your own fused train
-        step)::
+        then this is just the jitted gradient). A measurement computes the loss and the gradient anyway (they
+        are the primal outputs of its linearization, whose tangent is the solve's first Hessian-vector
+        product), so handing the gradient to the training step saves that step's gradient. Typical use (skip
+        it at other steps to keep your own fused train step)::
 
             if tracker.due(step):
                 (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)

@@ -1,0 +1,462 @@
+"""Curvature speed where batch norm lives: bnjax against PyHessian on a BN conv net and an MLP (MNIST-1D).
+
+Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick] [--no-peer]``. Writes
+``experiments/results/bench_curvature.json`` and prints markdown tables. The PyHessian side needs the optional
+extra ``pip install -e '.[peer]'`` (torch + pyhessian); without it that part is skipped with a message.
+
+Models (1000 MNIST-1D training examples, float32):
+
+* ``cnn``: 3 x (Conv1d 32 channels, kernel 5, same padding, bias) - BatchNorm - relu, then flatten - Dense 10;
+  23,498 parameters; cross-entropy. PyTorch twin with the same weights (logits agree to ~1e-6).
+* ``mlp``: the flagship's tanh MLP 40-200-200-10 with square loss (no BN).
+
+Modes: ``eval`` (BN with running statistics: a fixed function of the parameters; PyHessian always measures
+this one, it calls ``model.eval()``) and ``train`` (BN with the batch's statistics; bnjax only).
+
+Measured per model and mode, every timing a median of interleaved repeats in this run, compile excluded:
+
+* gradient, HVP and linearized HVP (``jax.linearize`` once, tangent pass per product) as plain ``jax.jit``
+  calls, and the time per HVP *inside* ``lanczos_top`` (20 products) for each loop placement
+  (``device``: one ``while_loop`` program; ``host``: Python-driven) with and without linearization;
+* cold time to the top eigenvalue at 1e-3 relative to a tight reference (Lanczos to residual 1e-6): the
+  fewest iterations that reach 1e-3 for each library (bnjax Lanczos: leading blocks of a decomposition;
+  PyHessian power iteration: its Rayleigh quotient sequence from its own random start), then the time of a
+  solve with exactly that many iterations (PyHessian: building its graph plus ``eigenvalues``);
+* tracking along 200 full-batch GD steps, a measurement every 10 steps (20 checkpoints): bnjax's
+  ``EoSTracker`` (default settings, fused ``value_and_grad``) costs the tracked loop's time minus a plain
+  loop's; PyHessian runs cold at each checkpoint with its defaults (``maxIter=100, tol=1e-3``); both with
+  their errors against the reference at every checkpoint;
+* training step time: a plain jitted step against ``experiments.train.full_batch_runner`` with each placement
+  (per step, 20-step segments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from mnist1d.data import get_dataset_args, make_dataset
+
+import bnjax
+from bnjax import curvature as cv
+from bnjax import loops
+from experiments import train
+from experiments.bench_batchnorm import time_interleaved
+
+TARGETS = {
+    "cold_time_vs_pyhessian": 0.5,
+    "tracking_time_vs_pyhessian": 0.2,
+    "linearized_hvp_over_grad": 1.6,
+    "train_step_over_plain": 1.3,
+}
+SOLVER_VARIANTS = {  # name: (placement, linearize_budget)
+    "device": ("device", 0),
+    "device_linearized": ("device", None),
+    "host": ("host", 0),
+    "host_linearized": ("host", None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n_train: int = 1000
+    repeats: int = 7  # timing repeats (median)
+    solver_iters: int = 10  # HVPs per timed solve (per-HVP time inside the solver)
+    gd_steps: int = 200
+    every: int = 10
+    lr: float = 0.1
+    train_segment: int = 20
+    rel_tol: float = 1e-3
+    seed: int = 0
+
+
+PRESETS = {"quick": Config(repeats=3, solver_iters=5, gd_steps=60, train_segment=10)}
+COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+class BNCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        x = x[..., None]  # (B, 40) -> (B, 40, 1): NWC
+        for _ in range(3):
+            x = nn.Conv(32, (5,), padding="SAME")(x)
+            x = nn.relu(bnjax.BatchNorm(use_running_average=not train)(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        del train
+        x = jnp.tanh(nn.Dense(200)(x))
+        x = jnp.tanh(nn.Dense(200)(x))
+        return nn.Dense(10)(x)
+
+
+def cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=1))
+
+
+def square_loss(out: jax.Array, y: jax.Array) -> jax.Array:
+    return 0.5 * jnp.mean(jnp.sum((out - jax.nn.one_hot(y, 10)) ** 2, axis=-1))
+
+
+MODELS = {"cnn": (BNCNN(), cross_entropy, "cross_entropy"), "mlp": (MLP(), square_loss, "square")}
+CASES = [("cnn", "eval"), ("cnn", "train"), ("mlp", "eval")]  # the MLP has no BN: one mode
+
+
+# -- the PyTorch twin (optional peer) ------------------------------------------------------------------------
+
+
+def peer_available() -> str | None:
+    """None if torch and pyhessian import, else the reason."""
+    try:
+        import pyhessian  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        return f"PyHessian comparison skipped: {err}. Install the optional extra: pip install -e '.[peer]'."
+    return None
+
+
+def torch_twin(kind: str, params: Any, stats: Any) -> tuple[Any, Callable]:
+    """The PyTorch model with bnjax's weights (eval mode) and its criterion."""
+    import torch
+
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731
+    if kind == "cnn":
+        layers: list[Any] = []
+        for i in range(3):
+            conv = torch.nn.Conv1d(1 if i == 0 else 32, 32, 5, padding=2)
+            conv.weight.data = t(np.transpose(params[f"Conv_{i}"]["kernel"], (2, 1, 0)))
+            conv.bias.data = t(params[f"Conv_{i}"]["bias"])
+            bn = torch.nn.BatchNorm1d(32, eps=1e-5)
+            bn.weight.data, bn.bias.data = t(params[f"BatchNorm_{i}"]["scale"]), t(params[f"BatchNorm_{i}"]["bias"])
+            bn.running_mean.data, bn.running_var.data = t(stats[f"BatchNorm_{i}"]["mean"]), t(stats[f"BatchNorm_{i}"]["var"])
+            layers += [conv, bn, torch.nn.ReLU()]
+        dense = torch.nn.Linear(1280, 10)
+        # Flax flattens (W, C) row-major (index w * 32 + c); torch flattens (C, W) (index c * 40 + w).
+        kernel = np.asarray(params["Dense_0"]["kernel"]).reshape(40, 32, 10).transpose(1, 0, 2).reshape(1280, 10)
+        dense.weight.data, dense.bias.data = t(kernel.T), t(params["Dense_0"]["bias"])
+
+        class Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body, self.head = torch.nn.Sequential(*layers), dense
+
+            def forward(self, x):
+                return self.head(self.body(x[:, None, :]).flatten(1))
+
+        return Net(), torch.nn.CrossEntropyLoss()
+    lin = []
+    for i, (d_in, d_out) in enumerate([(40, 200), (200, 200), (200, 10)]):
+        layer = torch.nn.Linear(d_in, d_out)
+        layer.weight.data, layer.bias.data = t(np.asarray(params[f"Dense_{i}"]["kernel"]).T), t(params[f"Dense_{i}"]["bias"])
+        lin.append(layer)
+    net = torch.nn.Sequential(lin[0], torch.nn.Tanh(), lin[1], torch.nn.Tanh(), lin[2])
+    criterion = lambda out, y: 0.5 * torch.mean(torch.sum((out - torch.nn.functional.one_hot(y, 10)) ** 2, dim=-1))  # noqa: E731
+    return net, criterion
+
+
+def pyhessian_rayleigh_trace(net: Any, criterion: Any, x: Any, y: Any, iters: int, seed: int) -> list[float]:
+    """Rayleigh quotients of PyHessian's power iteration (its own code path, seeded) after each HVP."""
+    import torch
+    from pyhessian import hessian
+    from pyhessian.utils import group_product, hessian_vector_product, normalization
+
+    comp = hessian(net, criterion, data=(x, y), cuda=False)
+    torch.manual_seed(seed)
+    v = normalization([torch.randn(p.size()) for p in comp.params])
+    out = []
+    for _ in range(iters):
+        net.zero_grad()
+        hv = hessian_vector_product(comp.gradsH, comp.params, v)
+        out.append(group_product(hv, v).cpu().item())
+        v = normalization(hv)
+    return out
+
+
+def pyhessian_top(net: Any, criterion: Any, x: Any, y: Any, max_iter: int, tol: float, seed: int) -> float:
+    """A cold PyHessian solve: build the graph, then ``eigenvalues`` (seeded start)."""
+    import torch
+    from pyhessian import hessian
+
+    comp = hessian(net, criterion, data=(x, y), cuda=False)
+    torch.manual_seed(seed)
+    return float(comp.eigenvalues(maxIter=max_iter, tol=tol)[0][0])
+
+
+# -- bnjax side ----------------------------------------------------------------------------------------------
+
+
+def first_within(values: np.ndarray, ref: float, rel_tol: float) -> int | None:
+    """1-based index of the first value within ``rel_tol`` of ``ref`` (None if none)."""
+    ok = np.abs(np.asarray(values) - ref) <= rel_tol * abs(ref)
+    return int(np.argmax(ok)) + 1 if ok.any() else None
+
+
+def lanczos_ritz_trace(dec: cv.LanczosDecomposition) -> np.ndarray:
+    a, b = np.asarray(dec.alphas, np.float64), np.asarray(dec.betas, np.float64)
+    return np.array([
+        np.linalg.eigvalsh(np.diag(a[:m]) + np.diag(b[: m - 1], 1) + np.diag(b[: m - 1], -1))[-1]
+        for m in range(1, len(a) + 1)
+    ])
+
+
+def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
+    model, loss, loss_name = MODELS[kind]
+    variables = model.init(jax.random.key(cfg.seed), x[:8])
+    params, stats = variables["params"], variables.get("batch_stats")
+    fns = cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
+    batch = (x, y)
+    loss_fn = fns.loss_fn
+    hess = cv.hessian_matvec(loss_fn)
+    v = cv.random_like(jax.random.key(1), params)
+    n_params = int(sum(p.size for p in jax.tree.leaves(params)))
+    log(f"[{kind}/{mode}] {n_params} parameters; auto placement: "
+        f"{loops.resolve_placement('auto', hess, v, params, batch, stats)}")
+
+    # 1. Products as plain jitted calls, and inside the solver for every placement and linearization.
+    grad = jax.jit(jax.grad(loss_fn))
+    hvp = jax.jit(lambda p, u: hess(u, p, batch, stats))
+    lin = jax.jit(lambda p: jax.linearize(lambda u: hess(u, p, batch, stats), v)[1])(params)
+    apply_lin = jax.jit(lambda f, u: f(u))
+    solves = {
+        name: (lambda pl=pl, b=b: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0,
+                                                 max_iters=cfg.solver_iters, placement=pl, linearize_budget=b))
+        for name, (pl, b) in SOLVER_VARIANTS.items()
+    }
+    t = time_interleaved(
+        {"grad": lambda: grad(params, batch, stats), "hvp": lambda: hvp(params, v),
+         "hvp_linearized": lambda: apply_lin(lin, v), **{f"solve_{k}": f for k, f in solves.items()}},
+        cfg.repeats,
+        warmup=1,
+    )  # fmt: skip
+    log("products timed")
+    t_grad = t["grad"]
+    products = {
+        "grad_ms": 1e3 * t_grad,
+        "hvp_over_grad": t["hvp"] / t_grad,
+        "linearized_hvp_over_grad": t["hvp_linearized"] / t_grad,
+        "in_solver_hvp_over_grad": {k: t[f"solve_{k}"] / cfg.solver_iters / t_grad for k in SOLVER_VARIANTS},
+        "linearization_mb": cv.linearization_bytes(hess, v, params, batch, stats) / 2**20,
+    }
+
+    # 2. Cold time to the top eigenvalue at rel_tol of a tight reference.
+    ref = cv.lanczos_top(hess, v, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
+    lam = float(ref.eigenvalue)
+    dec = cv.lanczos_decomposition(hess, v, params, batch, stats, num_iters=40)
+    m = first_within(lanczos_ritz_trace(dec), lam, cfg.rel_tol) or 40
+    cold_solves = {
+        name: (lambda pl=pl, b=b: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0,
+                                                 max_iters=m, placement=pl, linearize_budget=b))
+        for name, (pl, b) in SOLVER_VARIANTS.items()
+        if name in COLD_VARIANTS
+    }
+    cold_fns: dict[str, Callable[[], Any]] = dict(cold_solves)
+    cold: dict[str, Any] = {"reference": lam, "bnjax_hvps": m,
+                            "bnjax_rel_error": abs(float(cold_solves["host_linearized"]().eigenvalue) - lam) / abs(lam)}
+    if peer:
+        import torch
+
+        torch.set_num_threads(2)
+        net, criterion = torch_twin(kind, params, stats)
+        tx, ty = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y), dtype=torch.long)
+        with torch.no_grad():
+            logits_gap = float(np.max(np.abs(net.eval()(tx).numpy() - np.asarray(model.apply(
+                {"params": params, **({"batch_stats": stats} if stats is not None else {})}, x, train=False)))))
+        trace = pyhessian_rayleigh_trace(net, criterion, tx, ty, 100, cfg.seed)
+        m_peer = first_within(np.asarray(trace), lam, cfg.rel_tol) or 100
+        cold_fns["pyhessian"] = lambda: pyhessian_top(net, criterion, tx, ty, m_peer, 0.0, cfg.seed)
+        own = pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed)  # its own default stopping rule
+        cold.update(pyhessian_hvps=m_peer, logits_max_gap=logits_gap, pyhessian_own_rule_rel_error=abs(own - lam) / abs(lam))
+    tc = time_interleaved(cold_fns, cfg.repeats, warmup=1)
+    log("cold solves timed")
+    cold["seconds"] = tc
+    if peer:
+        cold["bnjax_over_pyhessian"] = {k: tc[k] / tc["pyhessian"] for k in COLD_VARIANTS}
+
+    # 3. Tracking along GD (bnjax fused tracker vs a plain loop; PyHessian cold per checkpoint).
+    step = jax.jit(lambda p, g: jax.tree.map(lambda a, d: a - cfg.lr * d, p, g))
+    tracker = cv.EoSTracker(loss_fn, cv.gd_rule(cfg.lr), every=cfg.every)
+    reference = jax.jit(lambda p: cv.lanczos_top(hess, v, p, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100).eigenvalue)
+
+    def plain_loop() -> float:
+        q, t0 = params, time.perf_counter()
+        for _ in range(cfg.gd_steps):
+            q = step(q, grad(q, batch, stats))
+        jax.block_until_ready(q)
+        return time.perf_counter() - t0
+
+    def tracked_loop() -> tuple[float, list[dict[str, Any]], list[Any]]:
+        q, st, records, points = params, tracker.init(params, jax.random.key(2)), [], []
+        t0 = time.perf_counter()
+        for s in range(cfg.gd_steps):
+            if tracker.due(s):
+                (_, g), record, st = tracker.value_and_grad(st, s, q, batch, stats)
+                records.append(record)
+                points.append(q)
+            else:
+                g = grad(q, batch, stats)
+            q = step(q, g)
+        jax.block_until_ready(q)
+        return time.perf_counter() - t0, records, points
+
+    tracked_loop()  # compile (cold and warm solves)
+    plain_loop()
+    plains, tracks = [], []
+    for _ in range(max(1, cfg.repeats // 3)):
+        plains.append(plain_loop())
+        elapsed, records, points = tracked_loop()
+        tracks.append(elapsed)
+    log("tracking timed")
+    refs = np.asarray([float(reference(p)) for p in points])
+    errors = np.abs(np.asarray([r["sharpness"] for r in records]) - refs) / np.abs(refs)
+    tracking: dict[str, Any] = {
+        "checkpoints": len(records),
+        "bnjax_seconds": float(np.median(tracks) - np.median(plains)),
+        "plain_gd_seconds": float(np.median(plains)),
+        "bnjax_hvps": int(sum(r["hvps"] for r in records)),
+        "bnjax_within_1e-3": float(np.mean(errors <= 1e-3)),
+        "bnjax_median_rel_error": float(np.median(errors)),
+        "final_sharpness": float(refs[-1]),
+    }
+    if peer:
+        t0, peer_values = time.perf_counter(), []
+        for p in points:
+            net, criterion = torch_twin(kind, p, stats)
+            peer_values.append(pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed))
+        peer_errors = np.abs(np.asarray(peer_values) - refs) / np.abs(refs)
+        tracking.update({
+            "pyhessian_seconds": time.perf_counter() - t0,
+            "pyhessian_within_1e-3": float(np.mean(peer_errors <= 1e-3)),
+            "pyhessian_median_rel_error": float(np.median(peer_errors)),
+        })
+        tracking["bnjax_over_pyhessian"] = tracking["bnjax_seconds"] / tracking["pyhessian_seconds"]
+    log("references and PyHessian tracking done")
+
+    # 4. Training steps: a plain jitted step against the experiments' runner with each placement.
+    out: dict[str, Any] = {"model": kind, "mode": mode, "params": n_params, "products": products, "cold": cold,
+                           "tracking": tracking}
+    if mode == "train" or stats is None:
+        opt = optax.sgd(cfg.lr)
+        tstep = train.make_train_step(model, loss_name, opt)
+        state = train.init_train_state(model, x[:8], opt, cfg.seed)
+        plain_step = jax.jit(tstep)
+        runners = {pl: train.full_batch_runner(tstep, placement=pl) for pl in ("device", "host", "auto")}
+
+        def plain_segment() -> Any:
+            s = state
+            for _ in range(cfg.train_segment):
+                s, _ = plain_step(s, x, y)
+            return s
+
+        tt = time_interleaved(
+            {"plain": plain_segment, **{pl: (lambda r=r: r(state, x, y, cfg.train_segment)) for pl, r in runners.items()}},
+            max(3, cfg.repeats // 2),
+            warmup=1,
+        )
+        out["training"] = {
+            "plain_step_ms": 1e3 * tt["plain"] / cfg.train_segment,
+            "step_over_plain": {pl: tt[pl] / tt["plain"] for pl in runners},
+        }
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
+    cols = [f"{r['model']} {r['mode']}" for r in results]
+    head = ["| measure | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def row(label: str, cell: Callable[[dict[str, Any]], str]) -> str:
+        def safe(r: dict[str, Any]) -> str:
+            try:
+                return cell(r)
+            except (KeyError, TypeError):
+                return "–"
+
+        return f"| {label} | " + " | ".join(safe(r) for r in results) + " |"
+
+    p = lambda r: r["products"]  # noqa: E731
+    lines = head + [
+        row("parameters", lambda r: f"{r['params']:,}"),
+        row("gradient, plain jit (ms)", lambda r: f"{p(r)['grad_ms']:.1f}"),
+        row("HVP / gradient, plain jit", lambda r: f"{p(r)['hvp_over_grad']:.2f}"),
+        row("linearized HVP / gradient, plain jit (target ≤ 1.6)", lambda r: f"{p(r)['linearized_hvp_over_grad']:.2f}"),
+        row("linearization memory (MiB)", lambda r: f"{p(r)['linearization_mb']:.0f}"),
+        *[row(f"HVP / gradient inside `lanczos_top`, {k.replace('_', ' + ')}",
+              lambda r, k=k: f"{p(r)['in_solver_hvp_over_grad'][k]:.2f}") for k in SOLVER_VARIANTS],
+        row("HVPs to 1e-3, cold: bnjax Lanczos / PyHessian power", lambda r: "{} / {}".format(
+            r["cold"]["bnjax_hvps"], r["cold"].get("pyhessian_hvps", "–"))),
+        row("cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian", lambda r: "{:.2f} / {:.2f} / {}".format(
+            r["cold"]["seconds"]["device"], r["cold"]["seconds"]["host_linearized"],
+            f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–")),
+        row("cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized", lambda r: ", ".join(
+            f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in COLD_VARIANTS)),
+        row("PyHessian's own stopping rule (tol 1e-3): relative error", lambda r: f"{r['cold']['pyhessian_own_rule_rel_error']:.1e}"),
+        row("tracking 20 checkpoints / 200 GD steps (s): bnjax / PyHessian", lambda r: "{:.1f} / {}".format(
+            r["tracking"]["bnjax_seconds"], f"{r['tracking']['pyhessian_seconds']:.1f}" if "pyhessian_seconds" in r["tracking"] else "–")),
+        row("tracking time, bnjax / PyHessian (target ≤ 0.2)", lambda r: f"{r['tracking']['bnjax_over_pyhessian']:.2f}"),
+        row("tracking: HVPs bnjax; estimates within 1e-3 bnjax / PyHessian", lambda r: "{}; {:.0%} / {}".format(
+            r["tracking"]["bnjax_hvps"], r["tracking"]["bnjax_within_1e-3"],
+            f"{r['tracking']['pyhessian_within_1e-3']:.0%}" if "pyhessian_within_1e-3" in r["tracking"] else "–")),
+        row("plain GD, 200 steps (s)", lambda r: f"{r['tracking']['plain_gd_seconds']:.1f}"),
+        row("training step / plain jitted step (target ≤ 1.3): device scan, host, auto", lambda r: ", ".join(
+            f"{r['training']['step_over_plain'][k]:.2f}" for k in ("device", "host", "auto"))),
+    ]
+    if peer_note:
+        lines.append(f"\n{peer_note}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a shorter GD run")
+    parser.add_argument("--no-peer", action="store_true", help="skip the PyHessian comparison")
+    parser.add_argument("--cases", default=",".join(f"{k}/{m}" for k, m in CASES), help="e.g. cnn/eval,mlp/eval")
+    parser.add_argument("--out", default="experiments/results/bench_curvature.json")
+    args = parser.parse_args()
+    cfg = PRESETS["quick"] if args.quick else Config()
+    note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
+    if note:
+        print(note)
+    ds_args = get_dataset_args()
+    ds_args.num_samples = int(np.ceil(cfg.n_train / 0.8))  # mnist1d keeps 80% for training
+    ds = make_dataset(ds_args)
+    x = jnp.asarray(ds["x"][: cfg.n_train], jnp.float32)
+    y = jnp.asarray(ds["y"][: cfg.n_train], jnp.int32)
+    t0 = time.perf_counter()
+    cases = [tuple(c.split("/")) for c in args.cases.split(",")]
+    results = [run_case(kind, mode, x, y, cfg, note is None) for kind, mode in cases]
+    payload = {
+        "command": "PYTHONPATH=. python experiments/bench_curvature.py" + (" --quick" if args.quick else ""),
+        "date": datetime.date.today().isoformat(),
+        "config": dataclasses.asdict(cfg),
+        "targets": TARGETS,
+        "device": f"{jax.devices()[0].platform}, {jax.device_count()} devices",
+        "wall_s": time.perf_counter() - t0,
+        "results": results,
+        "table": tables(results, note),
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    print(payload["table"])
+    print(f"\nwrote {out} in {payload['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
