@@ -73,21 +73,54 @@ def local_moments(
     if mask is None:
         shift = jnp.mean(x_first, axis=axes, keepdims=True)
         count = jnp.full(shift.shape, _size(x.shape, axes), x.dtype)
-        xc = x - lax.stop_gradient(shift)
-        s1 = jnp.sum(xc, axis=axes, keepdims=True)
-        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
     else:
         m_first = _first_entry(mask, first)
         n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=x.dtype)
         shift = jnp.sum(jnp.where(m_first, x_first, 0), axis=axes, keepdims=True) / jnp.maximum(n_first, 1)
         count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
-        xc = jnp.where(mask, x - lax.stop_gradient(shift), 0)
-        s1 = jnp.sum(xc, axis=axes, keepdims=True)
-        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
-    shift = lax.stop_gradient(shift)
-    offset = s1 / jnp.maximum(count, 1.0)
+    # A non-finite first sample must not make every other sample's x - K non-finite too: callers fall back
+    # to the running statistics for such features and normalize the finite samples with them.
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    xc = x - shift
+    if mask is not None:
+        xc = jnp.where(mask, xc, 0)
+    offset, m2 = _shifted_moments(xc, axes, count)
+    return Moments(count, shift, offset, m2)
+
+
+# Overflow guard: x - K in float32 can exceed sqrt(float32 max) ~ 1.8e19 while the variance itself is far
+# below the float32 maximum. The same pass also sums (x - K) * 2^-60, an exact power-of-two scaling; where the
+# plain sums overflow, the moments come from the scaled sums, scaled back exactly (2^120 still fits float32,
+# so XLA may fold the two factors). The scaled squares cannot overflow while m2 fits: m2 >= max (x - K)^2 / 2.
+# Entries below 2^-40 or so underflow there, which is harmless next to the entries above 2^60 / sqrt(n) that
+# make the plain sums overflow. Statistics stay finite as long as the mean and m2 = count * variance fit.
+_SCALE_EXP = 60
+
+
+def _shifted_moments(xc: jax.Array, axes: tuple[int, ...], count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(offset, m2)`` of the shifted values ``xc`` (masked entries already 0) over ``axes``, overflow-safe."""
+    n = jnp.maximum(count, 1.0)
+    down = 2.0**-_SCALE_EXP
+    s1 = jnp.sum(xc, axis=axes, keepdims=True)
+    s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+    xs = xc * down
+    s1_big = jnp.sum(xs, axis=axes, keepdims=True)
+    s2_big = jnp.sum(xs * xs, axis=axes, keepdims=True)
+    fits = jnp.isfinite(s1) & jnp.isfinite(s2)
+    # Select the sums before combining them, so no inf - inf (and no NaN gradient) arises on the unused side.
+    s1, s2 = jnp.where(fits, s1, 0.0), jnp.where(fits, s2, 0.0)
+    s1_big, s2_big = jnp.where(fits, 0.0, s1_big), jnp.where(fits, 0.0, s2_big)
+    offset = s1 / n
+    offset_big = s1_big / n
     # sum((xc - offset)^2) = s2 - s1 * offset; |offset| is about one std, so this loses at most a bit or two.
     m2 = jnp.maximum(s2 - s1 * offset, 0.0)
+    m2_big = jnp.maximum(s2_big - s1_big * offset_big, 0.0)
+    up = 2.0**_SCALE_EXP
+    offset = jnp.where(fits, offset, offset_big * up)
+    m2 = jnp.where(fits, m2, (m2_big * up) * up)
+    return offset, m2
+
+
     return Moments(count, shift, offset, m2)
 
 
