@@ -25,7 +25,8 @@ class BatchNorm(nn.Module):
     Differences from Flax, all deliberate: statistics are always computed stably (Flax's default
     ``use_fast_variance=True`` can be wrong by O(1) when ``|mean| >> std``); masked and cross-device
     statistics are exact count-weighted merges (Flax averages per-device means); a batch with no valid
-    element leaves the running statistics unchanged instead of producing NaN.
+    element, or with non-finite (NaN/Inf) statistics for a feature, leaves that feature's running statistics
+    unchanged instead of making them NaN; ``momentum`` outside ``[0, 1]`` and ``epsilon <= 0`` are errors.
 
     Extra fields:
       convention: ``"flax"`` (default) or ``"torch"``. With ``"torch"``, ``momentum`` is the weight on the
