@@ -1,7 +1,10 @@
-"""Command line: ``python -m experiments <name> [--quick | --smoke] [--out DIR] [--<field> VALUE ...]``.
+"""Command line: ``python -m experiments <name> [--quick | --smoke] [--out DIR [--overwrite]] [--debug]
+[--<field> VALUE ...]``.
 
-Every field of the experiment's ``Config`` is an option (``--lrs 0.05,0.1`` for tuples, ``--steps 500``,
-``--model none`` for an optional field); a preset is applied first, then the explicit options.
+Every field of the experiment's ``Config`` is an option (``--lrs 0.05,0.1`` or ``--lrs "(0.05, 0.1)"`` for
+tuples, ``--steps 500``, ``--model none`` for an optional field); a preset is applied first, then the explicit
+options. User errors are one line on stderr and exit status 2 (``--debug`` shows the traceback); see
+:func:`main`.
 """
 
 from __future__ import annotations
