@@ -1,11 +1,13 @@
-"""Trace-time input checks shared by the curvature and landscape modules (private)."""
+"""Trace-time input checks shared by bnjax's modules (private)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "params") -> None:
@@ -37,3 +39,67 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive Python int (it fixes array shapes); got {value!r}.")
     return value
+
+
+def check_scalar(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+    hint: str = "",
+) -> None:
+    """Raise if a concrete ``value`` is not a finite real scalar in the interval given by ``low``/``high``.
+
+    ``low_open``/``high_open`` exclude the bound itself; ``finite=False`` admits infinities (never NaN). Traced scalars (e.g. a learning rate from a schedule
+    inside ``jit``) cannot be checked at trace time and pass; non-scalars are rejected either way. The
+    message names the argument, the value seen and the valid range, then ``hint``.
+    """
+    interval = (
+        ("(" if low_open or low is None else "[")
+        + ("-inf" if low is None else f"{low:g}")
+        + ", "
+        + ("inf" if high is None else f"{high:g}")
+        + (")" if high_open or high is None else "]")
+    )
+    if isinstance(value, (bool, str)) or value is None or np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a real scalar in {interval}; got {value!r}.{hint}")
+    try:
+        v = float(value)
+    except jax.errors.ConcretizationTypeError:
+        return  # traced: checked by the caller's own semantics at run time, if at all
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real scalar in {interval}; got {value!r}.{hint}") from None
+    inside = math.isfinite(v) if finite else not math.isnan(v)
+    if low is not None:
+        inside = inside and (v > low if low_open else v >= low)
+    if high is not None:
+        inside = inside and (v < high if high_open else v <= high)
+    if not inside:
+        shown = value if isinstance(value, (int, float)) else v
+        raise ValueError(f"`{name}`={shown!r} is out of range: expected a {'finite ' if finite else ''}number in {interval}.{hint}")
+
+
+def check_values(
+    values: Any, name: str, *, low: float | None = None, low_open: bool = False, hint: str = ""
+) -> np.ndarray | None:
+    """Raise if a concrete array ``values`` has a non-finite entry, or one below ``low`` (at ``low`` too
+    with ``low_open``). Returns the values as NumPy, or None for a traced array (unknown at trace time)."""
+    try:
+        arr = np.asarray(values)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    if not np.issubdtype(arr.dtype, np.number):
+        return arr  # the caller's dtype check reports it
+    bad = ~np.isfinite(arr)
+    need = "finite"
+    if low is not None:
+        bad |= arr <= low if low_open else arr < low
+        need += f" and {'>' if low_open else '>='} {low:g}"
+    if np.any(bad):
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"`{name}` must be {need} everywhere; entry {first} is {arr[first].item()!r}.{hint}")
+    return arr

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import statistics
+from bnjax._validate import check_scalar
 from bnjax.statistics import AxisName, Moments, Sync
 
 Axes = int | Sequence[int]
@@ -28,18 +29,30 @@ class BatchNormState(NamedTuple):
       var: float32[*feature_shape], running variance (biased in the Flax convention, unbiased in PyTorch's).
       count: int32[] number of training batches seen (PyTorch's ``num_batches_tracked``), or None. Only
         needed for ``convention="torch"`` with ``momentum=None`` (cumulative average).
+      nonfinite: int32[] number of training updates whose batch statistics were non-finite (NaN or Inf) for
+        at least one feature, whose running statistics were therefore kept as they were; or None (not
+        tracked). A cheap health check: it stays 0 while every batch is finite.
     """
 
     mean: jax.Array
     var: jax.Array
     count: jax.Array | None = None
+    nonfinite: jax.Array | None = None
 
 
-def init_state(feature_shape: Sequence[int], *, with_count: bool = False) -> BatchNormState:
-    """Running statistics at initialization: mean 0, variance 1 (and count 0 when ``with_count``)."""
+def init_state(
+    feature_shape: Sequence[int], *, with_count: bool = False, track_nonfinite: bool = False
+) -> BatchNormState:
+    """Running statistics at initialization: mean 0, variance 1 (and count 0 when ``with_count``).
+
+    ``track_nonfinite`` adds the ``nonfinite`` counter (int32 0) of :class:`BatchNormState`.
+    """
     shape = tuple(feature_shape)
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise ValueError(f"feature_shape must be a sequence of non-negative ints, got {feature_shape!r}.")
     count = jnp.zeros((), jnp.int32) if with_count else None
-    return BatchNormState(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), count)
+    nonfinite = jnp.zeros((), jnp.int32) if track_nonfinite else None
+    return BatchNormState(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), count, nonfinite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +90,16 @@ def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: boo
     n_reduced = 1
     for a in reduction_axes:
         n_reduced *= x.shape[a]
+    if train and n_reduced == 0:
+        raise ValueError(
+            f"batch norm in train mode got an empty batch: the input of shape {x.shape} has no element to "
+            f"reduce along the axes {reduction_axes} (feature axes {tuple(sorted(feature_axes))}), so there "
+            "are no batch statistics. Skip empty batches, or pad them and pass a `mask` (an all-False mask "
+            "keeps the running statistics)."
+        )
     group_size = None
     if virtual_batch_size is not None:  # validated always; used in train mode only (eval has no batch stats)
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}.")
         batch = x.shape[reduction_axes[0]]
         if train and batch % virtual_batch_size:
@@ -132,6 +152,30 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
                 f"mask of shape {jnp.shape(mask)} would broadcast the input of shape {x.shape} to a larger "
                 "shape; it must be broadcastable to the input shape."
             )
+
+
+def _check_options(momentum: float | None, epsilon: float, convention: Convention, state) -> None:
+    """Trace-time checks of the hyper-parameters shared by :func:`batch_norm` and :func:`bnjax.batch_renorm`."""
+    if convention not in ("flax", "torch"):
+        raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
+    if momentum is None:
+        if not (convention == "torch" and (state is None or state.count is not None)):
+            raise ValueError(
+                "momentum=None (cumulative average) needs convention='torch' and a state with a batch count "
+                "(init_state(..., with_count=True))."
+            )
+    else:
+        what = "the weight on the old running value" if convention == "flax" else "the weight on the new batch"
+        check_scalar(momentum, "momentum", low=0.0, high=1.0, hint=f" With convention={convention!r} it is {what}.")
+    check_scalar(
+        epsilon, "epsilon", low=0.0, low_open=True,
+        hint=" It keeps 1/sqrt(var + epsilon) finite for a constant feature; Flax's default is 1e-5.",
+    )
+
+
+def _usable(mom: Moments) -> jax.Array:
+    """bool, ``mom``'s shape: the batch statistics exist (a valid element) and are finite."""
+    return (mom.count > 0) & jnp.isfinite(mom.offset) & jnp.isfinite(mom.m2)
 
 
 def _stats_dtype(x_dtype) -> jnp.dtype:
@@ -223,8 +267,8 @@ def batch_norm(
       momentum: with ``convention="flax"`` (default) the weight on the *old* running value,
         ``new = momentum * old + (1 - momentum) * batch``. With ``convention="torch"`` the weight on the
         *latest batch*, ``new = (1 - momentum) * old + momentum * batch``, and ``None`` means a cumulative
-        (equal-weight) average over the batches seen (needs ``state.count``).
-      epsilon: added to the variance before the square root.
+        (equal-weight) average over the batches seen (needs ``state.count``). A number in ``[0, 1]``.
+      epsilon: added to the variance before the square root; a finite number ``> 0``.
       convention: ``"flax"`` stores the biased batch variance; ``"torch"`` stores the unbiased one
         (``n / (n - 1)``), as PyTorch does, and counts batches in ``state.count`` when it is not None.
       mask: optional boolean array broadcastable to ``x``; statistics use the ``True`` elements only (all
@@ -246,18 +290,23 @@ def batch_norm(
       ``(y, new_state)``: ``y`` has ``x``'s shape; statistics are computed in float32 or wider. With
       ``axis_name``, ``new_state`` is the same on every device and typed so (not mapped under ``vmap``,
       invariant under ``shard_map``): it can leave a ``shard_map`` through ``out_specs=P()`` as it is.
+
+    Non-finite batches (guarded running statistics). In train mode, a feature whose (global) batch mean or
+    variance is not finite (a NaN or Inf among its valid elements, or a variance overflowing float32) keeps
+    its running statistics, and ``state.count`` only advances when some feature was updated. Its outputs are
+    normalized with the running statistics (as with an all-False mask) when ``state`` is given, so only the
+    non-finite elements themselves come out non-finite; with ``state=None`` the feature's outputs are NaN.
+    ``state.nonfinite``, when tracked (``init_state(..., track_nonfinite=True)``), counts such updates.
+
+    Raises:
+      ValueError/TypeError at trace time: momentum outside ``[0, 1]``, ``epsilon <= 0``, an empty batch in
+      train mode, mismatched shapes, bad axes or masks, an unknown ``sync`` (see README, "Failure behaviour").
     """
     x = jnp.asarray(x)
-    if convention not in ("flax", "torch"):
-        raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
+    _check_options(momentum, epsilon, convention, state)
     statistics.check_sync(sync)
     layout = _layout(x, axis, virtual_batch_size, train)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
-    if momentum is None and not (convention == "torch" and (state is None or state.count is not None)):
-        raise ValueError(
-            "momentum=None (cumulative average) needs convention='torch' and a state with a batch count "
-            "(init_state(..., with_count=True))."
-        )
     if not train and state is None:
         raise ValueError("train=False normalizes with the running statistics, so `state` is required.")
 
@@ -272,8 +321,9 @@ def batch_norm(
         mom = _moments(x, layout, mask, axis_name, axis_index_groups, sync)
         offset, var = mom.offset, mom.var
         if state is not None:
-            # No valid element anywhere: use the running statistics (finite outputs, state unchanged).
-            have = mom.count > 0
+            # No valid element anywhere, or non-finite statistics (a NaN/Inf in the batch): normalize that
+            # feature with the running statistics, which the update below leaves unchanged.
+            have = _usable(mom)
             offset = jnp.where(have, offset, state.mean.reshape(bshape).astype(acc) - mom.shift)
             var = jnp.where(have, var, state.var.reshape(bshape).astype(acc))
         # y = ((x - K) - offset) * mul + bias, written as one multiply-add per element on the small x - K
@@ -326,7 +376,11 @@ def _update(
     w = mom.count / jnp.maximum(total, 1.0)
     batch_mean = jnp.sum(w * mom.mean, axis=axes).reshape(layout.feature_shape)
     batch_var = jnp.sum(w * var_g, axis=axes).reshape(layout.feature_shape)
-    have = total.reshape(layout.feature_shape) > 0
+    seen = total.reshape(layout.feature_shape) > 0
+    # Guard: a feature whose batch statistics are non-finite (NaN/Inf input, or an overflowing variance)
+    # keeps its running statistics, instead of carrying the NaN forever.
+    finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    have = seen & finite
 
     if convention == "flax":
         new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
@@ -343,7 +397,10 @@ def _update(
     count = state.count
     if count is not None:
         count = count + jnp.any(have).astype(count.dtype)
-    return BatchNormState(new_mean, new_var, count)
+    nonfinite = state.nonfinite
+    if nonfinite is not None:
+        nonfinite = nonfinite + jnp.any(seen & ~finite).astype(nonfinite.dtype)
+    return BatchNormState(new_mean, new_var, count, nonfinite)
 
 
 def _feature_dims(layout: _Layout) -> tuple[int, ...]:

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax.core import unfreeze
 
+from bnjax._validate import check_scalar
+
 Path = str | tuple[str, ...]
 
 
@@ -45,7 +47,8 @@ def fold_batch_norm(
 
     Raises:
       ValueError: a path that is missing, a linear layer without a ``kernel``, a BN without ``mean``/``var``,
-        or a BN whose feature size differs from the kernel's output size.
+        a BN whose statistics or parameters (or the linear layer's bias) do not have the kernel's output
+        size (naming both layers and both shapes), or an ``epsilon`` that is not a finite number ``> 0``.
     """
     for name in ("params", "batch_stats"):
         if name not in variables:
@@ -72,7 +75,17 @@ def fold_batch_norm(
                 f"{linear_path!r} has {out} output features (kernel shape {kernel.shape}); only a BN "
                 "over the last axis of that layer's output can be folded."
             )
-        eps = epsilon[bn_path] if isinstance(epsilon, Mapping) else epsilon
+        named = [(f"BN layer {bn_path!r} batch_stats", "var", bn_stats["var"])]
+        named += [(f"BN layer {bn_path!r} params", k, bn_params[k]) for k in ("scale", "bias") if k in bn_params]
+        named += [(f"linear layer {linear_path!r} params", "bias", lin["bias"])] if "bias" in lin else []
+        for where, name, value in named:
+            if jnp.shape(value) != (out,):
+                raise ValueError(
+                    f"{where} has {name!r} of shape {jnp.shape(value)}, but linear layer {linear_path!r} has "
+                    f"{out} output features (kernel shape {kernel.shape}) and BN layer {bn_path!r} has mean "
+                    f"of shape {bn_stats['mean'].shape}; both must be ({out},)."
+                )
+        eps = _epsilon(epsilon, bn_path)
         acc = jnp.promote_types(kernel.dtype, jnp.float32)
         mul = bn_params.get("scale", jnp.ones(out, acc)).astype(acc) * jnp.reciprocal(
             jnp.sqrt(bn_stats["var"].astype(acc) + eps)
@@ -92,6 +105,19 @@ def fold_batch_norm(
     if stats:
         result["batch_stats"] = stats
     return result
+
+
+def _epsilon(epsilon: float | Mapping[Path, float], bn_path: Path) -> float:
+    """The epsilon of BN layer ``bn_path``, validated (> 0, finite)."""
+    if isinstance(epsilon, Mapping):
+        if bn_path not in epsilon:
+            raise ValueError(
+                f"epsilon is a mapping without an entry for BN layer {bn_path!r} (it has {list(epsilon)}); "
+                "give every folded BN layer's epsilon, or one value for all."
+            )
+        epsilon = epsilon[bn_path]
+    check_scalar(epsilon, f"epsilon (BN layer {bn_path!r})", low=0.0, low_open=True)
+    return epsilon
 
 
 def _split(path: Path) -> tuple[str, ...]:

@@ -25,7 +25,8 @@ class BatchNorm(nn.Module):
     Differences from Flax, all deliberate: statistics are always computed stably (Flax's default
     ``use_fast_variance=True`` can be wrong by O(1) when ``|mean| >> std``); masked and cross-device
     statistics are exact count-weighted merges (Flax averages per-device means); a batch with no valid
-    element leaves the running statistics unchanged instead of producing NaN.
+    element, or with non-finite (NaN/Inf) statistics for a feature, leaves that feature's running statistics
+    unchanged instead of making them NaN; ``momentum`` outside ``[0, 1]`` and ``epsilon <= 0`` are errors.
 
     Extra fields:
       convention: ``"flax"`` (default) or ``"torch"``. With ``"torch"``, ``momentum`` is the weight on the
@@ -33,6 +34,10 @@ class BatchNorm(nn.Module):
         average, the running variance is stored unbiased, and ``batch_stats`` also holds
         ``num_batches_tracked`` (int32 scalar), as in a PyTorch state dict.
       virtual_batch_size: ghost batch norm; see :func:`bnjax.batch_norm`.
+      track_nonfinite: if True, ``batch_stats`` also holds ``nonfinite_batches`` (int32 scalar), the number
+        of training steps whose batch statistics were non-finite (NaN/Inf) for some feature. Such features
+        keep their running statistics either way (see :func:`bnjax.batch_norm`); the counter only makes
+        it visible. Off by default, so the variables stay those of ``flax.linen.BatchNorm``.
       test_local_stats: if True, eval mode (``use_running_average=True``) normalizes with the statistics of
         the current batch, as train mode does, but never touches the running statistics and needs no
         mutable collection (Haiku's ``test_local_stats``): a check of how much the running statistics
@@ -69,6 +74,7 @@ class BatchNorm(nn.Module):
     axis_index_groups: Sequence[Sequence[int]] | None = None
     convention: Convention = "flax"
     virtual_batch_size: int | None = None
+    track_nonfinite: bool = False
     test_local_stats: bool = False
     sync: Sync = "auto"
 
@@ -113,15 +119,22 @@ class BatchNorm(nn.Module):
         fresh = init_state(feature_shape)
         ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         ra_var = self.variable("batch_stats", "var", lambda: fresh.var)
-        count = None
+        count = nonfinite = None
         if self.convention == "torch":
             count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        if self.track_nonfinite:
+            nonfinite = self.variable("batch_stats", "nonfinite_batches", lambda: jnp.zeros((), jnp.int32))
         scale = (
             self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         )
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
-        state = BatchNormState(ra_mean.value, ra_var.value, None if count is None else count.value)
+        state = BatchNormState(
+            ra_mean.value,
+            ra_var.value,
+            None if count is None else count.value,
+            None if nonfinite is None else nonfinite.value,
+        )
         y, new_state = norm_fn(
             x,
             scale,
@@ -144,6 +157,8 @@ class BatchNorm(nn.Module):
             ra_var.value = new_state.var
             if count is not None:
                 count.value = new_state.count
+            if nonfinite is not None:
+                nonfinite.value = new_state.nonfinite
         return y
 
     def _updates_state(self, use_running_average: bool) -> bool:

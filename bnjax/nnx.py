@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm
+from bnjax.batchnorm import Axes, BatchNormState, Convention, _check_options, batch_norm, init_state
 from bnjax.statistics import AxisName, Sync, check_sync
 
 
@@ -19,10 +19,13 @@ class BatchNorm(nnx.Module):
     feature axes pass a tuple of sizes), same variables (``scale``/``bias`` as ``nnx.Param``, ``mean``/``var`` as
     ``nnx.BatchStat``, float32), same ``__call__(x, use_running_average=None, *, mask=None)``. Statistics are
     exact and stable (no ``use_fast_variance``), reduced in at least float32; the output dtype follows
-    :func:`bnjax.batch_norm`. Extra arguments: ``convention``, ``virtual_batch_size`` and ``sync`` (the
-    cross-device merge, see :func:`bnjax.batch_norm`). With ``axis_name``, the updated ``mean``/``var`` are
-    replicated, so ``nnx.vmap`` with the module broadcast (``in_axes=None``) and ``nnx.shard_map`` with
-    ``P()`` for its state accept them.
+    :func:`bnjax.batch_norm`. Extra arguments: ``convention``, ``virtual_batch_size``, ``sync`` (the
+    cross-device merge, see :func:`bnjax.batch_norm`) and ``track_nonfinite`` (adds the ``nnx.BatchStat``
+    ``nonfinite_batches``, int32: the number of training steps whose batch statistics were non-finite for some
+    feature; those features keep their running statistics either way). With ``axis_name``, the updated
+    ``mean``/``var`` are replicated, so ``nnx.vmap`` with the module broadcast (``in_axes=None``) and
+    ``nnx.shard_map`` with ``P()`` for its state accept them. Hyper-parameters are validated here, at
+    construction, with the messages of :func:`bnjax.batch_norm`.
     """
 
     def __init__(
@@ -44,13 +47,17 @@ class BatchNorm(nnx.Module):
         convention: Convention = "flax",
         virtual_batch_size: int | None = None,
         sync: Sync = "auto",
+        track_nonfinite: bool = False,
         rngs: nnx.Rngs,
     ):
         check_sync(sync)
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32)) if convention == "torch" else None
+        fresh = init_state(shape, with_count=convention == "torch", track_nonfinite=track_nonfinite)
+        _check_options(momentum, epsilon, convention, fresh)
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        self.num_batches_tracked = None if fresh.count is None else nnx.BatchStat(fresh.count)
+        self.nonfinite_batches = None if fresh.nonfinite is None else nnx.BatchStat(fresh.nonfinite)
         key = rngs.params()
         self.scale = nnx.Param(scale_init(key, shape, param_dtype)) if use_scale else None
         self.bias = nnx.Param(bias_init(key, shape, param_dtype)) if use_bias else None
@@ -74,7 +81,8 @@ class BatchNorm(nnx.Module):
         if use_running_average is None:
             raise ValueError("use_running_average is None: pass it to the constructor or to __call__.")
         count = None if self.num_batches_tracked is None else self.num_batches_tracked[...]
-        state = BatchNormState(self.mean[...], self.var[...], count)
+        nonfinite = None if self.nonfinite_batches is None else self.nonfinite_batches[...]
+        state = BatchNormState(self.mean[...], self.var[...], count, nonfinite)
         y, new = batch_norm(
             x,
             None if self.scale is None else self.scale[...],
@@ -97,4 +105,6 @@ class BatchNorm(nnx.Module):
             self.var[...] = jax.lax.stop_gradient(new.var)
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked[...] = new.count
+            if self.nonfinite_batches is not None:
+                self.nonfinite_batches[...] = new.nonfinite
         return y

@@ -11,13 +11,13 @@ call, so the layer input distribution is deliberately non-stationary. No noise i
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bnjax._validate import check_scalar
 from bnjax.batchnorm import Axes, BatchNormState, _layout, batch_norm
 from bnjax.module import BatchNorm
 
@@ -39,7 +39,7 @@ class NonstationaryNoise(NamedTuple):
 
 
 def _check_magnitudes(n_mu: Any, n_sigma: Any, r_mu: Any, r_sigma: Any) -> None:
-    """Validate the magnitudes that are concrete Python numbers (traced values are taken as given)."""
+    """Validate the magnitudes that are concrete (traced values are taken as given)."""
     checks = [
         ("n_mu", n_mu, 0.0, "U(-n_mu, n_mu) needs n_mu >= 0"),
         ("n_sigma", n_sigma, 1.0, "U(1, n_sigma) needs n_sigma >= 1"),
@@ -47,8 +47,7 @@ def _check_magnitudes(n_mu: Any, n_sigma: Any, r_mu: Any, r_sigma: Any) -> None:
         ("r_sigma", r_sigma, 0.0, "r_sigma is a standard deviation and must be >= 0"),
     ]
     for name, value, low, why in checks:
-        if isinstance(value, numbers.Real) and not value >= low:
-            raise ValueError(f"{name}={value!r} is invalid: {why}.")
+        check_scalar(value, name, low=low, hint=f" {why}.")
 
 
 def sample_nonstationary_noise(

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.core import unfreeze
 from tqdm.auto import tqdm
@@ -91,6 +92,11 @@ def precise_batch_stats(
       PyTorch's unbiased variance), in the dtype of the existing entry. ``num_batches_tracked`` and the
       statistics of a layer that saw no valid element are left unchanged. ``params`` are not touched.
 
+    Raises:
+      ValueError: when a layer's input has non-finite statistics (NaN or Inf) in some batch, naming the
+        layer and the batch indices (checked once per layer, after its pass; nothing is returned, so no NaN
+        statistic can slip into the variables), or when a population variance overflows float32.
+
     Notes:
       Each pass runs under ``jax.jit`` (one compilation per layer and batch shape) on the default device;
       inputs sharded over devices give global statistics automatically. ``mask=`` arguments given to BN
@@ -104,7 +110,9 @@ def precise_batch_stats(
     first = next(iter(make_iter()), None)
     if first is None:
         raise ValueError("batches is empty: precise statistics need at least one batch.")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}.")
 
     layers = batch_norm_layers(apply_fn, variables, first)
@@ -115,14 +123,36 @@ def precise_batch_stats(
     with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
         for path in layers:
             step = jax.jit(_accumulate_step(apply_fn, path))
-            acc = None
+            acc, finite = None, []
             for i, batch in enumerate(make_iter()):
                 if num_batches is not None and i >= num_batches:
                     break
-                acc = step(acc, {**variables, "batch_stats": stats}, batch)
+                acc, ok = step(acc, {**variables, "batch_stats": stats}, batch)
+                finite.append(ok)  # device scalars: read once per layer, not once per batch
                 bar.update(1)
+            _check_finite(path, np.asarray(jnp.stack(finite)), acc)
             _write(stats, path, acc)
     return stats
+
+
+def _check_finite(path: tuple[str, ...], finite: np.ndarray, acc: Moments) -> None:
+    """Raise naming the batches whose statistics at layer ``path`` were non-finite, or an overflow."""
+    layer = "/".join(path)
+    bad = np.flatnonzero(~finite)
+    if bad.size:
+        raise ValueError(
+            f"precise_batch_stats: the input of BN layer {layer!r} has non-finite statistics (NaN or Inf) in "
+            f"{bad.size} of {finite.size} batches, the first at index {bad[0]} (indices {bad[:10].tolist()}"
+            f"{', ...' if bad.size > 10 else ''}); the precise statistics would be NaN. Remove or repair "
+            "those batches (or check the model for an overflow before this layer)."
+        )
+    have = np.asarray(acc.count > 0)
+    ok = np.asarray(jnp.isfinite(acc.offset) & jnp.isfinite(acc.m2))
+    if not np.all(ok | ~have):
+        raise ValueError(
+            f"precise_batch_stats: the statistics of BN layer {layer!r} overflow float32 over the whole data "
+            f"set (features {np.flatnonzero(~(ok | ~have)).tolist()}): count x variance exceeds 3.4e38."
+        )
 
 
 def _batch_source(batches) -> Callable[[], Iterable[Any]]:
@@ -147,7 +177,7 @@ def _batch_source(batches) -> Callable[[], Iterable[Any]]:
 def _accumulate_step(apply_fn: ApplyFn, path: tuple[str, ...]):
     """``(acc, variables, batch) -> acc`` merging the moments of layer ``path``'s input into ``acc``."""
 
-    def step(acc: Moments | None, variables, batch) -> Moments:
+    def step(acc: Moments | None, variables, batch) -> tuple[Moments, jax.Array]:
         captured: list[Moments] = []
 
         def capture(next_fun, args, kwargs, context):
@@ -164,12 +194,13 @@ def _accumulate_step(apply_fn: ApplyFn, path: tuple[str, ...]):
         with nn.intercept_methods(capture):
             apply_fn(variables, batch)
         (new,) = captured
+        finite = jnp.all((new.count == 0) | (jnp.isfinite(new.offset) & jnp.isfinite(new.m2)))
         if acc is None:
-            return new
+            return new, finite
         # Express the merge around the first batch's shift (keeps the shifted-sum stability across batches).
         shift = jnp.where(acc.count > 0, acc.shift, new.shift)
         stacked = Moments(*(jnp.stack([a, b]) for a, b in zip(acc, new)))
-        return merge_moments(stacked, shift, axis=0)
+        return merge_moments(stacked, shift, axis=0), finite
 
     return step
 

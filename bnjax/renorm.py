@@ -20,7 +20,6 @@ steps and ``d_max = 5`` at 25k: :func:`paper_schedule`.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,14 +28,17 @@ import optax
 from flax import linen as nn
 from jax import lax
 
+from bnjax._validate import check_scalar
 from bnjax.batchnorm import (
     Axes,
     BatchNormState,
     Convention,
     _check_inputs,
+    _check_options,
     _layout,
     _stats_dtype,
     _update,
+    _usable,
     batch_moments,
     batch_norm,
 )
@@ -55,11 +57,7 @@ def paper_schedule() -> tuple[Schedule, Schedule]:
 
 
 def _check_bound(name: str, value: Bound, low: float) -> None:
-    if isinstance(value, numbers.Real):
-        if not value >= low:
-            raise ValueError(f"{name} must be >= {low}, got {value!r}.")
-    elif jnp.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar (float or 0-d array), got shape {jnp.shape(value)}.")
+    check_scalar(value, name, low=low, finite=False, hint=" A float, or a traced scalar from a schedule.")
 
 
 def batch_renorm(
@@ -97,17 +95,11 @@ def batch_renorm(
         raise ValueError("batch_renorm needs `state` (running statistics) in train and eval mode.")
     _check_bound("r_max", r_max, 1.0)
     _check_bound("d_max", d_max, 0.0)
+    _check_options(momentum, epsilon, convention, state)
     if not train:
         return batch_norm(
             x, scale, bias, state, train=False, axis=axis, momentum=momentum, epsilon=epsilon,
             convention=convention, dtype=dtype, sync=sync,
-        )
-    if convention not in ("flax", "torch"):
-        raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
-    if momentum is None and not (convention == "torch" and state.count is not None):
-        raise ValueError(
-            "momentum=None (cumulative average) needs convention='torch' and a state with a batch count "
-            "(init_state(..., with_count=True))."
         )
     x = jnp.asarray(x)
     layout = _layout(x, axis, None, train=True)
@@ -119,8 +111,9 @@ def batch_renorm(
     bshape = mom.count.shape
     run_mean = state.mean.reshape(bshape).astype(acc)
     run_var = state.var.reshape(bshape).astype(acc)
-    # No valid element anywhere: fall back to the running statistics (r = 1, d = 0, state unchanged).
-    have = mom.count > 0
+    # No valid element anywhere, or non-finite statistics: fall back to the running statistics (r = 1, d = 0,
+    # state unchanged), as batch_norm does.
+    have = _usable(mom)
     offset = jnp.where(have, mom.offset, run_mean - mom.shift)
     var = jnp.where(have, mom.var, run_var)
     inv_sigma_b = lax.rsqrt(var + epsilon)

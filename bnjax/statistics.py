@@ -84,22 +84,41 @@ def local_moments(
     if mask is None:
         shift = jnp.mean(x_first, axis=axes, keepdims=True)
         count = jnp.full(shift.shape, _size(x.shape, axes), x.dtype)
-        xc = x - lax.stop_gradient(shift)
-        s1 = jnp.sum(xc, axis=axes, keepdims=True)
-        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
     else:
         m_first = _first_entry(mask, first)
         n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=x.dtype)
         shift = jnp.sum(jnp.where(m_first, x_first, 0), axis=axes, keepdims=True) / jnp.maximum(n_first, 1)
         count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
-        xc = jnp.where(mask, x - lax.stop_gradient(shift), 0)
-        s1 = jnp.sum(xc, axis=axes, keepdims=True)
-        s2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
-    shift = lax.stop_gradient(shift)
-    offset = s1 / jnp.maximum(count, 1.0)
-    # sum((xc - offset)^2) = s2 - s1 * offset; |offset| is about one std, so this loses at most a bit or two.
-    m2 = jnp.maximum(s2 - s1 * offset, 0.0)
+    # A non-finite first sample must not make every other sample's x - K non-finite too: callers fall back
+    # to the running statistics for such features and normalize the finite samples with them.
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    xc = x - shift
+    if mask is not None:
+        xc = jnp.where(mask, xc, 0)
+    offset, m2 = _shifted_moments(xc, axes, count)
     return Moments(count, shift, offset, m2)
+
+
+# Overflow guard at no extra cost: squares are summed as (x - K) * 2^-16, an exact power-of-two scaling, and
+# scaled back once per feature. x - K in float32 can exceed sqrt(float32 max) ~ 1.8e19 while the variance is
+# far below the float32 maximum; the scaled sum of squares, m2 + n * offset^2 <= (n + 1) * m2 scaled by
+# 2^-32, cannot overflow while m2 fits and n < 2^32. The price: squares of |x - K| below 2^-47 (~7e-15)
+# underflow, which only matters for variances below ~1e-28, far under any epsilon. Results are otherwise
+# bit-identical to the unscaled sums.
+_SQUARE_SCALE = 2.0**-16
+
+
+def _shifted_moments(xc: jax.Array, axes: tuple[int, ...], count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(offset, m2)`` of the shifted values ``xc`` (masked entries already 0) over ``axes``, overflow-safe."""
+    n = jnp.maximum(count, 1.0)
+    s1 = jnp.sum(xc, axis=axes, keepdims=True)
+    xs = xc * _SQUARE_SCALE
+    s2_scaled = jnp.sum(xs * xs, axis=axes, keepdims=True)
+    offset = s1 / n
+    # sum((xc - offset)^2) = s2 - s1 * offset; |offset| is about one std, so this loses at most a bit or two.
+    s1_scaled = s1 * _SQUARE_SCALE
+    m2_scaled = jnp.maximum(s2_scaled - s1_scaled * (s1_scaled / n), 0.0)
+    return offset, m2_scaled * (1.0 / _SQUARE_SCALE**2)
 
 
 def merge_moments(stacked: Moments, local_shift: jax.Array, axis: int = 0) -> Moments:

@@ -29,6 +29,7 @@ import numpy as np
 from bnjax.batchnorm import Convention
 
 _REQUIRED = ("running_mean", "running_var")
+_KNOWN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def flax_momentum(torch_momentum: float | None) -> float:
@@ -49,7 +50,7 @@ def flax_momentum(torch_momentum: float | None) -> float:
 
 
 def from_torch(
-    state: Mapping[str, Any], *, convention: Convention = "torch"
+    state: Mapping[str, Any], *, convention: Convention = "torch", strict: bool = True
 ) -> dict[str, dict[str, jax.Array]]:
     """bnjax variables ``{"params": ..., "batch_stats": ...}`` of one BN layer from its PyTorch state.
 
@@ -59,22 +60,31 @@ def from_torch(
         as NumPy arrays, e.g. ``{k[len("bn1."):]: v.numpy() for k, v in sd.items() if k.startswith("bn1.")}``.
       convention: ``"torch"`` (keeps ``num_batches_tracked`` in ``batch_stats`` as int32) or ``"flax"``
         (drops it); must match the ``convention`` of the ``bnjax.BatchNorm`` the variables are used with.
+      strict: as in PyTorch's ``load_state_dict`` (strict by default): keys other than the five above are
+        an error, listed together with any missing key. ``strict=False`` ignores unexpected keys (missing
+        required keys are always an error).
 
     Returns:
       ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"[, "num_batches_tracked"]}}``, float32
       arrays of shape ``[C]`` (``params`` is empty for ``affine=False``: use ``use_scale=use_bias=False``).
+
+    Raises:
+      ValueError: missing or (with ``strict``) unexpected keys, all listed in one message; mismatched
+        shapes; non-finite values; a negative ``running_var`` (the indices are named).
     """
     if convention not in ("flax", "torch"):
         raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
     missing = [k for k in _REQUIRED if k not in state]
-    if missing:
-        raise ValueError(
-            f"the PyTorch state has keys {sorted(state)} but lacks {missing}; a layer built with "
-            "track_running_stats=False has no running statistics to load."
-        )
     if ("weight" in state) != ("bias" in state):
+        missing.append("bias" if "weight" in state else "weight")
+    unexpected = sorted(k for k in state if k not in _KNOWN) if strict else []
+    if missing or unexpected:
         raise ValueError(
-            f"the PyTorch state has keys {sorted(state)}: expected both weight and bias or neither."
+            f"the PyTorch state does not fit one BatchNorm layer: missing keys {missing}, unexpected keys "
+            f"{unexpected} (keys given: {sorted(state)}). Expected running_mean, running_var, optionally "
+            "num_batches_tracked, and both weight and bias or neither (affine=False). A layer built with "
+            "track_running_stats=False has no running statistics to load; keys with a module prefix "
+            "('bn1.weight') must have the prefix stripped; strict=False ignores unexpected keys."
         )
     mean = np.asarray(state["running_mean"])
     shape = mean.shape
@@ -83,6 +93,17 @@ def from_torch(
     for key in ("running_var", "weight", "bias"):
         if key in state and np.shape(state[key]) != shape:
             raise ValueError(f"{key} has shape {np.shape(state[key])} but running_mean has shape {shape}.")
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        if key in state:
+            bad = np.flatnonzero(~np.isfinite(np.asarray(state[key], np.float64)))
+            if bad.size:
+                raise ValueError(f"{key} has non-finite values at indices {bad[:10].tolist()}.")
+    negative = np.flatnonzero(np.asarray(state["running_var"]) < 0)
+    if negative.size:
+        raise ValueError(
+            f"running_var is negative at indices {negative[:10].tolist()} (e.g. "
+            f"{float(np.asarray(state['running_var'])[negative[0]])!r}); a variance must be >= 0."
+        )
     f32 = lambda a: jnp.asarray(np.asarray(a), jnp.float32)  # noqa: E731
     params = {}
     if "weight" in state:

@@ -292,7 +292,8 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     # 3. Tracking along GD (bnjax fused tracker vs a plain loop; PyHessian cold per checkpoint).
     step = jax.jit(lambda p, g: jax.tree.map(lambda a, d: a - cfg.lr * d, p, g))
     tracker = cv.EoSTracker(loss_fn, cv.gd_rule(cfg.lr), every=cfg.every)
-    reference = jax.jit(lambda p: cv.lanczos_top(hess, v, p, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100).eigenvalue)
+    # Not under jax.jit: "auto" placement then keeps conv nets out of a device loop (see bnjax.loops).
+    reference = lambda p: cv.lanczos_top(hess, v, p, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100).eigenvalue  # noqa: E731
 
     def plain_loop() -> float:
         q, t0 = params, time.perf_counter()

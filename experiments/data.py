@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import pickle
 import random
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -108,8 +110,18 @@ def digits(seed: int = 0, n_test: int = 300) -> Dataset:
 
 
 def from_npz(path: str | os.PathLike) -> Dataset:
-    """A user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test`` (labels 0..C-1)."""
-    with np.load(path) as f:
+    """A user data set from an ``.npz`` holding ``x_train, y_train, x_test, y_test`` (labels 0..C-1).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: not an ``.npz``, missing arrays, mismatched lengths.
+    """
+    try:
+        f = np.load(path)
+    except (ValueError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err}).") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not an .npz with x_train, y_train, x_test, y_test.")
+    with f:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
         if missing:
             raise ValueError(
@@ -117,6 +129,8 @@ def from_npz(path: str | os.PathLike) -> Dataset:
                 f"(found {sorted(f.files)})."
             )
         arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    if any(arrays[k].size == 0 for k in ("y_train", "y_test")):
+        raise ValueError(f"{path}: y_train and y_test must not be empty.")
     num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
     return _as_dataset(f"npz:{path}", arrays, num_classes)
 

@@ -2,6 +2,10 @@
 
 The folder defaults to ``runs/<name>-<timestamp>/``. ``report.md`` states each claim tested, the numbers
 measured, and whether the claim held (``held`` / ``not held`` / ``inconclusive``), followed by the figures.
+
+Run status: ``results.json`` has ``"status"`` and ``report.md`` a ``Status:`` line from the moment the run
+starts (``running``), replaced at the end by ``complete``, ``failed`` (with the error) or ``interrupted``. A
+folder whose status is not ``complete`` holds an unfinished run (a killed process stays at ``running``).
 """
 
 from __future__ import annotations
@@ -39,13 +43,49 @@ class Claim(NamedTuple):
 VERDICTS = ("held", "not held", "inconclusive")
 
 
-def run_dir(name: str, out: str | pathlib.Path | None) -> pathlib.Path:
-    """The output folder: ``out`` if given, else ``runs/<name>-<YYYYmmdd-HHMMSS>``; created if missing."""
+RUN_FILES = ("config.json", "results.json", "report.md")
+STATUSES = ("running", "complete", "failed", "interrupted")
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be used (holds another run, is not a folder, cannot be created)."""
+
+
+def run_dir(name: str, out: str | pathlib.Path | None, *, overwrite: bool = False) -> pathlib.Path:
+    """The output folder: ``out`` if given, else ``runs/<name>-<YYYYmmdd-HHMMSS>``; created if missing.
+
+    A folder that already holds a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``, which
+    deletes that run's files (:data:`RUN_FILES` and its PNG plots) first, so nothing of the old run can be
+    mistaken for the new one. A non-empty folder holding no run is always refused (nothing is deleted).
+
+    Raises:
+      OutputFolderError: with a one-line message naming the folder and what to do.
+    """
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = pathlib.Path("runs") / f"{name}-{stamp}"
     path = pathlib.Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"--out {path}: exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()):
+        if not any((path / f).exists() for f in RUN_FILES):
+            raise OutputFolderError(
+                f"--out {path}: the folder is not empty and holds no experiment run; choose a new or empty folder."
+            )
+        if not overwrite:
+            raise OutputFolderError(
+                f"--out {path}: the folder already holds a run; pass --overwrite to replace it, or choose "
+                "another folder."
+            )
+        try:
+            for old in [path / f for f in RUN_FILES] + sorted(path.glob("*.png")):
+                old.unlink(missing_ok=True)
+        except OSError as err:
+            raise OutputFolderError(f"--out {path}: cannot remove the previous run ({err}).") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"--out {path}: cannot create the output folder ({err}).") from None
     return path
 
 
@@ -92,6 +132,31 @@ def write_config(out: pathlib.Path, name: str, config: Any, preset: str | None) 
     )
 
 
+def write_status(
+    out: pathlib.Path, title: str, *, command: str, status: str, runtime_s: float | None = None,
+    error: str | None = None,
+) -> None:
+    """Mark an unfinished run: ``results.json`` and a header-only ``report.md`` with ``status``.
+
+    ``status`` is ``"running"`` (written when the run starts), ``"failed"`` (with ``error``) or
+    ``"interrupted"``; a complete run's files are written by :func:`write_report` and the caller instead.
+    """
+    if status not in STATUSES or status == "complete":
+        raise ValueError(f"status must be one of {STATUSES[:1] + STATUSES[2:]}, got {status!r}.")
+    results: dict[str, Any] = {"status": status}
+    if runtime_s is not None:
+        results["runtime_s"] = runtime_s
+    if error is not None:
+        results["error"] = error
+    write_json(out / "results.json", results)
+    lines = [f"# {title}", "", f"Command: `{command}`  "]
+    if runtime_s is not None:
+        lines.append(f"Runtime: {runtime_s:.1f} s  ")
+    lines.append(f"Status: **{status}**" + (f": {error}" if error else ""))
+    lines += ["", "This run did not finish: no claim was tested and its numbers are incomplete."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
 def write_report(
     out: pathlib.Path,
     title: str,
@@ -103,11 +168,12 @@ def write_report(
     figures: Sequence[str] = (),
     notes: Sequence[str] = (),
 ) -> None:
-    """``report.md``: claims with measured numbers and verdicts, then tables, notes and figures."""
+    """``report.md`` of a complete run: claims with measured numbers and verdicts, then tables, notes, figures."""
     for c in claims:
         if c.verdict not in VERDICTS:
             raise ValueError(f"Claim verdict must be one of {VERDICTS}, got {c.verdict!r} for {c.claim!r}.")
-    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Runtime: {runtime_s:.1f} s", "", "## Claims", ""]
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Runtime: {runtime_s:.1f} s  ", "Status: **complete**"]
+    lines += ["", "## Claims", ""]
     lines += ["| claim | measured | verdict |", "|---|---|---|"]
     lines += [f"| {c.claim} | {c.measured} | **{c.verdict}** |" for c in claims]
     for table in tables:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import EXPERIMENTS, cli, data, eos, models, train
+from experiments import EXPERIMENTS, cli, data, eos, models, report, train
 
 # name -> keys its results.json must hold (besides runtime_s)
 RESULT_KEYS = {
@@ -207,3 +208,112 @@ def test_models_reject_bad_options():
         models.make_model("resnet")
     with pytest.raises(ValueError, match="VGG expects images"):
         models.VGG().init(jax.random.PRNGKey(0), x)
+
+
+def test_cli_list_options_accept_the_form_help_prints():
+    parser = cli._experiment_parser("eos", eos)
+    args = parser.parse_args(["--hidden", "(32, 32)", "--gd-lrs", "[0.05, 0.1]", "--norms", "('none', 'bn')",
+                              "--adam-lrs", "0.001", "--momentum-lrs", "()"])
+    assert args.hidden == (32, 32) and args.gd_lrs == (0.05, 0.1) and args.norms == ("none", "bn")
+    assert args.adam_lrs == (0.001,) and args.momentum_lrs == ()
+    assert "(default (200, 200))" in parser.format_help()  # the form accepted above
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--gd-lrs", "abc", r"argument --gd-lrs: expected a comma-separated list of numbers, e\.g\. 0\.05,0\.1"),
+        ("--hidden", "(32, x)", r"argument --hidden: expected a comma-separated list of integers"),
+        ("--steps", "1.5", r"argument --steps: expected an integer, got '1\.5'"),
+    ],
+)
+def test_cli_bad_option_is_one_line_and_exit_2(option, value, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eos", "--smoke", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(expected, err), err
+
+
+def _bad_npz(tmp_path, kind):
+    path = tmp_path / "d.npz"
+    if kind == "missing-file":
+        return tmp_path / "nope.npz", r"No such file"
+    if kind == "missing-key":
+        np.savez(path, x_train=np.zeros((2, 3)), y_train=[0, 1])
+        return path, r"lacks the arrays \['x_test', 'y_test'\]"
+    if kind == "lengths":
+        np.savez(path, x_train=np.zeros((3, 3)), y_train=[0, 1], x_test=np.zeros((2, 3)), y_test=[0, 1])
+        return path, r"one per row of x_train"
+    path.write_text("not an npz")
+    return path, r"not a readable \.npz"
+
+
+@pytest.mark.parametrize("kind", ["missing-file", "missing-key", "lengths", "not-npz"])
+def test_cli_data_set_error_is_one_line_and_exit_2(kind, tmp_path, capsys):
+    path, expected = _bad_npz(tmp_path, kind)
+    out = tmp_path / "run"
+    assert cli.main(["eos", "--smoke", "--dataset", f"npz:{path}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--dataset npz:" in err and re.search(expected, err), err
+    assert not out.exists()  # checked before anything is written
+    with pytest.raises(cli.UserError):
+        cli.main(["eos", "--smoke", "--dataset", f"npz:{path}", "--out", str(out), "--debug"])
+
+
+def test_cli_unusable_out_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, expected in [(blocker, "exists and is not a folder"), (blocker / "sub", "cannot create the output folder")]:
+        assert cli.main(["eos", "--smoke", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert cli.main(["eos", "--smoke", "--out", str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert "holds no experiment run" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").exists()
+
+
+def _fake_run(behaviour):
+    """A stand-in for an experiment's run(config, out): checks the folder says 'running', then acts."""
+
+    def run(config, out):
+        assert json.loads((out / "results.json").read_text())["status"] == "running"
+        assert "Status: **running**" in (out / "report.md").read_text()
+        if behaviour == "complete":
+            (out / "new.png").write_bytes(b"png")
+            return report.Outcome({"x": 1}, [report.Claim("c", "m", "held")], figures=["new.png"])
+        raise behaviour
+
+    return run
+
+
+def test_cli_run_status_and_overwrite(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["eos", "--smoke", "--out", str(out)]
+    monkeypatch.setattr(eos, "run", _fake_run("complete"))
+    assert cli.main(args) == 0
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    assert "Status: **complete**" in (out / "report.md").read_text()
+    capsys.readouterr()
+    # A folder holding a run is refused, then replaced with --overwrite (old files removed first).
+    assert cli.main(args) == 2
+    assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    (out / "old.png").write_bytes(b"old")
+    monkeypatch.setattr(eos, "run", _fake_run(ValueError("devices must divide n_train")))
+    assert cli.main(args + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "devices must divide n_train" in err and "marked failed" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "ValueError: devices must divide n_train" in results["error"]
+    assert "Status: **failed**" in (out / "report.md").read_text() and not (out / "old.png").exists()
+    # An unexpected error keeps its traceback (exit 1 from Python) but still marks the run failed.
+    monkeypatch.setattr(eos, "run", _fake_run(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        cli.main(args + ["--overwrite"])
+    assert json.loads((out / "results.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(eos, "run", _fake_run(KeyboardInterrupt()))
+    assert cli.main(args + ["--overwrite"]) == 130
+    assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
+    assert "Status: **interrupted**" in (out / "report.md").read_text()

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bnjax._validate import check_positive_int, check_scalar
+
 PyTree = Any
 ModuleFilter = Callable[[nn.Module], bool] | Sequence[type]
 
@@ -47,6 +49,7 @@ class ActivationStats(NamedTuple):
 
 def histogram_edges(bins: int = 64, value_range: tuple[float, float] = (-5.0, 5.0)) -> jax.Array:
     """float32[bins + 1]: the bin edges :func:`activation_statistics` uses."""
+    _check_histogram(bins, value_range)
     return jnp.linspace(value_range[0], value_range[1], bins + 1, dtype=jnp.float32)
 
 
@@ -54,6 +57,7 @@ def input_statistics(
     x: jax.Array, *, bins: int = 64, value_range: tuple[float, float] = (-5.0, 5.0)
 ) -> ActivationStats:
     """:class:`ActivationStats` of one array ``x`` of shape ``(..., C)`` (at least 2 axes)."""
+    _check_histogram(bins, value_range)
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"expected an input with a batch axis and a feature axis, got shape {x.shape}.")
@@ -71,6 +75,15 @@ def input_statistics(
         jnp.sum(x < lo).astype(jnp.float32),
         jnp.sum(x > hi).astype(jnp.float32),
     )
+
+
+def _check_histogram(bins: int, value_range: tuple[float, float]) -> None:
+    check_positive_int(bins, "bins")
+    if not (isinstance(value_range, (tuple, list)) and len(value_range) == 2):
+        raise ValueError(f"`value_range` must be a pair (low, high); got {value_range!r}.")
+    lo, hi = value_range
+    check_scalar(lo, "value_range[0]")
+    check_scalar(hi, "value_range[1]", low=lo, low_open=True, hint=" `value_range` is (low, high), low < high.")
 
 
 def _selector(modules: ModuleFilter) -> Callable[[nn.Module], bool]:
@@ -176,10 +189,6 @@ def activation_statistics(
       ``{layer name: ActivationStats}`` in call order. Jit it once with ``apply_fn`` and the options bound,
       e.g. ``jax.jit(functools.partial(activation_statistics, model.apply, train=False))``.
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"`bins` must be a positive Python int; got {bins!r}.")
-    lo, hi = value_range
-    if not lo < hi:
-        raise ValueError(f"`value_range` must be (low, high) with low < high; got {value_range!r}.")
+    _check_histogram(bins, value_range)
     inputs = capture_inputs(apply_fn, variables, *args, modules=modules, **kwargs)
     return {name: input_statistics(x, bins=bins, value_range=value_range) for name, x in inputs.items()}

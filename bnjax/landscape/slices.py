@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bnjax._validate import check_like
+from bnjax._validate import check_like, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
@@ -43,6 +43,8 @@ def filter_normalize(
       A pytree like ``params``, in ``direction``'s dtypes.
     """
     check_like(direction, params, name="direction")
+    if isinstance(filter_axis, bool) or not isinstance(filter_axis, int):
+        raise ValueError(f"`filter_axis` must be an int (the axis indexing filters); got {filter_axis!r}.")
     if bias_bn not in ("zero", "weights"):
         raise ValueError(f'`bias_bn` must be "zero" or "weights"; got {bias_bn!r}.')
 
@@ -73,6 +75,7 @@ def _coords(values: Any, name: str) -> jax.Array:
             f"`{name}` must be a non-empty 1-D float array of slice coordinates; got shape {values.shape}, "
             f"dtype {values.dtype}. Use e.g. jnp.linspace(-1.0, 1.0, 21)."
         )
+    check_values(values, name)
     return values
 
 

@@ -19,14 +19,17 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
+from bnjax._validate import check_scalar, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
 
 DEFAULT_STEP_SIZE_RANGE = (0.5, 4.0)
 DEFAULT_NUM_STEP_SIZES = 8
+_LR_HINT = " The measures step along -grad L; a step of 0 or below measures nothing or goes uphill."
 
 
 class SmoothnessResult(NamedTuple):
@@ -60,9 +63,15 @@ def step_size_grid(
     high: float = DEFAULT_STEP_SIZE_RANGE[1],
     num: int = DEFAULT_NUM_STEP_SIZES,
 ) -> jax.Array:
-    """``learning_rate * linspace(low, high, num)``: float32[num]. ``learning_rate`` may be traced."""
+    """``learning_rate * linspace(low, high, num)``: float32[num]. ``learning_rate`` may be traced.
+
+    ``learning_rate`` (when concrete) and ``low`` must be finite and > 0, ``high >= low`` finite.
+    """
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"`num` must be a positive Python int (it fixes the grid's shape); got {num!r}.")
+    check_scalar(learning_rate, "learning_rate", low=0.0, low_open=True, hint=_LR_HINT)
+    check_scalar(low, "low", low=0.0, low_open=True, hint=" The grid's smallest multiple of the learning rate.")
+    check_scalar(high, "high", low=low, hint=" The grid's largest multiple of the learning rate, at least `low`.")
     return jnp.asarray(learning_rate, jnp.float32) * jnp.linspace(low, high, num, dtype=jnp.float32)
 
 
@@ -85,7 +94,8 @@ def smoothness(
       *args: further arguments of ``loss_fn``, held fixed.
       learning_rate: the training learning rate; the grid is :func:`step_size_grid` of it (0.5 to 4 times
         it, 8 points). May be traced, e.g. from a schedule.
-      step_sizes: an explicit float[K] grid of positive step sizes instead of ``learning_rate``.
+      step_sizes: an explicit float[K] grid of finite step sizes ``>= 0``, at least one ``> 0``, instead of
+        ``learning_rate`` (a 0 entry is the reference point ``L(w)`` itself).
       chunk_size: evaluate this many step sizes at a time (``lax.map``); None vectorizes all of them.
 
     Returns:
@@ -105,6 +115,9 @@ def smoothness(
             f"`step_sizes` must be a non-empty 1-D float array; got shape {step_sizes.shape}, dtype "
             f"{step_sizes.dtype}. Use e.g. step_size_grid(learning_rate)."
         )
+    concrete = check_values(step_sizes, "step_sizes", low=0.0, hint=_LR_HINT)
+    if concrete is not None and not np.any(concrete > 0):
+        raise ValueError(f"`step_sizes` must include a step > 0; got {concrete.tolist()}.{_LR_HINT}")
     value_and_grad = jax.value_and_grad(loss_fn)
     loss, grad = value_and_grad(params, batch, *args)
     grad_norm = otu.tree_norm(grad)
