@@ -70,7 +70,7 @@ SOLVER_VARIANTS = {  # name: (placement, linearize_budget)
 @dataclasses.dataclass(frozen=True)
 class Config:
     n_train: int = 1000
-    repeats: int = 7  # timing repeats (median)
+    repeats: int = 5  # timing repeats (median)
     solver_iters: int = 10  # HVPs per timed solve (per-HVP time inside the solver)
     gd_steps: int = 200
     every: int = 10

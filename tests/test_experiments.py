@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import bnjax.loops
 from experiments import EXPERIMENTS, cli, data, eos, models, report, train
 
 # name -> keys its results.json must hold (besides runtime_s)
@@ -317,3 +318,26 @@ def test_cli_run_status_and_overwrite(tmp_path, monkeypatch, capsys):
     assert cli.main(args + ["--overwrite"]) == 130
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
     assert "Status: **interrupted**" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("runner", ["full_batch", "minibatch"])
+def test_training_placements_agree_on_a_conv_net(runner):
+    # "auto" runs a conv net on CPU as one jitted call per step; it must train exactly as the one-scan loop.
+    ds = data.subset(data.mnist1d(42), 32)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    model = models.CNN1D(channels=(4, 4), norm="bn")
+    optimizer = optax.sgd(0.1)
+    state = train.init_train_state(model, x[:2], optimizer, 0)
+    step = train.make_train_step(model, "cross_entropy", optimizer)
+    out = {}
+    for placement in ("device", "host", "auto"):
+        if runner == "full_batch":
+            run = train.full_batch_runner(step, placement=placement)
+        else:
+            run = train.minibatch_runner(step, 8, placement=placement)
+        out[placement] = run(state, x, y, 3)
+    assert bnjax.loops.resolve_placement("auto", step, state, x, y) == "host"
+    for placement in ("host", "auto"):
+        for got, want in zip(jax.tree.leaves(out[placement]), jax.tree.leaves(out["device"])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert out["host"][1].loss.shape == (3,)
