@@ -19,7 +19,7 @@ Analysis
   landscape  -- smoothness measures, internal covariate shift, activation statistics, loss slices
 """
 
-from bnjax import curvature, landscape, nnx, torch_interop
+from bnjax import curvature, landscape, loops, nnx, torch_interop
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm, init_state
 from bnjax.folding import fold_batch_norm
 from bnjax.frozen import train_only_batch_norm
@@ -45,6 +45,7 @@ __all__ = [
     "fold_batch_norm",
     "init_state",
     "landscape",
+    "loops",
     "noisy_batch_norm",
     "nnx",
     "precise_batch_stats",

@@ -29,7 +29,6 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
