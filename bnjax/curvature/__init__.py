@@ -40,6 +40,7 @@ from bnjax.curvature.hvp import Matvec, ggn_matvec, gnvp, hessian_matvec, hvp
 from bnjax.curvature.operators import (
     FlaxCurvatureFns,
     chunked_mean,
+    data_shards,
     dataset_ggn_matvec,
     dataset_gnvp,
     dataset_hessian_matvec,
@@ -70,6 +71,7 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "chunked_mean",
+    "data_shards",
     "dataset_ggn_matvec",
     "dataset_gnvp",
     "dataset_hessian_matvec",
