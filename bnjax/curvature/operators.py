@@ -18,6 +18,11 @@ computation per chunk (``"unroll"``: compile time grows with the number of chunk
 unrolls up to :data:`MAX_UNROLL` chunks on CPU when the chunk computation contains a convolution, because
 XLA:CPU runs backward convolutions 15-20x slower inside loop bodies (see :mod:`bnjax.loops`); with more chunks
 it scans, and you may prefer a larger ``chunk_size``. Both give the same result up to rounding.
+
+Sharded data (``shards=D``, or read from the data by :func:`data_shards`): chunk ``c`` is the ``c``-th slice
+of ``chunk_size / D`` rows of every one of the ``D`` shards, so under a sharded ``jax.jit`` each device reads
+only its own rows and no data moves between devices (see :func:`chunked_mean`); in train mode these
+``chunk_size`` examples share BN statistics. With ``D = 1`` the chunks are the consecutive ones.
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ def _resolve_shards(shards: int | None, data: PyTree, n: int, chunk_size: int) -
     if chunk_size % shards:
         raise ValueError(
             f"`chunk_size={chunk_size}` must be a multiple of shards={shards}: every chunk takes "
-            f"chunk_size / shards examples from each shard. Use e.g. chunk_size={chunk_size - chunk_size % shards or shards}."
+            f"chunk_size / shards examples from each shard. Use e.g. "
+            f"chunk_size={chunk_size - chunk_size % shards or shards}."
         )
     return shards
 
