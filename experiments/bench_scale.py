@@ -3,6 +3,7 @@
     PYTHONPATH=. python experiments/bench_scale.py                  # 1, 2, 4, 8, 32 devices, ~2 min on 2 cores
     PYTHONPATH=. python experiments/bench_scale.py --quick          # 1, 2, 8 devices, small cases, ~40 s
     PYTHONPATH=. python experiments/bench_scale.py --devices 4 8    # chosen device counts
+    PYTHONPATH=. python experiments/bench_scale.py --parts hvp --devices 1 2 4 8   # data-set HVPs
 
 Every device count ``D`` runs in its own subprocess, started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` in its environment (read when JAX initializes). Per
@@ -15,12 +16,21 @@ the input, the running statistics returned through ``out_specs=P()``. Variants:
 - ``flax pmean``: ``flax.linen.BatchNorm(axis_name=...)`` (a ``pmean`` of per-device moments, inexact with
   uneven counts).
 
-Measured, one function each (a further part, e.g. HVPs, adds its own ``measure_*`` and an entry in
-``PARTS``):
+Part ``hvp`` (:func:`measure_hvp`): one Hessian-vector product of a data set with
+``bnjax.curvature.dataset_hessian_matvec`` under plain ``jax.jit`` on data sharded with
+``NamedSharding(mesh, P("batch"))``: a fixed global data set (``HVP_CASE``: 4096 examples of 32 features,
+chunks of 512, a 32 -> 64 -> BN (train mode) -> tanh -> 1 MLP, square loss), so the rows per device shrink
+as ``1/D``. Variants: ``parallel`` (``shards=D``: the data-parallel chunk layout) and ``gathered``
+(``shards=1``, the layout before it: every chunk is contiguous, so the devices fetch rows of other devices).
+The chunk loop is a ``lax.scan`` (``chunk_loop="scan"``: bounded memory); its body's collectives count once
+per chunk (:func:`collective_bytes` reads the loop's trip count).
+
+Measured, one function each (a further part adds its own ``measure_*`` and an entry in ``PARTS``):
 
 - :func:`collective_bytes`: bytes moved by collectives per step, read from the compiled HLO
   (``jax.jit(f).lower(...).compile().as_text()``): for every all-gather, all-reduce, reduce-scatter,
-  collective-permute and all-to-all, the size of its operands plus the size of its result, summed;
+  collective-permute and all-to-all, the size of its operands plus the size of its result, summed (times
+  the trip count inside a loop body);
 - :func:`memory_per_device`: ``compiled.memory_analysis()`` of the per-device program (arguments, outputs,
   temporaries);
 - :func:`time_ratios`: median time per step of each variant relative to ``local``, variants interleaved
@@ -49,6 +59,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
+from bnjax import curvature
 from experiments.bench_batchnorm import time_interleaved
 
 AXIS = "batch"
@@ -60,6 +71,9 @@ CASES = {  # per-device shapes; features last
 QUICK_CASES = {"dense (8,64)": (8, 64), "dense (8,512)": (8, 512)}
 DEVICE_COUNTS = (1, 2, 4, 8, 32)
 QUICK_DEVICE_COUNTS = (1, 2, 8)
+HVP_CASE = {"n": 4096, "features": 32, "hidden": 64, "chunk_size": 512}
+QUICK_HVP_CASE = {"n": 512, "features": 32, "hidden": 64, "chunk_size": 64}
+HVP_VARIANTS = ("parallel", "gathered")
 VARIANTS = ("local", "gather", "allreduce", "flax pmean")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
@@ -80,25 +94,59 @@ def _type_bytes(hlo_type: str) -> int:
     return total
 
 
+def _loop_multiplicities(hlo_text: str) -> dict:
+    """Computation name -> how often it runs per call: a ``while`` body with a ``known_trip_count`` of ``K``
+    runs ``K`` times per run of the computation that holds the ``while``; every other computation once."""
+    header = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+    loop = re.compile(r"\swhile\(.*?body=%([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+    loops, current = {}, None
+    for line in hlo_text.splitlines():
+        m = header.match(line)
+        if m:
+            current = m.group(1)
+        for body, trips in loop.findall(line):
+            loops[body] = (current, int(trips))
+
+    def times(name):
+        if name not in loops:
+            return 1
+        parent, trips = loops[name]
+        return trips * times(parent)
+
+    return {name: times(name) for name in loops}
+
+
 def collective_bytes(hlo_text: str) -> dict:
     """Bytes of operands plus results of the collectives in compiled HLO text, per op kind and in total.
 
     XLA:CPU emits the synchronous forms; asynchronous ``*-start`` ops are counted the same way (their
-    ``*-done`` halves are skipped), so the sum stays comparable on other backends.
+    ``*-done`` halves are skipped), so the sum stays comparable on other backends. A collective inside a
+    loop body with a known trip count (a ``lax.scan``) counts once per iteration; ``count`` is per call too.
     """
     shapes = {}  # instruction name -> result type
     ops = []
-    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*?)\)", re.M)
-    for name, result_type, op, operands in pattern.findall(hlo_text):
+    header = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*?)\)")
+    times, current = _loop_multiplicities(hlo_text), None
+    for line in hlo_text.splitlines():
+        m = header.match(line)
+        if m:
+            current = m.group(1)
+            continue
+        m = pattern.match(line)
+        if not m:
+            continue
+        name, result_type, op, operands = m.groups()
         shapes[name] = result_type
         base = op[: -len("-start")] if op.endswith("-start") else op
         if base in COLLECTIVES:
-            ops.append((base, result_type, re.findall(r"%([\w.\-]+)", operands)))
-    per_kind = {}
-    for base, result_type, operands in ops:
+            ops.append((base, result_type, re.findall(r"%([\w.\-]+)", operands), times.get(current, 1)))
+    per_kind, count = {}, 0
+    for base, result_type, operands, n in ops:
         size = _type_bytes(result_type) + sum(_type_bytes(shapes[o]) for o in operands)
-        per_kind[base] = per_kind.get(base, 0) + size
-    return {"total": sum(per_kind.values()), "count": len(ops), **per_kind}
+        per_kind[base] = per_kind.get(base, 0) + n * size
+        count += n
+    return {"total": sum(per_kind.values()), "count": count, **per_kind}
 
 
 def memory_per_device(compiled) -> dict:
@@ -159,8 +207,9 @@ def _sync_steps(mesh, n_features):
     return {name: step(norm, P(AXIS) if name == "local" else P()) for name, norm in norms.items()}
 
 
-def measure_sync(devices: int, cases: dict, repeats: int) -> list[dict]:
+def measure_sync(devices: int, quick: bool, repeats: int) -> list[dict]:
     """Collective bytes, memory and time ratios of a BN train step, per case, on ``devices`` devices."""
+    cases = QUICK_CASES if quick else CASES
     mesh = jax.make_mesh((devices,), (AXIS,), axis_types=(AxisType.Auto,))
     rows = []
     for case, shape in cases.items():
@@ -183,7 +232,47 @@ def measure_sync(devices: int, cases: dict, repeats: int) -> list[dict]:
     return rows
 
 
-PARTS = {"sync": measure_sync}
+# ----------------------------------------------------------------------------- the hvp part
+
+
+class _HVPNet(nn.Module):
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        h = bnjax.BatchNorm(use_running_average=not train)(nn.Dense(self.hidden)(x))
+        return nn.Dense(1)(jnp.tanh(h))[:, 0]
+
+
+def measure_hvp(devices: int, quick: bool, repeats: int) -> list[dict]:
+    """Collective bytes, memory and time of one data-set HVP, data-parallel layout against gathered rows."""
+    case = QUICK_HVP_CASE if quick else HVP_CASE
+    mesh = jax.make_mesh((devices,), (AXIS,), axis_types=(AxisType.Auto,))
+    kx, ky, kp, kv = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (case["n"], case["features"]))
+    y = jax.random.normal(ky, (case["n"],))
+    model = _HVPNet(case["hidden"])
+    variables = model.init(kp, x[:2])
+    fns = curvature.flax_curvature_fns(model.apply, lambda out, t: 0.5 * jnp.mean((out - t) ** 2), bn_mode="train")
+    data = jax.device_put((x, y), NamedSharding(mesh, P(AXIS)))
+    params, stats = variables["params"], variables["batch_stats"]
+    vector = curvature.random_like(kv, params)
+    row = {"devices": devices, "case": f"hvp N={case['n']} chunk={case['chunk_size']}", "bytes": {}, "memory": {}}
+    fns_timed = {}
+    t0 = time.perf_counter()
+    for name, shards in (("parallel", devices), ("gathered", 1)):
+        mv = curvature.dataset_hessian_matvec(fns.loss_fn, case["chunk_size"], chunk_loop="scan", shards=shards)
+        compiled = jax.jit(mv).lower(vector, params, data, stats).compile()
+        row["bytes"][name] = collective_bytes(compiled.as_text())
+        row["memory"][name] = memory_per_device(compiled)
+        fns_timed[name] = lambda compiled=compiled: compiled(vector, params, data, stats)
+    row["compile_s"] = time.perf_counter() - t0
+    row.update(time_ratios(fns_timed, repeats, baseline="gathered"))
+    print(_hvp_row_md(row), flush=True)
+    return [row]
+
+
+PARTS = {"sync": measure_sync, "hvp": measure_hvp}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -200,6 +289,21 @@ def _row_md(r: dict) -> str:
     )
 
 
+def _hvp_row_md(r: dict) -> str:
+    b, mem = r["bytes"], r["memory"]
+    return (
+        f"| {r['devices']} | {r['case']} | {b['parallel']['total']} | {b['parallel'].get('all-gather', 0)} | "
+        f"{b['gathered']['total']} | {b['gathered'].get('all-gather', 0)} | {mem['parallel']['peak']} | "
+        f"{mem['gathered']['peak']} | {r['median_s']['parallel'] * 1e3:.2f} | {r['ratio']['parallel']:.2f} |"
+    )
+
+
+HVP_HEADER = (
+    "| devices | case | bytes parallel | of which all-gather | bytes gathered | of which all-gather | "
+    "peak mem parallel | peak mem gathered | ms parallel | time parallel / gathered |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
 HEADER = (
     "| devices | case (per device) | bytes gather | bytes allreduce | bytes flax pmean | peak mem local | "
     "peak mem gather | peak mem allreduce | time gather / local | time allreduce / local | "
@@ -211,8 +315,7 @@ def _worker(args) -> None:
     """Runs in the subprocess for one device count: measure the requested parts, print JSON last."""
     if jax.device_count() != args.worker:
         raise SystemExit(f"expected {args.worker} devices, JAX sees {jax.device_count()}: check XLA_FLAGS")
-    cases = QUICK_CASES if args.quick else CASES
-    out = {part: PARTS[part](args.worker, cases, args.repeats) for part in args.parts}
+    out = {part: PARTS[part](args.worker, args.quick, args.repeats) for part in args.parts}
     print("RESULT " + json.dumps(out))
 
 
@@ -233,7 +336,7 @@ def main() -> None:
     counts = args.devices or (QUICK_DEVICE_COUNTS if args.quick else DEVICE_COUNTS)
     root = pathlib.Path(__file__).resolve().parent.parent
     print(f"forced CPU devices {counts} on {os.cpu_count()} cores, median of {args.repeats}; bytes per step")
-    print(HEADER)
+    print("\n".join(HVP_HEADER if part == "hvp" else HEADER for part in args.parts))
     results, start = {}, time.perf_counter()
     for d in counts:
         env = {**os.environ, "PYTHONPATH": str(root),

@@ -50,7 +50,10 @@ class Config:
     ``solver_iters`` HVPs per checkpoint, relative tolerance ``solver_tol``.
     Devices: ``devices > 1`` shards the training set over that many devices along the example axis and lets
     ``jax.jit`` partition training and HVPs (the sharded-jit data-parallel path; BN statistics stay those of
-    the full batch), so the same command scales to an accelerator host.
+    the full batch), so the same command scales to an accelerator host. The tracker runs data-parallel
+    (``EoSTracker(..., shards=devices)``: every device reads only its rows, no data set is gathered); with
+    ``chunk_size < n_train`` a chunk (ghost batch) is then the ``c``-th slice of ``chunk_size / devices`` rows
+    of every device's shard, so ``chunk_size`` must be a multiple of ``devices``.
     Verdict per run: over the last ``verdict_window`` of the checkpoints, "held" when at least
     ``min_in_band`` of them lie within ``[band_low, band_high]`` times the threshold, "not reached" when the
     sharpness never reached ``band_low`` times it, "failed" otherwise.
@@ -171,6 +174,11 @@ def _check(config: Config) -> None:
             f"devices must be in [1, {jax.device_count()}] (available) and divide n_train={config.n_train}; "
             f"got {config.devices}."
         )
+    if min(config.chunk_size, config.n_train) % config.devices:
+        raise ValueError(
+            f"chunk_size={config.chunk_size} must be a multiple of devices={config.devices} (every chunk takes "
+            "the same number of rows from each device's shard)."
+        )
     if not 0 < config.band_low < 1 < config.band_high:
         raise ValueError(f"need 0 < band_low < 1 < band_high, got {config.band_low}, {config.band_high}.")
 
@@ -216,6 +224,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         stability_rule(spec, config),
         every=config.track_every,
         chunk_size=config.chunk_size,
+        shards=config.devices if config.devices > 1 else None,
         method=config.solver,
         tol=config.solver_tol,
         max_iters=config.solver_iters,

@@ -1,10 +1,13 @@
 """One process of the 2-process data-parallel test (``tests/test_multiprocess.py``); also the shared model.
 
-Run as ``python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz`` with
+Run as ``python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [TASK]`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` in the environment: it joins the
-``jax.distributed`` job on 127.0.0.1:PORT (gloo CPU collectives), takes its rows of the global batch, runs
-one SGD step of :class:`Net` (with ``bnjax.BatchNorm``) in two ways (sharded ``jit`` without ``axis_name``,
-and ``shard_map`` with ``axis_name``), and process 0 writes the resulting params and batch_stats to OUT.npz.
+``jax.distributed`` job on 127.0.0.1:PORT (gloo CPU collectives) and takes its rows of the global batch.
+TASK ``train`` (default) runs one SGD step of :class:`Net` (with ``bnjax.BatchNorm``) in two ways (sharded
+``jit`` without ``axis_name``, and ``shard_map`` with ``axis_name``), and process 0 writes the resulting
+params and batch_stats to OUT.npz. TASK ``curvature`` computes the top Hessian eigenvalue of :class:`Net`'s
+train-mode data-set loss (chunks of :data:`CHUNK_SIZE`, data-parallel over all devices) with Lanczos under
+one ``jax.jit``, and process 0 writes it and the collectives that move data (none expected) to OUT.npz.
 Importing this module has no side effect (the test imports the model and data from it).
 """
 
@@ -22,6 +25,7 @@ import optax
 
 GLOBAL_BATCH = 16
 LEARNING_RATE = 0.1
+CHUNK_SIZE = 8
 
 
 class Net(nn.Module):
@@ -51,6 +55,30 @@ def make_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, t, mask
 
 
+def make_curvature_data() -> tuple[np.ndarray, np.ndarray]:
+    """Global data set for the curvature task: x (16, 6, 2), targets (16, 1); no padding."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(GLOBAL_BATCH, 6, 2)) + 1.0
+    return x.astype(np.float32), rng.normal(size=(GLOBAL_BATCH, 1)).astype(np.float32)
+
+
+def top_eigenvalue_fn(shards: int | None):
+    """Jitted ``(params, batch_stats, data) -> (top eigenvalue, converged)`` of the train-mode Hessian."""
+    import bnjax
+    from bnjax import curvature as cv
+
+    model = Net(bnjax.BatchNorm)
+    fns = cv.flax_curvature_fns(model.apply, lambda out, t: jnp.mean((out - t) ** 2), bn_mode="train")
+    hessian = cv.dataset_hessian_matvec(fns.loss_fn, CHUNK_SIZE, shards=shards)
+
+    def top(params, batch_stats, data):
+        v0 = cv.random_like(jax.random.key(7), params)
+        result = cv.lanczos_top(hessian, v0, params, data, batch_stats, tol=1e-6, max_iters=30, placement="device")
+        return result.eigenvalue, result.converged
+
+    return jax.jit(top)
+
+
 def loss_and_stats(model, params, batch_stats, x, t, mask):
     """Sum of squared errors over the valid samples, and the updated batch_stats."""
     out, upd = model.apply(
@@ -72,7 +100,33 @@ def sgd_step(model, params, batch_stats, x, t, mask, n_valid):
     return optax.apply_updates(params, updates), new_stats
 
 
-def _main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
+def _curvature(process_id: int, num_processes: int, out_path: str) -> None:
+    import re
+
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, t = make_curvature_data()
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("batch"))
+    rows = slice(process_id * GLOBAL_BATCH // num_processes, (process_id + 1) * GLOBAL_BATCH // num_processes)
+    data = tuple(jax.make_array_from_process_local_data(sharding, a[rows]) for a in (x, t))
+    variables = Net(nn.BatchNorm).init(jax.random.key(0), x[:2])
+    top = top_eigenvalue_fn(jax.device_count())
+    compiled = top.lower(variables["params"], variables["batch_stats"], data).compile()
+    moves = re.findall(r"\s(all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", compiled.as_text())
+    eigenvalue, converged = compiled(variables["params"], variables["batch_stats"], data)
+    if process_id == 0:
+        np.savez(
+            out_path,
+            eigenvalue=np.asarray(eigenvalue.addressable_data(0)),
+            converged=np.asarray(converged.addressable_data(0)),
+            data_moves=np.array(len(moves)),
+            device_count=np.array(jax.device_count()),
+        )
+
+
+def _main(process_id: int, num_processes: int, port: int, out_path: str, task: str = "train") -> None:
     import bnjax
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -84,6 +138,10 @@ def _main(process_id: int, num_processes: int, port: int, out_path: str) -> None
         process_id=process_id,
         initialization_timeout=30,
     )
+    if task == "curvature":
+        _curvature(process_id, num_processes, out_path)
+        jax.distributed.shutdown()
+        return
     x, t, mask = make_data()
     n_valid = float(mask.sum())
     # Auto axes: with Explicit ones (jax.make_mesh's default) JAX 0.10 cannot shard a Conv kernel's gradient.
@@ -135,4 +193,4 @@ def _main(process_id: int, num_processes: int, port: int, out_path: str) -> None
 
 
 if __name__ == "__main__":
-    _main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    _main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])

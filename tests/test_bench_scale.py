@@ -37,3 +37,12 @@ def test_collective_bytes_counts_async_starts_once_and_tuples():
     got = collective_bytes(hlo)
     all_reduce = 2 * (256 + 16)  # operands f32[16,4] and bf16[8], and a result of the same two
     assert got == {"total": all_reduce + 512, "count": 2, "all-reduce": all_reduce, "collective-permute": 512}
+
+
+def test_collective_bytes_counts_loop_bodies_once_per_iteration():
+    """A scan of 5 steps whose body sums an array sharded over 8 devices: an all-reduce of f32[] per step."""
+    mesh = jax.make_mesh((8,), ("d",))
+    x = jax.ShapeDtypeStruct((5, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "d")))
+    f = jax.jit(lambda x: lax.scan(lambda c, row: (c + jnp.sum(jnp.sin(row)), None), 0.0, x)[0])
+    got = collective_bytes(f.lower(x).compile().as_text())
+    assert got == {"total": 5 * 8, "count": 5, "all-reduce": 5 * 8}

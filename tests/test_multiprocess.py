@@ -1,8 +1,11 @@
-"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives, 2 CPU devices each) train one step.
+"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives, 2 CPU devices each).
 
-The result (params and batch_stats after one SGD step, with uneven valid counts and a padded last shard)
-must equal a single-process, single-device run of the same model with ``flax.linen.BatchNorm`` on the
-whole batch. The worker is ``tests/multiprocess_worker.py``; children are killed on any failure.
+Training: the result (params and batch_stats after one SGD step, with uneven valid counts and a padded last
+shard) must equal a single-process, single-device run of the same model with ``flax.linen.BatchNorm`` on the
+whole batch. Curvature: the top Hessian eigenvalue of the train-mode data-set loss, with the data sharded over
+both processes and data-parallel chunks, must equal the one-process, one-device value on the rows permuted
+into the same chunks, and the compiled program must move no data between devices. The worker is
+``tests/multiprocess_worker.py``; children are killed on any failure.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from multiprocess_worker import Net, make_data, sgd_step
+from multiprocess_worker import CHUNK_SIZE, Net, make_curvature_data, make_data, sgd_step, top_eigenvalue_fn
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES = 2
@@ -31,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(out: Path) -> None:
+def _run_workers(out: Path, task: str = "train") -> None:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"  # replaces conftest's 8
     env["JAX_PLATFORMS"] = "cpu"
@@ -40,7 +43,7 @@ def _run_workers(out: Path) -> None:
     procs = []
     try:
         for i in range(NUM_PROCESSES):
-            cmd = [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out)]
+            cmd = [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out), task]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         logs = [p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace") for p in procs]
         for i, (p, log) in enumerate(zip(procs, logs)):
@@ -72,3 +75,22 @@ def test_two_process_training_step_matches_single_process(tmp_path):
             np.testing.assert_allclose(
                 got[tag + jax.tree_util.keystr(path)], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{tag} {path}"
             )
+
+
+def test_two_process_top_hessian_eigenvalue_matches_single_process(tmp_path):
+    out = tmp_path / "curvature.npz"
+    _run_workers(out, "curvature")
+    got = np.load(out)
+    devices = NUM_PROCESSES * DEVICES_PER_PROCESS
+    assert int(got["device_count"]) == devices
+    assert int(got["data_moves"]) == 0 and bool(got["converged"])
+
+    x, t = make_curvature_data()
+    # Chunk c on `devices` shards = the c-th CHUNK_SIZE/devices rows of every shard.
+    rows = np.arange(len(x)).reshape(devices, -1)
+    local = CHUNK_SIZE // devices
+    perm = np.concatenate([rows[:, s : s + local].ravel() for s in range(0, rows.shape[1], local)])
+    variables = Net(nn.BatchNorm).init(jax.random.key(0), x[:2])
+    want, converged = top_eigenvalue_fn(None)(variables["params"], variables["batch_stats"], (x[perm], t[perm]))
+    assert bool(converged)
+    np.testing.assert_allclose(float(got["eigenvalue"]), float(want), rtol=1e-4)

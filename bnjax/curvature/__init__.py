@@ -5,7 +5,9 @@ All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vect
 parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
 :func:`dataset_hessian_matvec` or :func:`dataset_ggn_matvec`. Every solver and the tracker take
 ``placement`` (where the loop runs, :mod:`bnjax.loops`) and ``linearize_budget`` (linearize the operator once
-per parameter point when its residuals fit; :func:`linearization_bytes`).
+per parameter point when its residuals fit; :func:`linearization_bytes`). The data-set operators and the
+tracker take ``shards`` for data sharded over devices (data-parallel chunks; :func:`chunked_mean`,
+:func:`data_shards`).
 """
 
 from bnjax.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, slq_density
@@ -40,6 +42,7 @@ from bnjax.curvature.hvp import Matvec, ggn_matvec, gnvp, hessian_matvec, hvp
 from bnjax.curvature.operators import (
     FlaxCurvatureFns,
     chunked_mean,
+    data_shards,
     dataset_ggn_matvec,
     dataset_gnvp,
     dataset_hessian_matvec,
@@ -70,6 +73,7 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "chunked_mean",
+    "data_shards",
     "dataset_ggn_matvec",
     "dataset_gnvp",
     "dataset_hessian_matvec",

@@ -65,7 +65,7 @@ from bnjax.curvature.eigen import (
     random_like,
 )
 from bnjax.curvature.hvp import Matvec, hessian_matvec
-from bnjax.curvature.operators import dataset_hessian_matvec, dataset_value_and_grad
+from bnjax.curvature.operators import data_shards, dataset_hessian_matvec, dataset_value_and_grad
 
 PyTree = Any
 
@@ -180,6 +180,12 @@ class EoSTracker:
       every: measure when ``step % every == 0``.
       chunk_size: evaluate loss, gradient and HVPs over the data set in chunks of this size (``None``: one
         call).
+      shards: with ``chunk_size``, the number of shards of the data set's example axis (static; see
+        :func:`~bnjax.curvature.chunked_mean`): chunks are then laid out data-parallel, every device reading
+        only its rows, and a chunk is the ``c``-th slice of ``chunk_size / shards`` rows of every shard.
+        ``None`` means unsharded data. The tracker compiles its pieces with ``jax.jit``, where the data's
+        sharding is not visible, so it checks the concrete data at every call and asks for ``shards`` when
+        they are sharded.
       method: ``"lanczos"`` (default; robust when the top eigenvalues cluster, as they do at the edge of
         stability) or ``"power"``.
       tol, residual_tol, max_iters: stopping rule of the solver (see :func:`~bnjax.curvature.lanczos_top`);
@@ -204,6 +210,7 @@ class EoSTracker:
     rule: StabilityRule
     every: int = 10
     chunk_size: int | None = None
+    shards: int | None = None
     method: Literal["lanczos", "power"] = "lanczos"
     tol: float = 2e-4
     residual_tol: float = 1e-2
@@ -217,6 +224,10 @@ class EoSTracker:
         check_positive_int(self.max_iters, "max_iters")
         if self.chunk_size is not None:
             check_positive_int(self.chunk_size, "chunk_size")
+        if self.shards is not None:
+            check_positive_int(self.shards, "shards")
+            if self.chunk_size is None:
+                raise ValueError("`shards` lays out the chunks of a data set; pass `chunk_size` with it.")
         if self.method not in ("lanczos", "power"):
             raise ValueError(f"`method` must be 'lanczos' or 'power'; got {self.method!r}.")
         if not isinstance(self.rule, StabilityRule):
@@ -232,7 +243,7 @@ class EoSTracker:
         if self.chunk_size is None:
             hessian = hessian_matvec(scalar_loss)
         else:
-            hessian = dataset_hessian_matvec(scalar_loss, self.chunk_size)
+            hessian = dataset_hessian_matvec(scalar_loss, self.chunk_size, shards=self.shards)
         object.__setattr__(self, "_scalar_loss", scalar_loss)
         object.__setattr__(self, "_hessian", hessian)
         object.__setattr__(self, "_hessian_preconditioned", preconditioned_matvec(hessian))
@@ -255,13 +266,25 @@ class EoSTracker:
             raise ValueError("With `chunk_size`, pass the data set as the first argument after `params`.")
         return args[0], args[1:]
 
+    def _check_shards(self, args: tuple) -> None:
+        """Raise if the concrete data set is sharded differently from ``shards`` (called outside ``jit``)."""
+        if self.chunk_size is None:
+            return
+        seen = data_shards(self._split_data(args)[0])
+        if seen != (self.shards or 1) and seen > 1:
+            raise ValueError(
+                f"The data set is sharded into {seen} shards along its example axis but the tracker has "
+                f"shards={self.shards}; build it with EoSTracker(..., shards={seen}) so that every device "
+                "reads only its own rows (with shards=None every device would gather the whole data set)."
+            )
+
     def _value_and_grad_fn(self, args: tuple) -> Callable[[PyTree], tuple[Any, PyTree]]:
         """``params -> (value, grads)`` of the training loss (``value`` is ``(loss, aux)`` with ``has_aux``)."""
         if self.chunk_size is None:
             return lambda params: jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)(params, *args)
         data, rest = self._split_data(args)
         return lambda params: dataset_value_and_grad(
-            self.loss_fn, params, data, *rest, chunk_size=self.chunk_size, has_aux=self.has_aux
+            self.loss_fn, params, data, *rest, chunk_size=self.chunk_size, has_aux=self.has_aux, shards=self.shards
         )
 
     def _linearizes(self, params: PyTree, args: tuple) -> bool:
@@ -287,8 +310,7 @@ class EoSTracker:
     def _measurement(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
         """``(driver, plan)`` of one measurement at ``params``: the plan's call returns ``(value, grads, pair)``."""
         check_like(state.vector, params, name="state.vector")
-        if self.chunk_size is not None:
-            self._split_data(args)
+        self._check_shards(args)
         driver = loops.driver_for(self.placement, self._scalar_loss, params, *args)
         cold = not bool(jnp.isfinite(state.eigenvalue))
         max_iters = 3 * self.max_iters if cold else self.max_iters
@@ -372,6 +394,7 @@ class EoSTracker:
         most recent update used (as with :meth:`update` after the step, one step earlier).
         """
         if not self.due(step):
+            self._check_shards(args)
             return self._value_and_grad(params, args), None, state
         value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state))
         loss = value[0] if self.has_aux else value

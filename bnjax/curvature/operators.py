@@ -18,10 +18,16 @@ computation per chunk (``"unroll"``: compile time grows with the number of chunk
 unrolls up to :data:`MAX_UNROLL` chunks on CPU when the chunk computation contains a convolution, because
 XLA:CPU runs backward convolutions 15-20x slower inside loop bodies (see :mod:`bnjax.loops`); with more chunks
 it scans, and you may prefer a larger ``chunk_size``. Both give the same result up to rounding.
+
+Sharded data (``shards=D``, or read from the data by :func:`data_shards`): chunk ``c`` is the ``c``-th slice
+of ``chunk_size / D`` rows of every one of the ``D`` shards, so under a sharded ``jax.jit`` each device reads
+only its own rows and no data moves between devices (see :func:`chunked_mean`); in train mode these
+``chunk_size`` examples share BN statistics. With ``D = 1`` the chunks are the consecutive ones.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
@@ -61,46 +67,136 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
+def data_shards(data: PyTree) -> int:
+    """How many shards the example (leading) axis of ``data`` is split into; 1 if it is not sharded.
+
+    Read from each leaf's sharding: ``x.sharding`` for a concrete ``jax.Array`` (``NamedSharding(mesh,
+    P("batch"))``, also a multi-process array from ``jax.make_array_from_process_local_data``), or the type
+    ``jax.typeof(x).sharding`` of a traced array on a mesh with ``Explicit`` axes. Inside ``jax.jit`` on an
+    ``Auto`` mesh a traced array's sharding is not visible and this returns 1: pass ``shards=`` there (e.g.
+    ``shards=data_shards(data)`` computed outside ``jit``). Leaves that are not sharded along the example
+    axis (NumPy arrays, replicated arrays) count 1; sharded leaves must agree.
+    """
+    counts = set()
+    for x in jax.tree.leaves(data):
+        if not jnp.ndim(x):
+            continue
+        if isinstance(x, jax.core.Tracer):
+            sharding = jax.typeof(x).sharding
+            spec = getattr(sharding, "spec", ())
+            entry = spec[0] if len(spec) else None
+            names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+            count = math.prod(sharding.mesh.shape[name] for name in names)
+        elif isinstance(x, jax.Array):
+            count = x.shape[0] // x.sharding.shard_shape(x.shape)[0]
+        else:
+            count = 1
+        counts.add(count)
+    counts.discard(1)
+    if len(counts) > 1:
+        raise ValueError(
+            f"The leaves of `data` are sharded into different numbers of shards along the example axis "
+            f"({sorted(counts)}); shard every leaf the same way, e.g. all with NamedSharding(mesh, P('batch'))."
+        )
+    return counts.pop() if counts else 1
+
+
+def _resolve_shards(shards: int | None, data: PyTree, n: int, chunk_size: int) -> int:
+    """The shard count ``D`` to lay chunks out with, validated against ``data``, ``N`` and ``chunk_size``."""
+    seen = data_shards(data)
+    if shards is None:
+        shards = seen
+    shards = check_positive_int(shards, "shards")
+    if seen not in (1, shards):
+        raise ValueError(
+            f"`shards={shards}` but the example axis of `data` is sharded into {seen} shards; pass "
+            f"shards={seen} (or shards=None to read it from the data) so that every device reads only its rows."
+        )
+    if n % shards:
+        raise ValueError(
+            f"The data set's {n} examples cannot be split into shards={shards} equal shards; JAX shards an axis "
+            f"only evenly. Drop or evaluate separately the last {n % shards} examples."
+        )
+    if chunk_size % shards:
+        raise ValueError(
+            f"`chunk_size={chunk_size}` must be a multiple of shards={shards}: every chunk takes "
+            f"chunk_size / shards examples from each shard. Use e.g. "
+            f"chunk_size={chunk_size - chunk_size % shards or shards}."
+        )
+    return shards
+
+
 def chunked_mean(
-    fn: Callable[[PyTree], PyTree], data: PyTree, chunk_size: int, *, chunk_loop: ChunkLoop = "auto"
+    fn: Callable[[PyTree], PyTree],
+    data: PyTree,
+    chunk_size: int,
+    *,
+    chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> PyTree:
-    """Size-weighted mean of ``fn(chunk)`` over consecutive chunks of ``data``.
+    """Size-weighted mean of ``fn(chunk)`` over chunks of ``data``; data-parallel when ``data`` is sharded.
+
+    Chunks with ``D`` shards: the example axis ``N`` is viewed as ``(D, N/D)`` (shard ``d`` = rows
+    ``d*N/D ... (d+1)*N/D - 1``, which is how ``NamedSharding(mesh, P("batch"))`` places them), each shard is
+    cut into local slices of ``chunk_size/D`` consecutive rows, and chunk ``c`` is the ``c``-th local slice
+    of every shard, concatenated in shard order (``chunk_size`` examples). With ``D = 1`` these are the
+    consecutive chunks ``data[c*chunk_size : (c+1)*chunk_size]``. Splitting the sharded axis at its major
+    factor and slicing inside each shard moves no data, so under a sharded ``jax.jit`` every device reads
+    only its own rows (memory per device: its ``N/D`` rows plus one chunk's activations), computes its
+    ``chunk_size/D`` rows of every chunk, and the sum over chunks needs one all-reduce of the size of the
+    result (e.g. the parameters for a gradient or HVP). Batch-norm statistics in train mode are those of the
+    whole chunk (XLA reduces them across devices), so the result equals the one-device computation on the
+    rows permuted into the same chunks.
 
     Args:
-      fn: ``fn(chunk) -> pytree of arrays``, where ``chunk`` is ``data`` restricted to a slice of the leading
-        axis. ``fn`` should return a *mean* over the chunk's examples.
-      data: pytree of arrays sharing a leading example axis of size ``N``.
-      chunk_size: examples per chunk (static). Values ``>= N`` mean a single chunk.
+      fn: ``fn(chunk) -> pytree of arrays``, where ``chunk`` is ``data`` restricted to the chunk's examples.
+        ``fn`` should return a *mean* over the chunk's examples.
+      data: pytree of arrays sharing a leading example axis of size ``N`` (``N`` divisible by ``D``).
+      chunk_size: examples per chunk (static), a multiple of ``D``. Values ``>= N`` mean a single chunk.
       chunk_loop: ``"scan"``, ``"unroll"`` or ``"auto"`` (see the module docstring).
+      shards: ``D`` (static); ``None`` reads it from the data's sharding with :func:`data_shards` (concrete
+        arrays, or traced ones on ``Explicit`` mesh axes). Inside ``jax.jit`` on an ``Auto`` mesh pass it
+        explicitly: the tracer does not show its sharding, and ``D = 1`` would make every device gather
+        every chunk. Shards of unsharded data are allowed (the same chunk composition on one device).
 
     Returns:
-      ``sum_c n_c * fn(chunk_c) / N`` with chunks of ``chunk_size`` examples and a last chunk of
-      ``N mod chunk_size`` examples if that is nonzero. Full chunks run in the chunk loop; the smaller last
-      chunk is one extra call (its shape differs).
+      ``sum_c n_c * fn(chunk_c) / N``: full chunks of ``chunk_size`` examples, and if ``N/D`` is not a
+      multiple of ``chunk_size/D`` a last chunk of ``D * (N/D mod chunk_size/D)`` examples (the rest of every
+      shard). Full chunks run in the chunk loop; the smaller last chunk is one extra call (its shape differs).
     """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
     n = _num_examples(data)
     chunk_size = min(chunk_size, n)
-    num_full, rest = divmod(n, chunk_size)
-    full = jax.tree.map(lambda x: x[: num_full * chunk_size].reshape(num_full, chunk_size, *x.shape[1:]), data)
-    jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree.map(lambda x: x[0], full))
+    shards = _resolve_shards(shards, data, n, chunk_size)
+    local_n, local_chunk = n // shards, chunk_size // shards
+    num_full, rest = divmod(local_n, local_chunk)
+    # (N, ...) -> (D, N/D, ...): each device keeps its rows; chunk i is [:, i*local_chunk:(i+1)*local_chunk].
+    local = jax.tree.map(lambda x: x.reshape(shards, local_n, *x.shape[1:]), data)
+
+    def rows(start: Any, size: int) -> PyTree:
+        return jax.tree.map(
+            lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(shards * size, *x.shape[2:]), local
+        )
+
+    jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)(rows(0, local_chunk))
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
-    def body(total: PyTree, chunk: PyTree) -> tuple[PyTree, None]:
-        return jax.tree.map(lambda t, y: t + chunk_size * y, total, fn(chunk)), None
+    def body(total: PyTree, i: Any) -> tuple[PyTree, None]:
+        chunk_mean = fn(rows(i * local_chunk, local_chunk))
+        return jax.tree.map(lambda t, y: t + chunk_size * y, total, chunk_mean), None
 
     if chunk_loop == "auto":
         unroll = num_full <= MAX_UNROLL and jax.default_backend() == "cpu" and loops.has_convolution(jaxpr.jaxpr)
         chunk_loop = "unroll" if unroll else "scan"
     if chunk_loop == "scan" and num_full > 1:
-        total, _ = lax.scan(body, total, full)
+        total, _ = lax.scan(body, total, jnp.arange(num_full))
     else:
         for i in range(num_full):
-            total, _ = body(total, jax.tree.map(lambda x: x[i], full))
+            total, _ = body(total, i)
     if rest:
-        tail = fn(jax.tree.map(lambda x: x[num_full * chunk_size :], data))
-        total = jax.tree.map(lambda t, y: t + rest * y, total, tail)
+        tail = fn(rows(num_full * local_chunk, rest))
+        total = jax.tree.map(lambda t, y: t + shards * rest * y, total, tail)
     return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 
@@ -111,12 +207,14 @@ def dataset_loss(
     *args: Any,
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> jax.Array:
     """Mean loss over ``data`` in chunks: ``chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)``.
 
     ``loss_fn(params, chunk, *args) -> scalar`` is the mean loss of a chunk; ``args`` are not chunked.
+    ``shards``: see :func:`chunked_mean` (data-parallel chunks of sharded data).
     """
-    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop)
+    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards)
 
 
 def dataset_value_and_grad(
@@ -127,6 +225,7 @@ def dataset_value_and_grad(
     chunk_size: int,
     has_aux: bool = False,
     chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> tuple[Any, PyTree]:
     """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``.
 
@@ -134,7 +233,7 @@ def dataset_value_and_grad(
     weighted by chunk size like the loss), as ``jax.value_and_grad(..., has_aux=True)`` would nest it.
     """
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size, chunk_loop=chunk_loop)
+    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards)
 
 
 def dataset_hvp(
@@ -145,10 +244,13 @@ def dataset_hvp(
     *args: Any,
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> PyTree:
     """Hessian of the chunked mean loss (see :func:`dataset_loss`) times ``vector``; a pytree like ``params``."""
     check_like(vector, params)
-    return chunked_mean(lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop)
+    return chunked_mean(
+        lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards
+    )
 
 
 def dataset_gnvp(
@@ -160,24 +262,40 @@ def dataset_gnvp(
     *args: Any,
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> PyTree:
     """GGN of the chunked mean loss times ``vector``: ``output_fn(params, chunk, *args)``,
     ``output_loss(outputs, chunk, *args)`` (see :func:`bnjax.curvature.gnvp`)."""
     check_like(vector, params)
     return chunked_mean(
-        lambda c: gnvp(output_fn, output_loss, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop
+        lambda c: gnvp(output_fn, output_loss, params, vector, c, *args),
+        data,
+        chunk_size,
+        chunk_loop=chunk_loop,
+        shards=shards,
     )
 
 
+def _check_shards(shards: Any) -> int | None:
+    return None if shards is None else check_positive_int(shards, "shards")
+
+
 def dataset_hessian_matvec(
-    loss_fn: Callable[..., jax.Array], chunk_size: int, chunk_loop: ChunkLoop = "auto"
+    loss_fn: Callable[..., jax.Array], chunk_size: int, chunk_loop: ChunkLoop = "auto", shards: int | None = None
 ) -> Matvec:
-    """Data-set Hessian as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_hvp`)."""
+    """Data-set Hessian as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_hvp`).
+
+    The solvers call the matvec inside ``jax.jit``, where an ``Auto`` mesh hides the data's sharding: for
+    sharded data pass ``shards`` (e.g. ``shards=data_shards(data)``), see :func:`chunked_mean`.
+    """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
+    shards = _check_shards(shards)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
-        return dataset_hvp(loss_fn, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop)
+        return dataset_hvp(
+            loss_fn, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop, shards=shards
+        )
 
     return matvec
 
@@ -187,14 +305,25 @@ def dataset_ggn_matvec(
     output_loss: Callable[..., jax.Array],
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
 ) -> Matvec:
-    """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`)."""
+    """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`; ``shards``
+    as in :func:`dataset_hessian_matvec`)."""
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
+    shards = _check_shards(shards)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
         return dataset_gnvp(
-            output_fn, output_loss, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop
+            output_fn,
+            output_loss,
+            params,
+            vector,
+            data,
+            *args,
+            chunk_size=chunk_size,
+            chunk_loop=chunk_loop,
+            shards=shards,
         )
 
     return matvec
