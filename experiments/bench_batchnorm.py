@@ -83,6 +83,15 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def write_payload(payload: dict, out: str) -> None:
+    """Write a benchmark's ``payload`` (with ``table`` and ``wall_s``) as JSON to ``out``; print the table."""
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    print(payload["table"])
+    print(f"\nwrote {path} in {payload['wall_s']:.0f} s")
+
+
 def run(cases: dict, repeats: int) -> list[dict]:
     rows = []
     for name, (shape, dtype) in cases.items():

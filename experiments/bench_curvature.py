@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -51,7 +50,8 @@ import bnjax
 from bnjax import curvature as cv
 from bnjax import loops
 from experiments import train
-from experiments.bench_batchnorm import time_interleaved
+from experiments.bench_batchnorm import time_interleaved, write_payload
+from experiments.bench_warmstart import lanczos_steps_within
 
 TARGETS = {
     "cold_time_vs_pyhessian": 0.5,
@@ -208,14 +208,6 @@ def first_within(values: np.ndarray, ref: float, rel_tol: float) -> int | None:
     return int(np.argmax(ok)) + 1 if ok.any() else None
 
 
-def lanczos_ritz_trace(dec: cv.LanczosDecomposition) -> np.ndarray:
-    a, b = np.asarray(dec.alphas, np.float64), np.asarray(dec.betas, np.float64)
-    return np.array([
-        np.linalg.eigvalsh(np.diag(a[:m]) + np.diag(b[: m - 1], 1) + np.diag(b[: m - 1], -1))[-1]
-        for m in range(1, len(a) + 1)
-    ])
-
-
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
     model, loss, loss_name = MODELS[kind]
     variables = model.init(jax.random.key(cfg.seed), x[:8])
@@ -259,7 +251,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     ref = cv.lanczos_top(hess, v, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
     lam = float(ref.eigenvalue)
     dec = cv.lanczos_decomposition(hess, v, params, batch, stats, num_iters=40)
-    m = first_within(lanczos_ritz_trace(dec), lam, cfg.rel_tol) or 40
+    m = lanczos_steps_within(dec, lam, cfg.rel_tol) or 40
     cold_solves = {
         name: (lambda pl=pl, b=b: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0,
                                                  max_iters=m, placement=pl, linearize_budget=b))
@@ -453,11 +445,7 @@ def main() -> None:
         "results": results,
         "table": tables(results, note),
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(payload["table"])
-    print(f"\nwrote {out} in {payload['wall_s']:.0f} s")
+    write_payload(payload, args.out)
 
 
 if __name__ == "__main__":

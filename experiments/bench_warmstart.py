@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -46,7 +44,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 
 import bnjax
 from bnjax import curvature as cv
-from experiments.bench_batchnorm import time_interleaved
+from experiments.bench_batchnorm import time_interleaved, write_payload
 
 # Longest warm power-iteration run examined per checkpoint for the oracle count (misses count as one more).
 POWER_TRACE = 60
@@ -160,7 +158,7 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
             lo, hi = (lo, mid) if power_ok(mid) else (mid + 1, hi)
         power_cold = lo
     dec = cv.lanczos_decomposition(hess, v, params, data, stats, num_iters=60)
-    lanczos_cold = _first_ok(dec, lam, cfg.rel_tol)
+    lanczos_cold = lanczos_steps_within(dec, lam, cfg.rel_tol)
 
     # Warm start along a full-batch GD run: every tracker variant measures the same parameters.
     step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - b.lr * g, p, value_and_grad(p)[1]))
@@ -197,7 +195,7 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
                     hvps[name].append(record["hvps"])
                     errors[name].append(abs(record["sharpness"] - true) / abs(true))
                     if name == "lanczos":
-                        oracle.append(_first_ok(decompose(warm_vector, p), true, cfg.rel_tol) or 21)
+                        oracle.append(lanczos_steps_within(decompose(warm_vector, p), true, cfg.rel_tol) or 21)
                         ok = np.abs(np.asarray(power_trace(warm_vector, p)) - true) <= cfg.rel_tol * abs(true)
                         power_oracle.append(int(np.argmax(ok)) + 1 if ok.any() else POWER_TRACE + 1)
             last = true
@@ -267,7 +265,7 @@ def run_bench(b: Bench, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, An
     }
 
 
-def _first_ok(dec: cv.LanczosDecomposition, lam: float, rel_tol: float) -> int | None:
+def lanczos_steps_within(dec: cv.LanczosDecomposition, lam: float, rel_tol: float) -> int | None:
     """Fewest Lanczos steps whose top Ritz value is within ``rel_tol`` of ``lam`` (None if none)."""
     a, bta = np.asarray(dec.alphas, np.float64), np.asarray(dec.betas, np.float64)
     for m in range(1, len(a) + 1):
@@ -343,11 +341,7 @@ def main() -> None:
         "results": results,
         "table": table(results),
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(payload["table"])
-    print(f"\nwrote {out} in {payload['wall_s']:.0f} s")
+    write_payload(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from bnjax.curvature.eigen import (
     LanczosDecomposition,
     _check_iters,
     _decomposition,
-    _Layout,
-    _linearizes,
+    _driver_and_operator,
+    _iterate_from,
     _Operator,
     _Prepare,
     _tridiagonal,
@@ -78,18 +78,9 @@ class _Hutchinson:
         z0 = d.call(_Probe(layout.size, layout.dtype), keys, 0)
         operands, first = d.call(_Prepare(self.op), z0, params)
         state = _ProbeState(jnp.int32(0), jnp.zeros(self.num_samples, layout.dtype), keys, z0, jnp.asarray(False))
-        w = d.call(self.op, operands, z0) if first is None else first
-        state = d.iterate(_hutchinson_absorb, self.op, d.call(_hutchinson_absorb, state, w), operands)
+        state = _iterate_from(d, _hutchinson_absorb, self.op, operands, state, first)
         n = self.num_samples
         return TraceEstimate(jnp.mean(state.samples), jnp.std(state.samples, ddof=1) / jnp.sqrt(n), state.samples)
-
-
-def _density_setup(
-    matvec: Matvec, like: PyTree, params: tuple, placement: loops.Placement, linearize_budget: int | None
-) -> tuple[loops.Driver, _Operator]:
-    layout = _Layout.of(like, "like")
-    driver = loops.driver_for(placement, matvec, like, *params)
-    return driver, _Operator(matvec, layout, _linearizes(matvec, like, params, linearize_budget))
 
 
 def hutchinson_trace(
@@ -117,7 +108,7 @@ def hutchinson_trace(
     num_samples = check_positive_int(num_samples, "num_samples")
     if num_samples < 2:
         raise ValueError(f"`num_samples` must be >= 2 to estimate a standard error; got {num_samples}.")
-    driver, op = _density_setup(matvec, like, params, placement, linearize_budget)
+    driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
     return driver.run(_Hutchinson(op, driver, num_samples), key, params)
 
 
@@ -188,6 +179,6 @@ def slq_density(
     one after the other). ``placement`` and ``linearize_budget`` as in :func:`~bnjax.curvature.power_iteration`.
     """
     num_probes = check_positive_int(num_probes, "num_probes")
-    driver, op = _density_setup(matvec, like, params, placement, linearize_budget)
+    driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
     num_iters = _check_iters(num_iters, op.layout.size)
     return driver.run(_SLQ(op, driver, num_probes, num_iters), key, params)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -140,8 +140,12 @@ class _Prepare:
 def _linearization_bytes(matvec: Matvec, avals: tuple) -> int:
     treedef, shapes = avals
     vector, *params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-    lin = jax.eval_shape(lambda v, p: jax.linearize(lambda u: matvec(u, *p), v)[1], vector, tuple(params))
-    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lin)))
+    return tree_bytes(jax.eval_shape(lambda v, p: jax.linearize(lambda u: matvec(u, *p), v)[1], vector, tuple(params)))
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total bytes of the array leaves (or ``ShapeDtypeStruct`` leaves) of ``tree``."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def linearization_bytes(matvec: Matvec, vector: PyTree, *params: Any) -> int:
@@ -195,14 +199,24 @@ def _check_tolerance(value: Any, name: str) -> None:
         raise ValueError(f"`{name}` must be >= 0 (a relative tolerance); got {value!r}.")
 
 
+def _driver_and_operator(
+    matvec: Matvec, like: PyTree, params: tuple, placement: loops.Placement, linearize_budget: int | None,
+    name: str = "v0",
+) -> tuple[loops.Driver, _Operator]:
+    """The loop driver and the flat operator for vectors shaped like ``like`` (placement and linearization
+    resolved here, once per call)."""
+    layout = _Layout.of(like, name)
+    driver = loops.driver_for(placement, matvec, like, *params)
+    return driver, _Operator(matvec, layout, _linearizes(matvec, like, params, linearize_budget))
+
+
 def _setup(
     matvec: Matvec, v0: PyTree, params: tuple, placement: loops.Placement, linearize_budget: int | None
 ) -> tuple[loops.Driver, _Operator, jax.Array]:
-    layout = _Layout.of(v0)
-    x0 = layout.ravel(v0)
+    driver, op = _driver_and_operator(matvec, v0, params, placement, linearize_budget)
+    x0 = op.layout.ravel(v0)
     _check_start(x0)
-    driver = loops.driver_for(placement, matvec, v0, *params)
-    return driver, _Operator(matvec, layout, _linearizes(matvec, v0, params, linearize_budget)), x0
+    return driver, op, x0
 
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -268,12 +282,21 @@ def _power_absorb(s: _PowerState, w: jax.Array) -> _PowerState:
     return s._replace(i=i, x=q, lam=lam, res=res, change=change, query=nxt, done=done)
 
 
+def _iterate_from(
+    d: loops.Driver, absorb: Callable[[Any, jax.Array], Any], op: _Operator, operands: Any, state: Any,
+    first: jax.Array | None,
+) -> Any:
+    """Run a matvec-driven loop from ``state``; ``first`` (if given) is ``A @ state.query``, computed elsewhere
+    (e.g. by the linearization), so the first step does not multiply again."""
+    w = d.call(op, operands, state.query) if first is None else first
+    return d.iterate(absorb, op, d.call(absorb, state, w), operands)
+
+
 def _power_solve(
     d: loops.Driver, op: _Operator, operands: Any, state: _PowerState, first: jax.Array | None = None
 ) -> _PowerState:
-    """Run power iteration from ``state``; ``first`` (if given) is ``A @ state.query``, computed elsewhere."""
-    w = d.call(op, operands, state.query) if first is None else first
-    return d.iterate(_power_absorb, op, d.call(_power_absorb, state, w), operands)
+    """Run power iteration from ``state``."""
+    return _iterate_from(d, _power_absorb, op, operands, state, first)
 
 
 def _power_converged(s: _PowerState) -> jax.Array:
@@ -376,9 +399,7 @@ class _LanczosAbsorb:
 def _lanczos_solve(
     d: loops.Driver, op: _Operator, operands: Any, state: _LanczosState, track_top: bool, first: jax.Array | None = None
 ) -> _LanczosState:
-    absorb = _LanczosAbsorb(track_top)
-    w = d.call(op, operands, state.query) if first is None else first
-    return d.iterate(absorb, op, d.call(absorb, state, w), operands)
+    return _iterate_from(d, _LanczosAbsorb(track_top), op, operands, state, first)
 
 
 def _lanczos_top_vector(s: _LanczosState) -> jax.Array:

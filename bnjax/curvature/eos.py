@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -63,6 +62,7 @@ from bnjax.curvature.eigen import (
     _unit,
     check_linearize_budget,
     random_like,
+    tree_bytes,
 )
 from bnjax.curvature.hvp import Matvec, hessian_matvec
 from bnjax.curvature.operators import data_shards, dataset_hessian_matvec, dataset_value_and_grad
@@ -296,7 +296,7 @@ class EoSTracker:
         key = loops.avals((params, args))
         if key not in self._lin_bytes:
             lin = jax.eval_shape(lambda p, a: jax.linearize(self._value_and_grad_fn(a), p)[1], params, args)
-            self._lin_bytes[key] = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lin))
+            self._lin_bytes[key] = tree_bytes(lin)
         return self._lin_bytes[key] <= self.linearize_budget
 
     def _operator(self, params: PyTree, linearized: bool, preconditioned: bool) -> _Operator:
