@@ -16,8 +16,10 @@ this one, it calls ``model.eval()``) and ``train`` (BN with the batch's statisti
 Measured per model and mode, every timing a median of interleaved repeats in this run, compile excluded:
 
 * gradient, HVP and linearized HVP (``jax.linearize`` once, tangent pass per product) as plain ``jax.jit``
-  calls, and the time per HVP *inside* ``lanczos_top`` (20 products) for each loop placement
-  (``device``: one ``while_loop`` program; ``host``: Python-driven) with and without linearization;
+  calls (21 interleaved repeats), and the time per HVP *inside* ``lanczos_top`` (a 5-product solve, so the
+  average carries one linearization per 5 products) for each loop placement (``device``: one ``while_loop``
+  program; ``host``: Python-driven) with and without linearization, plus the marginal cost of one more product
+  in the default placement (a 15-product solve minus a 5-product one, over 10);
 * cold time to the top eigenvalue at 1e-3 relative to a tight reference (Lanczos to residual 1e-6): the
   fewest iterations that reach 1e-3 for each library (bnjax Lanczos: leading blocks of a decomposition;
   PyHessian power iteration: its Rayleigh quotient sequence from its own random start), then the time of a
@@ -25,7 +27,8 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
 * tracking along 200 full-batch GD steps, a measurement every 10 steps (20 checkpoints): bnjax's
   ``EoSTracker`` (default settings, fused ``value_and_grad``) costs the tracked loop's time minus a plain
   loop's; PyHessian runs cold at each checkpoint with its defaults (``maxIter=100, tol=1e-3``); both with
-  their errors against the reference at every checkpoint;
+  their errors against the reference at every checkpoint; plain, tracked and PyHessian runs interleaved, 3
+  times, medians;
 * training step time: a plain jitted step against ``experiments.train.full_batch_runner`` with each placement
   (per step, 20-step segments).
 """
@@ -71,6 +74,8 @@ SOLVER_VARIANTS = {  # name: (placement, linearize_budget)
 class Config:
     n_train: int = 1000
     repeats: int = 3  # timing repeats (median; the device-loop variants on the CNN take ~1.4 s per HVP)
+    product_repeats: int = 21  # repeats of the plain jitted gradient and HVPs (cheap)
+    tracking_repeats: int = 3  # interleaved repeats of plain GD, tracked GD and PyHessian per checkpoint
     solver_iters: int = 5  # HVPs per timed solve (per-HVP time inside the solver)
     gd_steps: int = 200
     every: int = 10
@@ -80,7 +85,7 @@ class Config:
     seed: int = 0
 
 
-PRESETS = {"quick": Config(repeats=3, solver_iters=5, gd_steps=60, train_segment=10)}
+PRESETS = {"quick": Config(repeats=3, product_repeats=7, tracking_repeats=1, solver_iters=5, gd_steps=60, train_segment=10)}
 COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
 
 
@@ -226,24 +231,36 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     hvp = jax.jit(lambda p, u: hess(u, p, batch, stats))
     lin = jax.jit(lambda p: jax.linearize(lambda u: hess(u, p, batch, stats), v)[1])(params)
     apply_lin = jax.jit(lambda f, u: f(u))
-    solves = {
-        name: (lambda pl=pl, b=b: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0,
-                                                 max_iters=cfg.solver_iters, placement=pl, linearize_budget=b))
-        for name, (pl, b) in SOLVER_VARIANTS.items()
-    }
+    auto = loops.resolve_placement("auto", hess, v, params, batch, stats)
+    auto_variant = f"{auto}_linearized"
+
+    def solve(placement: str, budget: int | None, iters: int) -> Callable[[], Any]:
+        return lambda: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=iters,
+                                      placement=placement, linearize_budget=budget)
+
+    # Plain products are cheap: many interleaved repeats, so their ratios are not one noisy sample.
     t = time_interleaved(
         {"grad": lambda: grad(params, batch, stats), "hvp": lambda: hvp(params, v),
-         "hvp_linearized": lambda: apply_lin(lin, v), **{f"solve_{k}": f for k, f in solves.items()}},
-        cfg.repeats,
-        warmup=1,
+         "hvp_linearized": lambda: apply_lin(lin, v)},
+        cfg.product_repeats,
+        warmup=2,
     )  # fmt: skip
+    # Inside the solver: every variant at solver_iters HVPs (the average includes the one linearization per
+    # solve), and the default (auto) variant also at 3x as many, whose difference is the marginal cost of one
+    # more product at a fixed point.
+    solves = {f"solve_{k}": solve(pl, b, cfg.solver_iters) for k, (pl, b) in SOLVER_VARIANTS.items()}
+    solves["solve_long"] = solve(*SOLVER_VARIANTS[auto_variant], 3 * cfg.solver_iters)
+    ts = time_interleaved({"grad": lambda: grad(params, batch, stats), **solves}, cfg.repeats, warmup=1)
     log("products timed")
-    t_grad = t["grad"]
+    t_grad, ts_grad = t["grad"], ts["grad"]
     products = {
         "grad_ms": 1e3 * t_grad,
         "hvp_over_grad": t["hvp"] / t_grad,
         "linearized_hvp_over_grad": t["hvp_linearized"] / t_grad,
-        "in_solver_hvp_over_grad": {k: t[f"solve_{k}"] / cfg.solver_iters / t_grad for k in SOLVER_VARIANTS},
+        "in_solver_hvp_over_grad": {k: ts[f"solve_{k}"] / cfg.solver_iters / ts_grad for k in SOLVER_VARIANTS},
+        "auto_variant": auto_variant,
+        "in_solver_marginal_hvp_over_grad": (ts["solve_long"] - ts[f"solve_{auto_variant}"])
+        / (2 * cfg.solver_iters) / ts_grad,
         "linearization_mb": cv.linearization_bytes(hess, v, params, batch, stats) / 2**20,
     }
 
@@ -308,13 +325,23 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         jax.block_until_ready(q)
         return time.perf_counter() - t0, records, points
 
-    tracked_loop()  # compile (cold and warm solves)
+    def peer_tracking(points: list[Any]) -> tuple[float, list[float]]:
+        t0, values = time.perf_counter(), []
+        for p in points:
+            net, criterion = torch_twin(kind, p, stats)
+            values.append(pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed))
+        return time.perf_counter() - t0, values
+
+    _, records, points = tracked_loop()  # compile (cold and warm solves); GD is deterministic: same points
     plain_loop()
-    plains, tracks = [], []
-    for _ in range(max(1, cfg.repeats // 3)):
+    plains, tracks, peers = [], [], []
+    for _ in range(cfg.tracking_repeats):  # interleaved, so load changes hit all three alike
         plains.append(plain_loop())
         elapsed, records, points = tracked_loop()
         tracks.append(elapsed)
+        if peer:
+            elapsed, peer_values = peer_tracking(points)
+            peers.append(elapsed)
     log("tracking timed")
     refs = np.asarray([float(reference(p)) for p in points])
     errors = np.abs(np.asarray([r["sharpness"] for r in records]) - refs) / np.abs(refs)
@@ -323,18 +350,15 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         "bnjax_seconds": float(np.median(tracks) - np.median(plains)),
         "plain_gd_seconds": float(np.median(plains)),
         "bnjax_hvps": int(sum(r["hvps"] for r in records)),
+        "bnjax_hvps_per_checkpoint": [int(r["hvps"]) for r in records],
         "bnjax_within_1e-3": float(np.mean(errors <= 1e-3)),
         "bnjax_median_rel_error": float(np.median(errors)),
         "final_sharpness": float(refs[-1]),
     }
     if peer:
-        t0, peer_values = time.perf_counter(), []
-        for p in points:
-            net, criterion = torch_twin(kind, p, stats)
-            peer_values.append(pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed))
         peer_errors = np.abs(np.asarray(peer_values) - refs) / np.abs(refs)
         tracking.update({
-            "pyhessian_seconds": time.perf_counter() - t0,
+            "pyhessian_seconds": float(np.median(peers)),
             "pyhessian_within_1e-3": float(np.mean(peer_errors <= 1e-3)),
             "pyhessian_median_rel_error": float(np.median(peer_errors)),
         })
@@ -389,6 +413,8 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
         row("gradient, plain jit (ms)", lambda r: f"{p(r)['grad_ms']:.1f}"),
         row("HVP / gradient, plain jit", lambda r: f"{p(r)['hvp_over_grad']:.2f}"),
         row("linearized HVP / gradient, plain jit (target ≤ 1.6)", lambda r: f"{p(r)['linearized_hvp_over_grad']:.2f}"),
+        row("HVP / gradient inside `lanczos_top`, marginal (one more product; auto placement, linearized; target ≤ 1.6)",
+            lambda r: f"{p(r)['in_solver_marginal_hvp_over_grad']:.2f} ({p(r)['auto_variant'].split('_')[0]})"),
         row("linearization memory (MiB)", lambda r: f"{p(r)['linearization_mb']:.0f}"),
         *[row(f"HVP / gradient inside `lanczos_top`, {k.replace('_', ' + ')}",
               lambda r, k=k: f"{p(r)['in_solver_hvp_over_grad'][k]:.2f}") for k in SOLVER_VARIANTS],
