@@ -242,6 +242,10 @@ def test_use_fast_variance_is_a_no_op_and_exact(offset):
     np.testing.assert_allclose(outs[0][1]["batch_stats"]["var"], 0.9 + 0.1 * ref_var, rtol=1e-5)
     y_ref = (np.asarray(x, np.float64) - ref_mean) / np.sqrt(ref_var + 1e-5)
     np.testing.assert_allclose(outs[0][0], y_ref, atol=1e-4 if offset else 1e-5)
+    if offset:  # the contrast: Flax's fast variance is off by O(1) here, so the check above has teeth
+        flax_model = nn.BatchNorm(use_running_average=False, momentum=0.9, use_fast_variance=True)
+        _, flax_upd = flax_model.apply(flax_model.init(jax.random.key(1), x), x, mutable=["batch_stats"])
+        assert np.max(np.abs(flax_upd["batch_stats"]["var"] - (0.9 + 0.1 * ref_var))) > 0.05
 
 
 @pytest.mark.parametrize("force_float32_reductions", [True, False])
@@ -360,6 +364,15 @@ def test_complex_functional_core(feature_axis, masked):
     np.testing.assert_allclose(y_sb, y_ref * (2.0 - 1.0j) + 0.5j, atol=5e-5)
 
 
+def test_complex_ghost_batches():
+    x = _complex(jax.random.key(0), (8, 3), loc=2.0)
+    y, state = bnjax.batch_norm(x, state=bnjax.init_state((3,)), train=True, momentum=0.0, virtual_batch_size=4)
+    parts = [_ref_bn(x[i : i + 4], -1) for i in (0, 4)]
+    np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), atol=2e-5)
+    np.testing.assert_allclose(state.mean, (parts[0][1] + parts[1][1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(state.var, (parts[0][2] + parts[1][2]) / 2, rtol=1e-6)
+
+
 def test_complex_nnx_keeps_the_mean_complex():
     x = _complex(jax.random.key(0), (8, 3), loc=1.0 + 1.0j)
     layer = bnjax.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
@@ -422,11 +435,13 @@ def test_complex_cross_device_matches_flax():
     # Equal shards, no mask: Flax's pmean merge is exact too, so the two modules agree under an axis name.
     x = _complex(jax.random.key(0), (4, 6, 3), loc=1.0 + 2.0j)
     kwargs = dict(use_running_average=False, momentum=0.9, axis_name="d")
-    out = {}
-    for name, model in (("bnjax", bnjax.BatchNorm(**kwargs)), ("flax", nn.BatchNorm(use_fast_variance=False, **kwargs))):
+
+    def run(model):
         variables = model.init(jax.random.key(1), x[0])
-        out[name] = jax.vmap(lambda xi: model.apply(variables, xi, mutable=["batch_stats"]), axis_name="d")(x)
-    (y, stats), (y_flax, stats_flax) = out["bnjax"], out["flax"]
+        return jax.vmap(lambda xi: model.apply(variables, xi, mutable=["batch_stats"]), axis_name="d")(x)
+
+    y, stats = run(bnjax.BatchNorm(**kwargs))
+    y_flax, stats_flax = run(nn.BatchNorm(use_fast_variance=False, **kwargs))
     np.testing.assert_allclose(y, y_flax, atol=1e-5)
     for k in ("mean", "var"):
         assert stats["batch_stats"][k].dtype == stats_flax["batch_stats"][k].dtype
