@@ -117,7 +117,7 @@ def _shifted_moments(xc: jax.Array, axes: tuple[int, ...], count: jax.Array) -> 
     """``(offset, m2)`` of the shifted values ``xc`` (masked entries already 0) over ``axes``, overflow-safe."""
     n = jnp.maximum(count, 1.0)
     s1 = jnp.sum(xc, axis=axes, keepdims=True)
-    s2_scaled = jnp.sum(abs_sq(xc * _SQUARE_SCALE), axis=axes, keepdims=True)
+    s2_scaled = jnp.sum(_abs_sq(xc * _SQUARE_SCALE), axis=axes, keepdims=True)
     offset = s1 / n
     # sum(|xc - offset|^2) = s2 - |s1|^2 / n; |offset| is about one std, so this loses at most a bit or two.
     s1_scaled = s1 * _SQUARE_SCALE
@@ -125,7 +125,7 @@ def _shifted_moments(xc: jax.Array, axes: tuple[int, ...], count: jax.Array) -> 
     return offset, m2_scaled * (1.0 / _SQUARE_SCALE**2)
 
 
-def abs_sq(a: jax.Array) -> jax.Array:
+def _abs_sq(a: jax.Array) -> jax.Array:
     """``|a|^2`` elementwise, real: ``a * a`` for a real ``a``, ``re^2 + im^2`` for a complex one."""
     if jnp.iscomplexobj(a):
         return lax.square(jnp.real(a)) + lax.square(jnp.imag(a))
