@@ -25,8 +25,9 @@ class BatchNormState(NamedTuple):
     """Running statistics of one batchnorm layer.
 
     Fields:
-      mean: float32[*feature_shape], running mean.
-      var: float32[*feature_shape], running variance (biased in the Flax convention, unbiased in PyTorch's).
+      mean: float32[*feature_shape], running mean (complex64 once a complex batch has updated it, as in Flax).
+      var: float32[*feature_shape], running variance (biased in the Flax convention, unbiased in PyTorch's);
+        always real, ``E|x - mean|^2`` for complex inputs.
       count: int32[] number of training batches seen (PyTorch's ``num_batches_tracked``), or None. Only
         needed for ``convention="torch"`` with ``momentum=None`` (cumulative average).
       nonfinite: int32[] number of training updates whose batch statistics were non-finite (NaN or Inf) for
@@ -41,18 +42,27 @@ class BatchNormState(NamedTuple):
 
 
 def init_state(
-    feature_shape: Sequence[int], *, with_count: bool = False, track_nonfinite: bool = False
+    feature_shape: Sequence[int],
+    *,
+    with_count: bool = False,
+    track_nonfinite: bool = False,
+    dtype: Any = jnp.float32,
 ) -> BatchNormState:
     """Running statistics at initialization: mean 0, variance 1 (and count 0 when ``with_count``).
 
-    ``track_nonfinite`` adds the ``nonfinite`` counter (int32 0) of :class:`BatchNormState`.
+    ``track_nonfinite`` adds the ``nonfinite`` counter (int32 0) of :class:`BatchNormState`. ``dtype`` is the
+    mean's dtype (float32 by default, as in Flax; a complex dtype for a complex scan carry); the variance
+    takes its real counterpart.
     """
     shape = tuple(feature_shape)
     if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
         raise ValueError(f"feature_shape must be a sequence of non-negative ints, got {feature_shape!r}.")
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"dtype must be a floating-point or complex dtype for the running mean, got {dtype!r}.")
     count = jnp.zeros((), jnp.int32) if with_count else None
     nonfinite = jnp.zeros((), jnp.int32) if track_nonfinite else None
-    return BatchNormState(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), count, nonfinite)
+    mean = jnp.zeros(shape, dtype)
+    return BatchNormState(mean, jnp.ones(shape, statistics.real_dtype(mean.dtype)), count, nonfinite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +136,8 @@ def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: boo
 def _check_inputs(x, scale, bias, state, mask, feature_shape):
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
-            f"x must be a floating-point array, got dtype {x.dtype}. Cast it first, e.g. "
-            "x.astype(jnp.float32)."
+            f"x must be a floating-point array, got dtype {x.dtype} (complex dtypes are accepted too). Cast it "
+            "first, e.g. x.astype(jnp.float32)."
         )
     named = [("scale", scale), ("bias", bias)]
     if state is not None:
@@ -179,7 +189,7 @@ def _usable(mom: Moments) -> jax.Array:
 
 
 def _stats_dtype(x_dtype) -> jnp.dtype:
-    """Statistics accumulate in at least float32 (bfloat16/float16 inputs are promoted)."""
+    """Statistics accumulate in at least float32 (bfloat16/float16 inputs are promoted; complex64 stays)."""
     return jnp.promote_types(x_dtype, jnp.float32)
 
 
@@ -256,7 +266,9 @@ def batch_norm(
     and ``mean``/``var`` are taken over every other axis (batch, and spatial axes of convolutions).
 
     Args:
-      x: input of any float dtype, e.g. (N, C), (N, W, C), (N, H, W, C) or channels-first with ``axis=1``.
+      x: input of any float or complex dtype, e.g. (N, C), (N, W, C), (N, H, W, C) or channels-first with
+        ``axis=1``. For complex ``x`` (as in Flax) the mean is complex and the variance real,
+        ``E|x - mean|^2``; ``scale`` and ``bias`` may be real or complex.
       scale: optional ``[*feature_shape]`` multiplier (omitted means 1).
       bias: optional ``[*feature_shape]`` offset (omitted means 0).
       state: running statistics (:class:`BatchNormState`); required when ``train=False``. In train mode
@@ -314,6 +326,7 @@ def batch_norm(
     for a, s in zip(layout.feature_axes, layout.feature_shape):
         bshape[a] = s
     acc = _stats_dtype(x.dtype)
+    acc_real = statistics.real_dtype(acc)  # the variance's dtype (real also for complex inputs)
 
     if train:
         # Work in the grouped layout (a no-op without ghost batches): broadcast shapes gain a size-1 axis.
@@ -325,7 +338,7 @@ def batch_norm(
             # feature with the running statistics, which the update below leaves unchanged.
             have = _usable(mom)
             offset = jnp.where(have, offset, state.mean.reshape(bshape).astype(acc) - mom.shift)
-            var = jnp.where(have, var, state.var.reshape(bshape).astype(acc))
+            var = jnp.where(have, var, state.var.reshape(bshape).astype(acc_real))
         # y = ((x - K) - offset) * mul + bias, written as one multiply-add per element on the small x - K
         # (K is the merged shift, the same on every device, so every statistic below is device-invariant).
         xc = _grouped(x.astype(acc), layout) - mom.shift
@@ -333,7 +346,7 @@ def batch_norm(
         new_state = None if state is None else _update(state, mom, layout, momentum, convention)
     else:
         xc = x.astype(acc) - state.mean.reshape(bshape).astype(acc)
-        mul = lax.rsqrt(state.var.reshape(bshape).astype(acc) + epsilon)
+        mul = lax.rsqrt(state.var.reshape(bshape).astype(acc_real) + epsilon)
         offset = None
         new_state = state
 
@@ -392,7 +405,10 @@ def _update(
             w_new = momentum
         new_mean = (1.0 - w_new) * state.mean + w_new * batch_mean
         new_var = (1.0 - w_new) * state.var + w_new * batch_var
-    new_mean = jnp.where(have, new_mean, state.mean).astype(state.mean.dtype)
+    mean_dtype = state.mean.dtype
+    if jnp.iscomplexobj(batch_mean) and not jnp.iscomplexobj(state.mean):
+        mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)  # a complex batch makes it complex, as in Flax
+    new_mean = jnp.where(have, new_mean, state.mean).astype(mean_dtype)
     new_var = jnp.where(have, new_var, state.var).astype(state.var.dtype)
     count = state.count
     if count is not None:

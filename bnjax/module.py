@@ -17,10 +17,15 @@ Initializer = Any
 class BatchNorm(nn.Module):
     """Batch normalization with exact, numerically stable (cross-device) statistics.
 
-    A drop-in for ``flax.linen.BatchNorm``: same fields, same ``__call__``, same variables
-    (``params``: ``scale``, ``bias`` of shape ``[*feature_shape]`` and ``param_dtype``; ``batch_stats``:
-    ``mean`` (zeros) and ``var`` (ones), float32), and running statistics are not touched by ``init``.
-    Variable trees are interchangeable with Flax's in both directions.
+    A drop-in for ``flax.linen.BatchNorm``: every field of Flax's (0.12), same ``__call__(x,
+    use_running_average=None, *, mask=None)``, same variables (``params``: ``scale``, ``bias`` of shape
+    ``[*feature_shape]`` and ``param_dtype``; ``batch_stats``: ``mean`` (zeros) and ``var`` (ones), float32, or
+    ``param_dtype`` with ``force_float32_reductions=False``), and running statistics are not touched by ``init``.
+    Variable trees are interchangeable with Flax's in both directions (e.g. through an Orbax checkpoint).
+
+    Complex inputs are normalized as Flax does: complex mean, real variance ``E|x - mean|^2``, a complex output
+    (``dtype=jnp.complex64`` or None); the running ``mean`` turns complex64 at the first training update and
+    ``var`` stays float32, as Flax keeps them. This holds with ``mask`` and ``axis_name`` too.
 
     Differences from Flax, all deliberate: statistics are always computed stably (Flax's default
     ``use_fast_variance=True`` can be wrong by O(1) when ``|mean| >> std``); masked and cross-device
@@ -54,6 +59,12 @@ class BatchNorm(nn.Module):
       bias_init, scale_init: their initializers.
       axis_name: device axis name(s) to merge statistics across (pmap / shard_map / vmap).
       axis_index_groups: groups of device indices within ``axis_name``.
+      use_fast_variance: accepted for compatibility and ignored: bnjax always computes the exact variance
+        (shifted sums, equivalent to the two-pass ``E|x - E[x]|^2``), which is Flax's
+        ``use_fast_variance=False`` result at no extra cost; ``True`` and ``False`` give the same output.
+      force_float32_reductions: statistics are always reduced in float32 or wider whatever this says (a
+        no-op for the arithmetic). As in Flax it sets the dtype of ``batch_stats``: float32 when True
+        (default), ``param_dtype`` when False, so variables still match Flax's.
       sync: how statistics are merged across ``axis_name``: ``"auto"`` (default), ``"gather"`` or
         ``"allreduce"``; see :func:`bnjax.batch_norm`. Updated ``batch_stats`` come out replicated, so
         ``nn.vmap(..., variable_axes={"batch_stats": None}, axis_name=...)`` and ``shard_map`` with
@@ -72,6 +83,8 @@ class BatchNorm(nn.Module):
     scale_init: Initializer = nn.initializers.ones
     axis_name: AxisName | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_fast_variance: bool = True  # no-op: the variance is always exact
+    force_float32_reductions: bool = True  # no-op for the arithmetic; False stores batch_stats in param_dtype
     convention: Convention = "flax"
     virtual_batch_size: int | None = None
     track_nonfinite: bool = False
@@ -116,7 +129,7 @@ class BatchNorm(nn.Module):
         axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
         # Shapes only; norm_fn validates the axes themselves with a clear message.
         feature_shape = tuple(x.shape[a] for a in axes if -x.ndim <= a < x.ndim)
-        fresh = init_state(feature_shape)
+        fresh = init_state(feature_shape, dtype=jnp.float32 if self.force_float32_reductions else self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         ra_var = self.variable("batch_stats", "var", lambda: fresh.var)
         count = nonfinite = None

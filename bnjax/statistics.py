@@ -17,6 +17,9 @@ Chan et al.'s parallel formula (one round, traffic ``O(devices x features)``); `
 ``K*`` with one small ``psum`` and then sums the shifted sums ``(sum(x - K*), sum((x - K*)^2))`` re-expressed
 from each device's moments (two rounds, traffic ``O(features)``). Devices (or sub-batches) with no valid
 element contribute nothing.
+
+Complex inputs. The mean is complex and the variance real, ``E|x - mean|^2`` (as in Flax): ``count`` and ``m2`` stay
+real, ``shift`` and ``offset`` take the input's complex dtype, and every square below is a squared modulus.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class Moments(NamedTuple):
     """Per-feature moments relative to a shift; every field has the same shape (``keepdims`` layout).
 
     Fields:
-      count: number of valid elements reduced, float32.
-      shift: the shift ``K`` the moments are taken around (no gradient flows through it).
-      offset: ``mean - shift``.
-      m2: sum of squared deviations from the mean, ``sum((x - mean)^2)``.
+      count: number of valid elements reduced, float32 (the real dtype of the accumulation).
+      shift: the shift ``K`` the moments are taken around (no gradient flows through it); complex for a
+        complex input.
+      offset: ``mean - shift``; complex for a complex input.
+      m2: sum of squared deviations from the mean, ``sum(|x - mean|^2)``; always real.
     """
 
     count: jax.Array
@@ -81,14 +85,15 @@ def local_moments(
     axes = tuple(reduction_axes)
     first = axes[0]
     x_first = _first_entry(x, first)
+    real = real_dtype(x.dtype)
     if mask is None:
         shift = jnp.mean(x_first, axis=axes, keepdims=True)
-        count = jnp.full(shift.shape, _size(x.shape, axes), x.dtype)
+        count = jnp.full(shift.shape, _size(x.shape, axes), real)
     else:
         m_first = _first_entry(mask, first)
-        n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=x.dtype)
+        n_first = jnp.sum(m_first, axis=axes, keepdims=True, dtype=real)
         shift = jnp.sum(jnp.where(m_first, x_first, 0), axis=axes, keepdims=True) / jnp.maximum(n_first, 1)
-        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
+        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=real)
     # A non-finite first sample must not make every other sample's x - K non-finite too: callers fall back
     # to the running statistics for such features and normalize the finite samples with them.
     shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
@@ -112,13 +117,24 @@ def _shifted_moments(xc: jax.Array, axes: tuple[int, ...], count: jax.Array) -> 
     """``(offset, m2)`` of the shifted values ``xc`` (masked entries already 0) over ``axes``, overflow-safe."""
     n = jnp.maximum(count, 1.0)
     s1 = jnp.sum(xc, axis=axes, keepdims=True)
-    xs = xc * _SQUARE_SCALE
-    s2_scaled = jnp.sum(xs * xs, axis=axes, keepdims=True)
+    s2_scaled = jnp.sum(_abs_sq(xc * _SQUARE_SCALE), axis=axes, keepdims=True)
     offset = s1 / n
-    # sum((xc - offset)^2) = s2 - s1 * offset; |offset| is about one std, so this loses at most a bit or two.
+    # sum(|xc - offset|^2) = s2 - |s1|^2 / n; |offset| is about one std, so this loses at most a bit or two.
     s1_scaled = s1 * _SQUARE_SCALE
-    m2_scaled = jnp.maximum(s2_scaled - s1_scaled * (s1_scaled / n), 0.0)
+    m2_scaled = jnp.maximum(s2_scaled - jnp.real(jnp.conj(s1_scaled) * (s1_scaled / n)), 0.0)
     return offset, m2_scaled * (1.0 / _SQUARE_SCALE**2)
+
+
+def _abs_sq(a: jax.Array) -> jax.Array:
+    """``|a|^2`` elementwise, real: ``a * a`` for a real ``a``, ``re^2 + im^2`` for a complex one."""
+    if jnp.iscomplexobj(a):
+        return lax.square(jnp.real(a)) + lax.square(jnp.imag(a))
+    return a * a
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype of ``dtype``'s precision: float32 for complex64, ``dtype`` itself when it is real."""
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
 
 
 def merge_moments(stacked: Moments, local_shift: jax.Array, axis: int = 0) -> Moments:
@@ -132,13 +148,14 @@ def merge_moments(stacked: Moments, local_shift: jax.Array, axis: int = 0) -> Mo
     Returns:
       Merged :class:`Moments` with ``shift = local_shift``. Parts with ``count == 0`` contribute nothing.
     """
-    n_i = stacked.count
+    # count and m2 are real; jnp.real undoes the complex dtype a stack with complex fields gave them.
+    n_i = jnp.real(stacked.count)
     # Mean of part i relative to our shift; shifts are close to each other, so the difference is exact-ish.
     e_i = (stacked.shift - jnp.expand_dims(local_shift, axis)) + stacked.offset
     n = jnp.sum(n_i, axis=axis)
     offset = jnp.sum(n_i * e_i, axis=axis) / jnp.maximum(n, 1.0)
     dev = jnp.where(n_i > 0, e_i - jnp.expand_dims(offset, axis), 0.0)
-    m2 = jnp.sum(stacked.m2 + n_i * dev * dev, axis=axis)
+    m2 = jnp.sum(jnp.real(stacked.m2) + jnp.real(n_i * dev * jnp.conj(dev)), axis=axis)
     return Moments(n, local_shift, offset, m2)
 
 
@@ -245,6 +262,7 @@ def _gather_merge(local: Moments, names: tuple, group) -> Moments:
         gathered = _all_gather(gathered, name)
     gathered = gathered.reshape((-1,) + packed.shape)
     parts = Moments(*(gathered[:, i] for i in range(4)))
+    parts = parts._replace(count=jnp.real(parts.count), m2=jnp.real(parts.m2))  # real again after a complex stack
     if group is not None:
         group_of, mine = group
         member = (jnp.asarray(group_of) == mine).reshape((-1,) + (1,) * local.count.ndim)
@@ -278,14 +296,18 @@ def _allreduce_merge(local: Moments, axis_name: AxisName, group) -> Moments:
     # Round 1: agree on K*. Round 2: each device's shifted sums around K*, from its own moments:
     # sum(x - K*) = n (d_i), sum((x - K*)^2) = M2_i + n d_i^2 with d_i = (K_i - K*) + offset_i.
     # K* carries no gradient, so round 1 is not differentiated (no collective for it in the backward pass).
+    # For a complex input the stacks are complex; count and the sum of squares are their real parts.
     first = lax.stop_gradient(jnp.stack([local.count, local.count * local.mean]))
     count, weighted = _psum(first, axis_name, group)
+    count = jnp.real(count)
     shift = _common_shift(count, weighted / jnp.maximum(count, 1.0))
     d = (local.shift - shift) + local.offset
-    s1, s2 = _psum(jnp.stack([local.count * d, local.m2 + local.count * d * d]), axis_name, group)
+    s1, s2 = _psum(
+        jnp.stack([local.count * d, local.m2 + jnp.real(local.count * d * jnp.conj(d))]), axis_name, group
+    )
     offset = s1 / jnp.maximum(count, 1.0)
-    # |offset| is within rounding of 0 (K* is the mean), so s2 - s1 * offset does not cancel.
-    m2 = jnp.maximum(s2 - s1 * offset, 0.0)
+    # |offset| is within rounding of 0 (K* is the mean), so s2 - |s1|^2 / n does not cancel.
+    m2 = jnp.maximum(jnp.real(s2) - jnp.real(jnp.conj(s1) * offset), 0.0)
     return Moments(count, shift, offset, m2)
 
 

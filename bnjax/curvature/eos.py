@@ -150,7 +150,13 @@ _apply_linearized_preconditioned = preconditioned_matvec(_apply_linearized)
 
 
 class TrackerState(NamedTuple):
-    """Warm start carried between measurements (a pytree)."""
+    """Warm start carried between measurements (a pytree).
+
+    A NamedTuple of arrays and nothing else, so it checkpoints with the parameters and optimizer state (e.g.
+    one Orbax ``StandardCheckpointer`` save of ``{"params": ..., "opt_state": ..., "tracker": state}``); restore
+    it against a like-structured target such as ``tracker.init(params, key)`` and a resumed run gives the same
+    records as an uninterrupted one (``tests/test_checkpoint.py``).
+    """
 
     vector: PyTree  # like params: the previous top eigenvector (or the random start)
     eigenvalue: jax.Array  # () previous sharpness estimate; inf before the first measurement
