@@ -7,6 +7,8 @@ Batch normalization
   Moments                                                -- per-feature moments and their exact merge
   BatchNorm                                              -- Flax linen drop-in for flax.linen.BatchNorm
   nnx.BatchNorm                                          -- the Flax NNX counterpart
+  equinox.BatchNorm                                      -- the Equinox counterpart (``import bnjax.equinox``;
+                                                            needs the ``equinox`` extra, not imported here)
   NoisyBatchNorm, noisy_batch_norm, add_nonstationary_noise  -- BN + STIM18 non-stationary noise
   BatchRenorm, batch_renorm                              -- batch renormalization (Ioffe 2017)
   precise_batch_stats                                    -- exact population statistics ("precise BN")
