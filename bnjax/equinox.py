@@ -20,6 +20,7 @@ Differences from ``eqx.nn.BatchNorm`` (equinox 0.13), each a reported problem of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
@@ -30,10 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._validate import check_scalar
-from bnjax.batchnorm import BatchNormState, batch_norm
-from bnjax.statistics import Sync, check_sync
+from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm
+from bnjax.statistics import Moments, Sync, check_sync, merged_devices
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "functional"]
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -195,3 +196,138 @@ class BatchNorm(eqx.nn.StatefulLayer):
         c = (count + 1).astype(jnp.float32)
         log_m = math.log(m)
         return m * jnp.expm1((c - 1) * log_m) / jnp.expm1(c * log_m)
+
+
+def functional(model: eqx.Module, state: eqx.nn.State, *, call=None, axis_name: Any = "batch"):
+    """:func:`bnjax.as_functional` for Equinox: ``(model, state)`` as a linen-style ``(apply, variables)``.
+
+    ``variables = {"params": eqx.partition(model, eqx.is_inexact_array)[0], "batch_stats": state}``;
+    ``apply(variables, inputs, *, train, mutable=False)`` runs ``call(model, example, state)`` (default
+    ``model(example, state)``) under ``jax.vmap(..., axis_name=axis_name)`` over ``inputs``' leading axis, with
+    ``eqx.nn.inference_mode(model, not train)``. See :class:`bnjax.adapters.Functional`.
+    """
+    from bnjax.adapters import Functional
+
+    if not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            f"as_functional(equinox_model, state): state must be the model's eqx.nn.State, got "
+            f"{type(state).__name__}. Build both with eqx.nn.make_with_state(Model)(...)."
+        )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    apply = _EquinoxApply(static, call or (lambda m, x, s: m(x, s)), axis_name)
+    return Functional(apply, {"params": params, "batch_stats": state}, apply.rebuild)
+
+
+class _EquinoxApply:
+    """``apply`` of an Equinox model (see :class:`bnjax.adapters.Functional`), with the BN taps of precise BN."""
+
+    def __init__(self, static, call, axis_name):
+        self.static, self.call, self.axis_name = static, call, axis_name
+
+    def rebuild(self, variables):
+        return eqx.combine(variables["params"], self.static), variables["batch_stats"]
+
+    def _run(self, model, inputs, state):
+        per_example = lambda x, s: self.call(model, x, s)  # noqa: E731
+        return jax.vmap(per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=(0, None))(
+            inputs, state
+        )
+
+    def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
+        model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static), value=not train)
+        outputs, state = self._run(model, inputs, variables["batch_stats"])
+        return (outputs, {"batch_stats": state}) if mutable else outputs
+
+    # Batch-norm taps for bnjax.precise_batch_stats (the model runs in inference mode).
+
+    def _layers(self, model) -> dict[tuple[str, ...], tuple[Any, BatchNorm]]:
+        """``{path: (key path, layer)}`` of the model's BatchNorm layers (in pytree order)."""
+        found = jax.tree_util.tree_flatten_with_path(
+            model, is_leaf=lambda n: isinstance(n, (BatchNorm, eqx.nn.BatchNorm))
+        )[0]
+        layers = {}
+        for keypath, node in found:
+            if isinstance(node, eqx.nn.BatchNorm):
+                raise TypeError(
+                    f"precise statistics of an Equinox model need bnjax.equinox.BatchNorm layers; the layer at "
+                    f"{jax.tree_util.keystr(keypath)} is an eqx.nn.BatchNorm (its running averages are "
+                    "debiased with a running batch count, so population statistics cannot be written into it)."
+                )
+            if isinstance(node, BatchNorm):
+                path = tuple(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keypath)
+                layers[path] = (keypath, node)
+        return layers
+
+    def _tapped(self, variables, on_output):
+        """The model in inference mode with each BN layer wrapped: ``state = on_output(path, layer, x, state)``
+        runs after the layer, inside the vmap."""
+        model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static))
+        for path, (keypath, layer) in self._layers(model).items():
+            tap = _Tap(layer, functools.partial(on_output, path))
+            model = eqx.tree_at(lambda m, kp=keypath: _at(m, kp), model, tap)
+        return model
+
+    def bn_layers(self, variables, batch) -> tuple[tuple[str, ...], ...]:
+        paths: list[tuple[str, ...]] = []
+
+        def record(path, layer, x, state):
+            if path in paths:
+                raise ValueError(
+                    f"The BN layer {'/'.join(path)} is called more than once per forward pass; precise "
+                    "statistics need each BN layer to see one input per pass. Use separate BN modules."
+                )
+            paths.append(path)
+            return state
+
+        jax.eval_shape(lambda v, b: self._run(self._tapped(v, record), b, v["batch_stats"]), variables, batch)
+        return tuple(paths)
+
+    def bn_input_moments(self, variables, batch, path: tuple[str, ...]) -> Moments:
+        # The input's moments are pooled over the vmap inside it; they leave it through the layer's state slot
+        # (mean, var), the element count (static) through Python.
+        counts: list[int] = []
+
+        def capture(p, layer, x, state):
+            if p != path:
+                return state
+            mom = batch_moments(x[None], axis=1, axis_name=layer.axis_name)
+            counts.append(math.prod(x.shape[1:]) * merged_devices(layer.axis_name))
+            old = state.get(layer.state_index)
+            mean = mom.mean.reshape(old.mean.shape).astype(old.mean.dtype)
+            var = mom.var.reshape(old.var.shape).astype(old.var.dtype)
+            return state.set(layer.state_index, old._replace(mean=mean, var=var))
+
+        _, state = self._run(self._tapped(variables, capture), batch, variables["batch_stats"])
+        (count,) = counts
+        _, layer = self._layers(self.static)[path]
+        got = state.get(layer.state_index)
+        n = jnp.full(got.mean.shape, count, jnp.float32)
+        return Moments(n, got.mean, jnp.zeros_like(got.mean), got.var * n)
+
+    def write_bn_stats(self, state, path: tuple[str, ...], acc: Moments) -> eqx.nn.State:
+        _, layer = self._layers(self.static)[path]
+        state = jax.tree.map(lambda v: v, state)  # a copy: State.set invalidates the state it is called on
+        old = state.get(layer.state_index)
+        mean = acc.mean.reshape(old.mean.shape).astype(old.mean.dtype)
+        var = (acc.m2 / jnp.maximum(acc.count, 1.0)).reshape(old.var.shape).astype(old.var.dtype)
+        return state.set(layer.state_index, old._replace(mean=mean, var=var))
+
+
+class _Tap(eqx.Module):
+    """Runs the wrapped BatchNorm, then ``state = on_output(layer, x, state)``."""
+
+    layer: BatchNorm
+    on_output: Any = eqx.field(static=True)
+
+    def __call__(self, x, state, *, key=None, inference=None):
+        y, state = self.layer(x, state, key=key, inference=inference)
+        return y, self.on_output(self.layer, x, state)
+
+
+def _at(tree, keypath):
+    for k in keypath:
+        if hasattr(k, "name"):
+            tree = getattr(tree, k.name)
+        else:
+            tree = tree[getattr(k, "idx", getattr(k, "key", None))]
+    return tree
