@@ -124,7 +124,10 @@ class _NNXApply:
 
     def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
         model = self.merge(variables)
-        model.train() if train else model.eval()
+        if train:
+            model.train()
+        else:
+            model.eval()
         outputs = self.call(model, inputs)
         if not mutable:
             return outputs

@@ -141,11 +141,12 @@ def precise_batch_stats(
       progress: show a tqdm progress bar over all passes.
 
     Returns:
-      A new ``batch_stats`` of the same structure (for Equinox a new ``eqx.nn.State``): for each BN layer, ``mean`` is the population mean
-      and ``var`` the population variance of its input over every reduced element of every batch (biased,
-      ``M2 / N``; unbiased, ``M2 / (N - 1)``, for ``bnjax.BatchNorm(convention="torch")``, which stores
-      PyTorch's unbiased variance), in the dtype of the existing entry. ``num_batches_tracked`` and the
-      statistics of a layer that saw no valid element are left unchanged. ``params`` are not touched.
+      A new ``batch_stats`` of the same structure (for Equinox a new ``eqx.nn.State``): for each BN layer,
+      ``mean`` is the population mean and ``var`` the population variance of its input over every reduced
+      element of every batch (biased, ``M2 / N``; unbiased, ``M2 / (N - 1)``, for
+      ``bnjax.BatchNorm(convention="torch")``, which stores PyTorch's unbiased variance), in the dtype of the
+      existing entry. ``num_batches_tracked`` and the statistics of a layer that saw no valid element are left
+      unchanged. ``params`` are not touched.
 
     Raises:
       ValueError: when a layer's input has non-finite statistics (NaN or Inf) in some batch, naming the

@@ -203,7 +203,9 @@ def test_landscape_measures_match_linen(framework):
     direction = landscape.random_direction(jax.random.key(4), lv["params"])
     alphas = jnp.linspace(-1.0, 1.0, 5)
     s_ref = landscape.slice_1d(ref, lv["params"], (X, Y), lv["batch_stats"], direction=direction, alphas=alphas)
-    s = landscape.slice_1d(loss_fn, fv["params"], (X, Y), fv["batch_stats"], direction=convert(direction), alphas=alphas)
+    s = landscape.slice_1d(
+        loss_fn, fv["params"], (X, Y), fv["batch_stats"], direction=convert(direction), alphas=alphas
+    )
     np.testing.assert_allclose(s, s_ref, rtol=1e-5)
     m_ref = landscape.smoothness(ref, lv["params"], (X, Y), lv["batch_stats"], learning_rate=0.1)
     m = landscape.smoothness(loss_fn, fv["params"], (X, Y), fv["batch_stats"], learning_rate=0.1)

@@ -157,7 +157,8 @@ def test_training_gradient_flows_through_batch_statistics_issue_659():
     batch norm on the batch statistics (Ioffe & Szegedy), whatever the running state holds."""
     bn, state = eqx.nn.make_with_state(BatchNorm)(C, "batch")
     _, fresh = eqx.nn.make_with_state(BatchNorm)(C, "batch")  # State.set invalidates the state it is called on
-    far = fresh.set(bn.state_index, fresh.get(bn.state_index)._replace(mean=jnp.full(C, 50.0, jnp.float32), var=jnp.full(C, 1e4, jnp.float32)))
+    far_values = dict(mean=jnp.full(C, 50.0, jnp.float32), var=jnp.full(C, 1e4, jnp.float32))
+    far = fresh.set(bn.state_index, fresh.get(bn.state_index)._replace(**far_values))
     x = data((6, C, 2))
     dy = data((6, C, 2), seed=1)
 
