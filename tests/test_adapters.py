@@ -212,6 +212,26 @@ def test_landscape_measures_match_linen(framework):
     assert_trees_close(m, m_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_precise_batch_stats_nnx_with_flax_batch_norm():
+    """Flax's own nnx.BatchNorm layers (features on the last axis of a conv input) are tapped too."""
+
+    class ConvNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, kernel_size=(2,), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    f = bnjax.as_functional(ConvNet(nnx.Rngs(0)))
+    batches = [jax.random.normal(jax.random.key(20 + i), (n, 5, 2)) + i for i, n in enumerate((4, 2))]
+    stats = bnjax.precise_batch_stats(f.apply, f.variables, batches, progress=False)
+    model = f.rebuild(f.variables)
+    h = np.concatenate([np.asarray(model.conv(b), np.float64).reshape(-1, 3) for b in batches])
+    np.testing.assert_allclose(stats["bn"]["mean"], h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["bn"]["var"], h.var(0), rtol=1e-5)
+
+
 def test_internal_covariate_shift_nnx_params_are_a_layer_dict():
     apply, lv = linen_setup()
     f, fv, convert = framework_setup("nnx", lv)

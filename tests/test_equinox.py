@@ -178,8 +178,10 @@ def test_axis_name_is_static_issue_1074():
     assert bn.axis_name == ("a", "b")
     leaves = jax.tree.leaves(bn)
     assert all(isinstance(leaf, (jax.Array, bool)) for leaf in leaves), leaves
-    placed = jax.device_put(bn, jax.devices()[0])  # fails on eqx.nn.BatchNorm: its axis_name is a leaf
+    placed = jax.device_put(bn, jax.devices()[0])
     assert placed.axis_name == ("a", "b")
+    with pytest.raises(TypeError, match="not a valid JAX type"):  # Equinox's axis_name is a leaf
+        jax.device_put(eqx.nn.BatchNorm(C, "a", mode="batch"), jax.devices()[0])
 
 
 def test_filter_jit_train_step_updates_state():
