@@ -7,6 +7,8 @@ Batch normalization
   Moments                                                -- per-feature moments and their exact merge
   BatchNorm                                              -- Flax linen drop-in for flax.linen.BatchNorm
   nnx.BatchNorm                                          -- the Flax NNX counterpart
+  equinox.BatchNorm                                      -- the Equinox counterpart (``import bnjax.equinox``;
+                                                            needs the ``equinox`` extra, not imported here)
   NoisyBatchNorm, noisy_batch_norm, add_nonstationary_noise  -- BN + STIM18 non-stationary noise
   BatchRenorm, batch_renorm                              -- batch renormalization (Ioffe 2017)
   precise_batch_stats                                    -- exact population statistics ("precise BN")
@@ -14,12 +16,17 @@ Batch normalization
   train_only_batch_norm                                  -- optimizer for fine-tuning BN scale/bias only
   torch_interop.from_torch / to_torch                    -- PyTorch BN state dicts (NumPy, no torch)
 
+Frameworks
+  as_functional, Functional  -- an NNX module or Equinox (model, state) as a linen-style (apply, variables),
+                                the form every model-level helper below takes
+
 Analysis
   curvature  -- HVP/GGN products, chunked data-set operators, eigen-solvers, trace/density, EoS tracker
   landscape  -- smoothness measures, internal covariate shift, activation statistics, loss slices
 """
 
 from bnjax import curvature, landscape, loops, nnx, torch_interop
+from bnjax.adapters import Functional, as_functional
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm, init_state
 from bnjax.folding import fold_batch_norm
 from bnjax.frozen import train_only_batch_norm
@@ -35,9 +42,11 @@ __all__ = [
     "BatchNorm",
     "BatchNormState",
     "BatchRenorm",
+    "Functional",
     "Moments",
     "NoisyBatchNorm",
     "add_nonstationary_noise",
+    "as_functional",
     "batch_moments",
     "batch_norm",
     "batch_renorm",

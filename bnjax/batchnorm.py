@@ -75,7 +75,11 @@ class _Layout:
     group_size: int | None  # ghost-batch size along the first reduction axis, or None
 
 
-def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: bool) -> _Layout:
+def _layout(
+    x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: bool, devices: int = 1
+) -> _Layout:
+    """``devices``: how many devices' elements are pooled (see :func:`statistics.merged_devices`), so that one
+    element per device (``vmap`` over single examples, ``pmap`` with one example per device) is allowed."""
     if isinstance(axis, int):
         axis = (axis,)
     feature_axes = []
@@ -121,7 +125,7 @@ def _layout(x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: boo
         if train:
             group_size = virtual_batch_size
             n_reduced = n_reduced // batch * virtual_batch_size
-    if train and n_reduced == 1:
+    if train and n_reduced * devices == 1:
         raise ValueError(
             f"batch norm in train mode needs more than one element per feature, but the input of shape "
             f"{x.shape} with feature axes {feature_axes} has exactly one"
@@ -225,7 +229,8 @@ def batch_moments(
     reduction axis is split into ``(groups, 1)``). Use ``Moments.mean`` / ``Moments.var`` for the statistics.
     """
     x = jnp.asarray(x)
-    layout = _layout(x, axis, virtual_batch_size, train=True)
+    devices = statistics.merged_devices(axis_name, axis_index_groups)
+    layout = _layout(x, axis, virtual_batch_size, train=True, devices=devices)
     _check_inputs(x, None, None, None, mask, layout.feature_shape)
     return _moments(x, layout, mask, axis_name, axis_index_groups, sync)
 
@@ -317,7 +322,8 @@ def batch_norm(
     x = jnp.asarray(x)
     _check_options(momentum, epsilon, convention, state)
     statistics.check_sync(sync)
-    layout = _layout(x, axis, virtual_batch_size, train)
+    devices = statistics.merged_devices(axis_name, axis_index_groups) if train else 1
+    layout = _layout(x, axis, virtual_batch_size, train, devices)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
     if not train and state is None:
         raise ValueError("train=False normalizes with the running statistics, so `state` is required.")

@@ -13,11 +13,16 @@ per-batch moments of that input are merged with Chan's count-weighted formula
 all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
 only on layers called before it, so each layer's statistics are those of the model whose earlier layers use
 precise statistics: the definition. It costs one pass over the batches per BN layer.
+
+Frameworks. Only finding the BN layers, reading a layer's input and writing its statistics depend on the
+framework (:class:`BNTaps`); the loop above is shared. Linen models are tapped here with
+``flax.linen.intercept_methods``; NNX and Equinox models through :func:`bnjax.as_functional`, whose ``apply``
+implements :class:`BNTaps`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +37,54 @@ from bnjax.statistics import Moments, merge_moments
 
 ApplyFn = Callable[[Any, Any], Any]
 BATCH_NORM_TYPES: tuple[type, ...] = (BatchNorm, nn.BatchNorm)
+
+
+class BNTaps(Protocol):
+    """How :func:`precise_batch_stats` reaches a model's BN layers (the model runs in eval mode throughout).
+
+    ``bn_layers(variables, batch)``: the layers' paths (tuples naming them) in call order, found by tracing.
+    ``bn_input_moments(variables, batch, path)``: the :class:`~bnjax.statistics.Moments` of layer ``path``'s
+    input on ``batch`` (jittable). ``write_bn_stats(batch_stats, path, acc)``: a new ``batch_stats`` with
+    layer ``path``'s mean and variance set from the merged moments ``acc`` (the input is not modified).
+    """
+
+    def bn_layers(self, variables: Mapping[str, Any], batch: Any) -> tuple[tuple, ...]: ...
+
+    def bn_input_moments(self, variables: Mapping[str, Any], batch: Any, path: tuple) -> Moments: ...
+
+    def write_bn_stats(self, batch_stats: Any, path: tuple, acc: Moments) -> Any: ...
+
+
+class _LinenTaps:
+    """:class:`BNTaps` of a linen ``apply_fn(variables, batch)``, by method interception."""
+
+    def __init__(self, apply_fn: ApplyFn):
+        self.apply_fn = apply_fn
+
+    def bn_layers(self, variables, batch):
+        return batch_norm_layers(self.apply_fn, variables, batch)
+
+    def bn_input_moments(self, variables, batch, path):
+        captured: list[Moments] = []
+
+        def capture(next_fun, args, kwargs, context):
+            module = context.module
+            if (
+                context.method_name == "__call__"
+                and isinstance(module, BATCH_NORM_TYPES)
+                and tuple(module.scope.path) == path
+            ):
+                x = args[0] if args else kwargs["x"]
+                captured.append(batch_moments(x, axis=module.axis, mask=kwargs.get("mask")))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(capture):
+            self.apply_fn(variables, batch)
+        (moments,) = captured
+        return moments
+
+    def write_bn_stats(self, batch_stats, path, acc):
+        return write_dict_stats(batch_stats, path, acc)
 
 
 def batch_norm_layers(
@@ -77,7 +130,9 @@ def precise_batch_stats(
     Args:
       apply_fn: ``apply_fn(variables, batch)`` runs the model in *eval* mode (every BN layer with
         ``use_running_average=True``), e.g. ``lambda v, b: model.apply(v, b["x"], train=False)``. Whatever
-        it returns is ignored. It must not request mutable collections.
+        it returns is ignored. It must not request mutable collections. For an NNX or Equinox model, pass
+        the ``apply`` of :func:`bnjax.as_functional` (it taps the BN layers itself, see :class:`BNTaps`);
+        ``batch`` is then what the model is called on.
       variables: the model's variables with ``params`` and ``batch_stats``; not modified.
       batches: the data, iterated once per BN layer: a re-iterable collection (list, tuple) or a
         zero-argument callable returning a fresh iterator each time. A one-shot iterator (generator) is
@@ -86,11 +141,12 @@ def precise_batch_stats(
       progress: show a tqdm progress bar over all passes.
 
     Returns:
-      A new ``batch_stats`` tree of the same structure: for each BN layer, ``mean`` is the population mean
-      and ``var`` the population variance of its input over every reduced element of every batch (biased,
-      ``M2 / N``; unbiased, ``M2 / (N - 1)``, for ``bnjax.BatchNorm(convention="torch")``, which stores
-      PyTorch's unbiased variance), in the dtype of the existing entry. ``num_batches_tracked`` and the
-      statistics of a layer that saw no valid element are left unchanged. ``params`` are not touched.
+      A new ``batch_stats`` of the same structure (for Equinox a new ``eqx.nn.State``): for each BN layer,
+      ``mean`` is the population mean and ``var`` the population variance of its input over every reduced
+      element of every batch (biased, ``M2 / N``; unbiased, ``M2 / (N - 1)``, for
+      ``bnjax.BatchNorm(convention="torch")``, which stores PyTorch's unbiased variance), in the dtype of the
+      existing entry. ``num_batches_tracked`` and the statistics of a layer that saw no valid element are left
+      unchanged. ``params`` are not touched.
 
     Raises:
       ValueError: when a layer's input has non-finite statistics (NaN or Inf) in some batch, naming the
@@ -115,14 +171,15 @@ def precise_batch_stats(
     ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}.")
 
-    layers = batch_norm_layers(apply_fn, variables, first)
-    stats = unfreeze(variables["batch_stats"])
+    taps: BNTaps = apply_fn if hasattr(apply_fn, "bn_input_moments") else _LinenTaps(apply_fn)
+    layers = taps.bn_layers(variables, first)
+    stats = variables["batch_stats"]
     bar_total = None if num_batches is None else num_batches * len(layers)
     if bar_total is None and hasattr(batches, "__len__"):
         bar_total = len(batches) * len(layers)
     with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
         for path in layers:
-            step = jax.jit(_accumulate_step(apply_fn, path))
+            step = jax.jit(_accumulate_step(taps, path))
             acc, finite = None, []
             for i, batch in enumerate(make_iter()):
                 if num_batches is not None and i >= num_batches:
@@ -131,13 +188,13 @@ def precise_batch_stats(
                 finite.append(ok)  # device scalars: read once per layer, not once per batch
                 bar.update(1)
             _check_finite(path, np.asarray(jnp.stack(finite)), acc)
-            _write(stats, path, acc)
+            stats = taps.write_bn_stats(stats, path, acc)
     return stats
 
 
 def _check_finite(path: tuple[str, ...], finite: np.ndarray, acc: Moments) -> None:
     """Raise naming the batches whose statistics at layer ``path`` were non-finite, or an overflow."""
-    layer = "/".join(path)
+    layer = "/".join(map(str, path))
     bad = np.flatnonzero(~finite)
     if bad.size:
         raise ValueError(
@@ -174,26 +231,11 @@ def _batch_source(batches) -> Callable[[], Iterable[Any]]:
     return lambda: batches
 
 
-def _accumulate_step(apply_fn: ApplyFn, path: tuple[str, ...]):
+def _accumulate_step(taps: BNTaps, path: tuple):
     """``(acc, variables, batch) -> acc`` merging the moments of layer ``path``'s input into ``acc``."""
 
     def step(acc: Moments | None, variables, batch) -> tuple[Moments, jax.Array]:
-        captured: list[Moments] = []
-
-        def capture(next_fun, args, kwargs, context):
-            module = context.module
-            if (
-                context.method_name == "__call__"
-                and isinstance(module, BATCH_NORM_TYPES)
-                and tuple(module.scope.path) == path
-            ):
-                x = args[0] if args else kwargs["x"]
-                captured.append(batch_moments(x, axis=module.axis, mask=kwargs.get("mask")))
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(capture):
-            apply_fn(variables, batch)
-        (new,) = captured
+        new = taps.bn_input_moments(variables, batch, path)
         finite = jnp.all((new.count == 0) | (jnp.isfinite(new.offset) & jnp.isfinite(new.m2)))
         if acc is None:
             return new, finite
@@ -205,7 +247,14 @@ def _accumulate_step(apply_fn: ApplyFn, path: tuple[str, ...]):
     return step
 
 
-def _write(stats: dict, path: tuple[str, ...], acc: Moments) -> None:
+def write_dict_stats(batch_stats: Mapping[str, Any], path: tuple, acc: Moments) -> dict[str, Any]:
+    """A copy of a ``batch_stats`` dict (linen, or NNX pure dict) with layer ``path``'s population statistics.
+
+    ``mean`` becomes ``acc``'s mean and ``var`` its biased variance (unbiased where the layer has
+    ``num_batches_tracked``, i.e. ``convention="torch"``), in the entries' dtypes; features without a valid
+    element keep their values.
+    """
+    stats = unfreeze(batch_stats)
     layer = stats
     for name in path:
         layer = layer[name]
@@ -217,3 +266,4 @@ def _write(stats: dict, path: tuple[str, ...], acc: Moments) -> None:
     var = (acc.m2 / jnp.maximum(denom, 1.0)).reshape(jnp.shape(var_old))
     layer["mean"] = jnp.where(have, mean, mean_old).astype(jnp.result_type(mean_old))
     layer["var"] = jnp.where(have, var, var_old).astype(jnp.result_type(var_old))
+    return stats

@@ -43,6 +43,7 @@ from bnjax.batchnorm import (
     batch_norm,
 )
 from bnjax.module import BatchNorm
+from bnjax import statistics
 from bnjax.statistics import AxisName, Sync
 
 Bound = float | jax.Array
@@ -102,7 +103,7 @@ def batch_renorm(
             convention=convention, dtype=dtype, sync=sync,
         )
     x = jnp.asarray(x)
-    layout = _layout(x, axis, None, train=True)
+    layout = _layout(x, axis, None, train=True, devices=statistics.merged_devices(axis_name, axis_index_groups))
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
     mom = batch_moments(
         x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, sync=sync

@@ -335,6 +335,17 @@ def _group_of(axis_index_groups: Sequence[Sequence[int]], axis_size: int) -> np.
     return group_of
 
 
+def merged_devices(axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[int]] | None = None) -> int:
+    """Static number of devices whose elements one merge pools: 1 without ``axis_name``, the product of the
+    named axes' sizes, or the smallest group's size with ``axis_index_groups``. Checks the names are bound."""
+    if axis_name is None:
+        return 1
+    check_axis_name(axis_name)
+    if axis_index_groups is not None:
+        return min(len(group) for group in axis_index_groups)
+    return math.prod(lax.axis_size(name) for name in _names(axis_name))
+
+
 def check_axis_name(axis_name: AxisName) -> None:
     """Raise a ValueError naming ``axis_name`` when it is not bound by an enclosing pmap/shard_map/vmap."""
     for name in _names(axis_name):

@@ -1,0 +1,194 @@
+"""One functional form for every framework: NNX and Equinox models as a Flax-linen-style ``(apply, variables)``.
+
+bnjax's model-level helpers (:func:`bnjax.curvature.flax_curvature_fns` and through it the landscape measures,
+:func:`bnjax.precise_batch_stats`) take a linen ``apply`` and a variables dict ``{"params", "batch_stats"}``.
+:func:`as_functional` turns a Flax NNX module, or an Equinox model and its ``eqx.nn.State``, into exactly that
+form, so every helper serves all three frameworks through one code path:
+
+- NNX: ``nnx.split`` into ``Param`` / ``BatchStat`` / the rest; ``variables`` holds the first two as pure dicts
+  (``nnx.to_pure_dict``: nested dicts keyed like the module's attributes); ``apply`` merges them back,
+  switches ``model.train()`` / ``model.eval()`` and calls the model.
+- Equinox: ``eqx.partition(model, eqx.is_inexact_array)``; ``variables`` holds the float leaves as
+  ``params`` and the ``eqx.nn.State`` as ``batch_stats``; ``apply`` combines them, sets
+  ``eqx.nn.inference_mode`` and maps the per-example model over the batch with ``jax.vmap(...,
+  axis_name=axis_name)`` (its BatchNorm layers must use that ``axis_name``).
+
+``apply`` also knows how to find the model's batch-norm layers and read their inputs, which is what
+:func:`bnjax.precise_batch_stats` needs beyond a forward pass (linen's ``intercept_methods`` has no NNX or
+Equinox counterpart).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NamedTuple
+
+import jax
+from flax import nnx
+
+from bnjax import nnx as bnjax_nnx
+from bnjax.batchnorm import batch_moments
+from bnjax.statistics import Moments
+
+PyTree = Any
+NNX_BATCH_NORM_TYPES: tuple[type, ...] = (bnjax_nnx.BatchNorm, nnx.BatchNorm)
+
+
+class Functional(NamedTuple):
+    """A model as a linen-style function and its variables.
+
+    Fields:
+      apply: ``apply(variables, inputs, *, train: bool, mutable=False)`` -> outputs, or with ``mutable``
+        (e.g. ``["batch_stats"]``) ``(outputs, {"batch_stats": updated})``, as ``flax.linen.Module.apply``.
+        ``train=True`` normalizes with batch statistics. ``inputs`` are what the model is called on (a
+        whole batch; Equinox models are vmapped over its leading axis).
+      variables: ``{"params": ..., "batch_stats": ...}``; ``params`` are what to differentiate.
+      rebuild: ``rebuild(variables)`` -> the framework's model with these values: an NNX module (a new one;
+        or use ``nnx.update``), or ``(model, state)`` for Equinox.
+    """
+
+    apply: Callable[..., Any]
+    variables: dict[str, PyTree]
+    rebuild: Callable[[dict[str, PyTree]], Any]
+
+
+def as_functional(
+    model: Any,
+    state: Any = None,
+    *,
+    call: Callable[..., Any] | None = None,
+    axis_name: Any = "batch",
+) -> Functional:
+    """The linen-style :class:`Functional` form of an NNX module or of an Equinox ``(model, state)``.
+
+    Args:
+      model: a ``flax.nnx.Module``, or an ``equinox.Module`` called per example.
+      state: the ``eqx.nn.State`` of an Equinox model (None for NNX).
+      call: how to call the model on ``inputs``; default ``model(inputs)`` for NNX and
+        ``model(example, state)`` -> ``(output, state)`` for Equinox (per example, inside the vmap).
+      axis_name: Equinox only: the ``vmap`` axis name, the ``axis_name`` of the model's BatchNorm layers.
+
+    Example::
+
+        f = bnjax.as_functional(nnx_model)
+        fns = bnjax.curvature.flax_curvature_fns(f.apply, loss, bn_mode="train")
+        fns.loss_fn(f.variables["params"], (x, y), f.variables["batch_stats"])
+    """
+    if isinstance(model, nnx.Module):
+        if state is not None:
+            raise TypeError("as_functional: an NNX module carries its own state; pass state=None.")
+        return _NNXApply.functional(model, call)
+    eqx = sys.modules.get("equinox")
+    if eqx is not None and isinstance(model, eqx.Module):
+        from bnjax.equinox import functional
+
+        return functional(model, state, call=call, axis_name=axis_name)
+    raise TypeError(
+        f"as_functional takes a flax.nnx.Module or an equinox.Module (with its eqx.nn.State), got "
+        f"{type(model).__name__}. A flax.linen model already is functional: use model.apply and its variables."
+    )
+
+
+def _get(obj: Any, key: Any) -> Any:
+    return getattr(obj, key) if isinstance(key, str) and hasattr(obj, key) else obj[key]
+
+
+def _set(obj: Any, key: Any, value: Any) -> None:
+    if isinstance(key, str) and hasattr(obj, key):
+        setattr(obj, key, value)
+    else:
+        obj[key] = value
+
+
+class _NNXApply:
+    """``apply`` of an NNX module (see :class:`Functional`), with the batch-norm taps of precise BN."""
+
+    def __init__(self, graphdef, params, stats, rest, call):
+        self.graphdef, self.params, self.stats, self.rest = graphdef, params, stats, rest
+        self.call = call
+
+    @classmethod
+    def functional(cls, model: nnx.Module, call) -> Functional:
+        graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        apply = cls(graphdef, params, stats, rest, call or (lambda m, x: m(x)))
+        variables = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+        return Functional(apply, variables, apply.merge)
+
+    def merge(self, variables: dict[str, PyTree]) -> nnx.Module:
+        """A new module holding ``variables`` (the templates from ``nnx.split`` are copied, not changed)."""
+        params = jax.tree.map(lambda v: v, self.params)
+        nnx.replace_by_pure_dict(params, variables["params"])
+        stats = jax.tree.map(lambda v: v, self.stats)
+        nnx.replace_by_pure_dict(stats, variables.get("batch_stats", {}))
+        return nnx.merge(self.graphdef, params, stats, self.rest)
+
+    def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
+        model = self.merge(variables)
+        if train:
+            model.train()
+        else:
+            model.eval()
+        outputs = self.call(model, inputs)
+        if not mutable:
+            return outputs
+        return outputs, {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+
+    # Batch-norm taps for bnjax.precise_batch_stats (the model runs in eval mode).
+
+    def _tapped(self, variables, on_input: Callable[[tuple, nnx.Module, Any, dict], None]) -> nnx.Module:
+        """The merged model in eval mode, each BN layer wrapped so that ``on_input(path, layer, x, kwargs)``
+        sees its input."""
+        model = self.merge(variables)
+        model.eval()
+        layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, NNX_BATCH_NORM_TYPES)]
+        for path, layer in layers:
+            parent = model
+            for key in path[:-1]:
+                parent = _get(parent, key)
+            _set(parent, path[-1], _Tap(layer, lambda x, kw, p=path, l=layer: on_input(p, l, x, kw)))
+        return model
+
+    def bn_layers(self, variables, batch) -> tuple[tuple, ...]:
+        """Paths (keys of ``variables["batch_stats"]``) of the BN layers, in call order."""
+        paths: list[tuple] = []
+
+        def record(path, layer, x, kwargs):
+            if path in paths:
+                raise ValueError(
+                    f"The BN layer {'/'.join(map(str, path))} is called more than once per forward pass; "
+                    "precise statistics need each BN layer to see one input per pass. Use separate BN modules."
+                )
+            paths.append(path)
+
+        jax.eval_shape(lambda v, b: self.call(self._tapped(v, record), b), variables, batch)
+        return tuple(paths)
+
+    def bn_input_moments(self, variables, batch, path: tuple) -> Moments:
+        """Moments (``keepdims`` layout) of the input of BN layer ``path`` on ``batch``, the model in eval mode."""
+        captured: list[Moments] = []
+
+        def capture(p, layer, x, kwargs):
+            if p == path:
+                captured.append(batch_moments(x, axis=layer.axis, mask=kwargs.get("mask")))
+
+        self.call(self._tapped(variables, capture), batch)
+        (moments,) = captured
+        return moments
+
+    def write_bn_stats(self, batch_stats, path: tuple, acc: Moments):
+        """A copy of ``batch_stats`` with layer ``path``'s population statistics from ``acc``."""
+        from bnjax.precise import write_dict_stats
+
+        return write_dict_stats(batch_stats, path, acc)
+
+
+class _Tap(nnx.Module):
+    """Calls ``on_input(x, kwargs)``, then the wrapped layer (used only on a throwaway merged copy)."""
+
+    def __init__(self, layer: nnx.Module, on_input: Callable[[Any, dict], None]):
+        self.layer = layer
+        self.on_input = on_input
+
+    def __call__(self, x, *args, **kwargs):
+        self.on_input(x, kwargs)
+        return self.layer(x, *args, **kwargs)
