@@ -28,7 +28,7 @@ def test_ci_builds_the_docs_with_the_readme_command_before_the_tests():
     build = [line for line in CI.splitlines() if "sphinx-build" in line]
     assert len(build) == 1
     assert build[0].strip() in README
-    assert "sphinx-build -W --keep-going -b html docs docs/_build/html" in build[0]
+    assert "sphinx-build -W --keep-going -j auto -b html docs docs/_build/html" in build[0]
     assert CI.index("sphinx-build") < CI.index("pytest")
 
 
