@@ -46,6 +46,8 @@ myst_heading_anchors = 3
 # Google-style "Args:/Returns:" sections (napoleon); the signature already shows the type hints.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# The Flax shells document their fields in these sections; render them like "Args".
+napoleon_custom_sections = [("Extra fields", "params_style"), ("Fields as in Flax", "params_style")]
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"show-inheritance": False}
