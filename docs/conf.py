@@ -35,8 +35,10 @@ html_title = "bnjax"
 nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
-nb_execution_timeout = 180
+nb_execution_timeout = 300
 nb_merge_streams = True
+# Progress bars (precise_batch_stats) and import-time notices go to stderr; the pages show results only.
+nb_output_stderr = "remove"
 # Run each page in a fresh temporary folder: files a page writes (eos.json, plots) never land in docs/.
 nb_execution_in_temp = True
 
