@@ -24,13 +24,14 @@ Convention = Literal["flax", "torch"]
 class BatchNormState(NamedTuple):
     """Running statistics of one batchnorm layer.
 
-    Fields:
-      mean: float32[*feature_shape], running mean (complex64 once a complex batch has updated it, as in Flax).
-      var: float32[*feature_shape], running variance (biased in the Flax convention, unbiased in PyTorch's);
+    Attributes:
+      mean: ``float32[*feature_shape]``, running mean (complex64 once a complex batch has updated it, as in
+        Flax).
+      var: ``float32[*feature_shape]``, running variance (biased in the Flax convention, unbiased in PyTorch's);
         always real, ``E|x - mean|^2`` for complex inputs.
-      count: int32[] number of training batches seen (PyTorch's ``num_batches_tracked``), or None. Only
+      count: ``int32[]`` number of training batches seen (PyTorch's ``num_batches_tracked``), or None. Only
         needed for ``convention="torch"`` with ``momentum=None`` (cumulative average).
-      nonfinite: int32[] number of training updates whose batch statistics were non-finite (NaN or Inf) for
+      nonfinite: ``int32[]`` number of training updates whose batch statistics were non-finite (NaN or Inf) for
         at least one feature, whose running statistics were therefore kept as they were; or None (not
         tracked). A cheap health check: it stays 0 while every batch is finite.
     """

@@ -15,18 +15,27 @@ Two independent switches, combinable:
 BN layers are recognised from the variables themselves: a module whose path holds ``mean`` and ``var`` in
 ``batch_stats`` (``bnjax.BatchNorm``, ``flax.linen.BatchNorm``, ``bnjax.renorm.BatchRenorm``).
 
-Example, (a) and (b) together::
+Example, (a) and (b) together:
 
-    tx = train_only_batch_norm(optax.adam(1e-3), variables)
-    opt_state = tx.init(variables["params"])
-
-    def loss(params, x, y):
-        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
-        return jnp.mean((out - y) ** 2)
-
-    grads = jax.grad(loss)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+>>> import flax.linen as nn, jax, jax.numpy as jnp, optax, bnjax
+>>> class Net(nn.Module):
+...     @nn.compact
+...     def __call__(self, x, train):
+...         x = bnjax.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+...         return nn.Dense(1)(nn.relu(x))
+>>> model, x, y = Net(), jax.random.normal(jax.random.key(0), (8, 3)), jnp.zeros((8, 1))
+>>> variables = model.init(jax.random.key(1), x, train=False)
+>>> params = variables["params"]
+>>> tx = train_only_batch_norm(optax.adamw(1e-3, weight_decay=1e-2), variables)
+>>> opt_state = tx.init(params)
+>>> def loss(params, x, y):
+...     out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
+...     return jnp.mean((out - y) ** 2)
+>>> grads = jax.grad(loss)(params, x, y)
+>>> updates, opt_state = tx.update(grads, opt_state, params)
+>>> params = optax.apply_updates(params, updates)
+>>> bool(jnp.all(updates["Dense_0"]["kernel"] == 0)), bool(jnp.all(updates["BatchNorm_0"]["scale"] != 0))
+(True, True)
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class BatchNorm(nn.Module):
         mutable collection (Haiku's ``test_local_stats``): a check of how much the running statistics
         matter, without switching the rest of the model (dropout, ...) to train mode.
 
-    Attributes (as in Flax):
+    Fields as in Flax:
       use_running_average: if True, normalize with the running statistics (eval mode).
       axis: feature axis or axes.
       momentum: decay of the running average (see ``convention``).

@@ -51,7 +51,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 
 def paper_schedule() -> tuple[Schedule, Schedule]:
-    """``(r_max(step), d_max(step))`` of Ioffe 2017 (§4.1), as ``optax.linear_schedule``s of the step."""
+    """``(r_max(step), d_max(step))`` of Ioffe 2017 (§4.1), as ``optax.linear_schedule`` schedules of the step."""
     r_max = optax.linear_schedule(1.0, 3.0, transition_steps=35_000, transition_begin=5_000)
     d_max = optax.linear_schedule(0.0, 5.0, transition_steps=20_000, transition_begin=5_000)
     return r_max, d_max

@@ -581,7 +581,8 @@ def power_iteration_topk(
     accurate; prefer :func:`lanczos` when ``k`` is more than a few.
 
     Args:
-      matvec, *params, tol, residual_tol, max_iters: as in :func:`power_iteration` (``max_iters`` per pair).
+      matvec, tol, residual_tol, max_iters: as in :func:`power_iteration` (``max_iters`` per pair).
+      *params: as in :func:`power_iteration`.
       v0: ``k`` start vectors stacked on a new leading axis (each leaf has shape ``(k, *leaf_shape)``), e.g.
         ``random_like(key, params, num=k)``; each nonzero and finite.
       k: number of eigenpairs (static).
@@ -796,7 +797,8 @@ def lanczos(
     """The ``k`` algebraically largest (or smallest) eigenpairs by Lanczos with full reorthogonalization.
 
     Args:
-      matvec, v0, *params: as in :func:`power_iteration`.
+      matvec, v0: as in :func:`power_iteration`.
+      *params: as in :func:`power_iteration`.
       k: number of eigenpairs (static), ``k <= num_iters``.
       num_iters: Krylov dimension = number of matvecs (static), ``<= n``. Extreme eigenvalues converge much
         faster than with power iteration for the same number of matvecs; ``num_iters`` of 2k–4k + 10 is typical.

@@ -8,17 +8,39 @@ Thresholds (Cohen et al. 2021, 2022), for learning rate ``eta``:
   ``P = diag(sqrt(v_hat) + eps)`` from Adam's state, against ``(2 + 2 beta1) / ((1 - beta1) eta)``
   (``38 / eta`` for ``beta1 = 0.9``).
 
-Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* training loss)::
+Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* training loss), here on a tiny
+model with full-batch gradient descent:
 
-    tracker = EoSTracker(loss_fn, gd_rule(lr), every=10)
-    state = tracker.init(params, jax.random.key(0))
-    records = []
-    for step in range(num_steps):
-        params, opt_state = train_step(params, opt_state)
-        record, state = tracker.update(state, step, params, x, y, opt_state=opt_state)
-        if record is not None:
-            records.append(record)
-    save_records(records, "eos.json"); plot_records(records, "eos.png")
+>>> import pathlib, tempfile
+>>> import jax, jax.numpy as jnp, optax
+>>> from bnjax.curvature import EoSTracker, gd_rule, plot_records, save_records
+>>> x, y = jax.random.normal(jax.random.key(0), (32, 4)), jnp.ones(32)
+>>> def loss_fn(params, x, y):
+...     return jnp.mean((jnp.tanh(x @ params["a"]) @ params["b"] - y) ** 2)
+>>> params = {"a": jax.random.normal(jax.random.key(1), (4, 8)), "b": jnp.zeros(8)}
+>>> lr, num_steps = 0.1, 30
+>>> opt = optax.sgd(lr)
+>>> opt_state = opt.init(params)
+>>> @jax.jit
+... def apply_gradients(params, opt_state, grads):
+...     updates, opt_state = opt.update(grads, opt_state)
+...     return optax.apply_updates(params, updates), opt_state
+>>> @jax.jit
+... def train_step(params, opt_state):
+...     return apply_gradients(params, opt_state, jax.grad(loss_fn)(params, x, y))
+>>> tracker = EoSTracker(loss_fn, gd_rule(lr), every=10)
+>>> state = tracker.init(params, jax.random.key(0))
+>>> records = []
+>>> for step in range(num_steps):
+...     params, opt_state = train_step(params, opt_state)
+...     record, state = tracker.update(state, step, params, x, y, opt_state=opt_state)
+...     if record is not None:
+...         records.append(record)
+>>> [r["step"] for r in records], all(r["converged"] for r in records)
+([0, 10, 20], True)
+>>> out = pathlib.Path(tempfile.mkdtemp())
+>>> save_records(records, out / "eos.json").name, plot_records(records, out / "eos.png").name
+('eos.json', 'eos.png')
 
 Each measurement is the loss and a warm-started :func:`~bnjax.curvature.lanczos_top` (default) or
 :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue, so a converged
@@ -29,13 +51,17 @@ With ``placement`` the solver loop runs inside one compiled program or is driven
 picks the latter on CPU for conv nets; see :mod:`bnjax.loops`).
 
 Cheaper, when the loop can take its gradient from the tracker at due steps: :meth:`EoSTracker.value_and_grad`
-computes the loss, the gradient and the first Hessian-vector product in one forward-over-reverse pass::
+computes the loss, the gradient and the first Hessian-vector product in one forward-over-reverse pass
+(continuing the example above):
 
-    if tracker.due(step):
-        (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)
-        params, opt_state = apply_gradients(params, opt_state, grads)
-    else:
-        params, opt_state = train_step(params, opt_state)
+>>> for step in range(num_steps):
+...     if tracker.due(step):
+...         (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)
+...         params, opt_state = apply_gradients(params, opt_state, grads)
+...     else:
+...         params, opt_state = train_step(params, opt_state)
+>>> bool(record["sharpness"] > 0)
+True
 """
 
 from __future__ import annotations
@@ -387,14 +413,9 @@ class EoSTracker:
         ``chunk_size``), and ``record`` as from :meth:`measure` at ``params`` (``None`` when not :meth:`due`;
         then this is just the jitted gradient). A measurement computes the loss and the gradient anyway (they
         are the primal outputs of its linearization, whose tangent is the solve's first Hessian-vector
-        product), so handing the gradient to the training step saves that step's gradient. Typical use (skip
-        it at other steps to keep your own fused train step)::
-
-            if tracker.due(step):
-                (loss, grads), record, state = tracker.value_and_grad(state, step, params, x, y)
-                params, opt_state = apply_gradients(params, opt_state, grads)
-            else:
-                params, opt_state = train_step(params, opt_state, x, y)
+        product), so handing the gradient to the training step saves that step's gradient. Typical use: call
+        it at due steps and keep your own fused train step at the others, as in the example of
+        :mod:`bnjax.curvature.eos` (which runs as a doctest).
 
         For Adam pass ``opt_state`` as it is *before* this step's update: the preconditioner is the one its
         most recent update used (as with :meth:`update` after the step, one step earlier).

@@ -109,8 +109,8 @@ def capture_inputs(
     Args:
       apply_fn: a Flax ``apply`` (e.g. ``model.apply``).
       variables: its variables.
-      *args, **kwargs: passed to ``apply_fn`` (e.g. ``train=True, mutable=["batch_stats"], rngs=...``); its
-        output is discarded.
+      *args: passed to ``apply_fn``; its output is discarded.
+      **kwargs: passed to ``apply_fn`` too (e.g. ``train=True, mutable=["batch_stats"], rngs=...``).
       modules: module classes to select, or a predicate ``module -> bool``.
 
     Returns:
@@ -181,7 +181,9 @@ def activation_statistics(
     """Per-layer input statistics (:class:`ActivationStats`) of one forward pass; jittable.
 
     Args:
-      apply_fn, variables, *args, modules, **kwargs: as in :func:`capture_inputs`.
+      apply_fn, variables, modules: as in :func:`capture_inputs`.
+      *args: as in :func:`capture_inputs`.
+      **kwargs: as in :func:`capture_inputs`.
       bins: number of histogram bins (static).
       value_range: ``(low, high)`` of the histogram (static); the edges are :func:`histogram_edges`.
 
