@@ -271,17 +271,3 @@ def test_precise_rejects_equinox_batch_norm():
     f = bnjax.as_functional(model, state)
     with pytest.raises(TypeError, match="bnjax.equinox.BatchNorm"):
         bnjax.precise_batch_stats(f.apply, f.variables, [X], progress=False)
-
-
-def test_guide_examples_execute():
-    """docs/guides/equinox_and_nnx.md stays true: its Python blocks run in order in one namespace."""
-    import pathlib
-    import re
-
-    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "equinox_and_nnx.md"
-    namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", guide.read_text(), re.S):
-        exec(block, namespace)
-    assert namespace["per_sample_states"].get(namespace["norm"].state_index).mean.shape == (4, 8)
-    assert np.isfinite(namespace["top"].eigenvalue) and namespace["losses"].shape == (5,)
-    assert int(namespace["state"].get(namespace["model"].norm.state_index).count) == 1
