@@ -41,6 +41,13 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a Python bool (a static flag), else a ``TypeError`` naming the argument."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False (a static Python bool); got {value!r}.")
+    return value
+
+
 def check_scalar(
     value: Any,
     name: str,

@@ -253,15 +253,24 @@ def measure_hvp(devices: int, quick: bool, repeats: int) -> list[dict]:
     y = jax.random.normal(ky, (case["n"],))
     model = _HVPNet(case["hidden"])
     variables = model.init(kp, x[:2])
-    fns = curvature.flax_curvature_fns(model.apply, lambda out, t: 0.5 * jnp.mean((out - t) ** 2), bn_mode="train")
+    loss = lambda out, t: 0.5 * jnp.mean((out - t) ** 2)  # noqa: E731
+    fns = {mode: curvature.flax_curvature_fns(model.apply, loss, bn_mode=mode) for mode in ("train", "eval")}
     data = jax.device_put((x, y), NamedSharding(mesh, P(AXIS)))
     params, stats = variables["params"], variables["batch_stats"]
     vector = curvature.random_like(kv, params)
     row = {"devices": devices, "case": f"hvp N={case['n']} chunk={case['chunk_size']}", "bytes": {}, "memory": {}}
     fns_timed = {}
     t0 = time.perf_counter()
-    for name, shards in (("parallel", devices), ("gathered", 1)):
-        mv = curvature.dataset_hessian_matvec(fns.loss_fn, case["chunk_size"], chunk_loop="scan", shards=shards)
+    variants = {  # name: (bn_mode, shards, per_example)
+        "parallel": ("train", devices, False),
+        "gathered": ("train", 1, False),
+        "eval parallel": ("eval", devices, False),
+        "eval per-example": ("eval", devices, True),
+    }
+    for name, (mode, shards, per_example) in variants.items():
+        mv = curvature.dataset_hessian_matvec(
+            fns[mode].loss_fn, case["chunk_size"], chunk_loop="scan", shards=shards, per_example=per_example
+        )
         compiled = jax.jit(mv).lower(vector, params, data, stats).compile()
         row["bytes"][name] = collective_bytes(compiled.as_text())
         row["memory"][name] = memory_per_device(compiled)
@@ -294,14 +303,18 @@ def _hvp_row_md(r: dict) -> str:
     return (
         f"| {r['devices']} | {r['case']} | {b['parallel']['total']} | {b['parallel'].get('all-gather', 0)} | "
         f"{b['gathered']['total']} | {b['gathered'].get('all-gather', 0)} | {mem['parallel']['peak']} | "
-        f"{mem['gathered']['peak']} | {r['median_s']['parallel'] * 1e3:.2f} | {r['ratio']['parallel']:.2f} |"
+        f"{mem['gathered']['peak']} | {r['median_s']['parallel'] * 1e3:.2f} | {r['ratio']['parallel']:.2f} | "
+        f"{b['eval parallel']['total']} | {b['eval per-example']['total']} | {b['eval per-example']['count']} | "
+        f"{r['median_s']['eval per-example'] / r['median_s']['eval parallel']:.2f} |"
     )
 
 
 HVP_HEADER = (
     "| devices | case | bytes parallel | of which all-gather | bytes gathered | of which all-gather | "
-    "peak mem parallel | peak mem gathered | ms parallel | time parallel / gathered |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "peak mem parallel | peak mem gathered | ms parallel | time parallel / gathered | "
+    "bytes eval parallel | bytes eval per-example | collectives eval per-example | "
+    "time eval per-example / eval parallel |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 HEADER = (

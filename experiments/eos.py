@@ -225,6 +225,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         every=config.track_every,
         chunk_size=config.chunk_size,
         shards=config.devices if config.devices > 1 else None,
+        per_example=fns.per_example,  # nets without BN: one all-reduce per product on several devices
         method=config.solver,
         tol=config.solver_tol,
         max_iters=config.solver_iters,

@@ -85,6 +85,19 @@ def data_moves(hlo: str) -> list[str]:
     return [line.strip()[:160] for line in hlo.splitlines() if pattern.search(line)]
 
 
+def reductions_in_loops(hlo: str) -> list[str]:
+    """All-reduces that compiled HLO text runs inside a ``while`` body (once per iteration: per chunk)."""
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    found, computation = [], None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            computation = header.group(1)
+        elif computation in bodies and re.search(r"=\s*\S.*?\sall-reduce(?:-start)?\(", line):
+            found.append(line.strip()[:160])
+    return found
+
+
 def test_data_moves_finds_gathers_and_ignores_all_reduces() -> None:
     mesh = jax.make_mesh((D,), ("batch",), axis_types=(AxisType.Auto,))
     x = jax.ShapeDtypeStruct((N, FEATURES), jnp.float32, sharding=NamedSharding(mesh, P("batch")))
@@ -98,19 +111,25 @@ def test_chunk_order_is_contiguous_with_one_shard_and_interleaves_shards() -> No
     np.testing.assert_array_equal(chunk_order(8, 4, 2), [0, 1, 4, 5, 2, 3, 6, 7])
 
 
-@pytest.mark.parametrize("bn_mode", ["eval", "train"])
-@pytest.mark.parametrize("chunk_size", [24, 32])  # 2 chunks; 1 chunk of 32 and a last one of 16
-def test_operators_on_sharded_data_equal_one_device_and_gather_no_data(bn_mode: str, chunk_size: int) -> None:
+@pytest.mark.parametrize(
+    "bn_mode, per_example", [("eval", False), ("eval", True), ("train", False)]
+)  # per_example only where it holds: train-mode BN couples a chunk's examples
+@pytest.mark.parametrize("chunk_size", [16, 32])  # 3 chunks; 1 chunk of 32 and a last one of 16
+def test_operators_on_sharded_data_equal_one_device_and_gather_no_data(
+    bn_mode: str, per_example: bool, chunk_size: int
+) -> None:
     fns = cv.flax_curvature_fns(MODEL.apply, cross_entropy, bn_mode=bn_mode)
+    assert fns.per_example == (bn_mode == "eval")
     vector = cv.random_like(jax.random.key(3), PARAMS)
 
     def operators(params, vector, data, stats, shards):
-        kw = dict(chunk_size=chunk_size, chunk_loop="scan", shards=shards)
+        kw = dict(chunk_size=chunk_size, chunk_loop="scan", shards=shards, per_example=per_example)
+        mv = dict(chunk_loop="scan", shards=shards, per_example=per_example)
         return {
             "loss": cv.dataset_loss(fns.loss_fn, params, data, stats, **kw),
             "value_and_grad": cv.dataset_value_and_grad(fns.loss_fn, params, data, stats, **kw),
-            "hvp": cv.dataset_hessian_matvec(fns.loss_fn, chunk_size, "scan", shards)(vector, params, data, stats),
-            "ggn": cv.dataset_ggn_matvec(fns.output_fn, fns.output_loss, chunk_size, "scan", shards)(
+            "hvp": cv.dataset_hessian_matvec(fns.loss_fn, chunk_size, **mv)(vector, params, data, stats),
+            "ggn": cv.dataset_ggn_matvec(fns.output_fn, fns.output_loss, chunk_size, **mv)(
                 vector, params, data, stats
             ),
         }
@@ -118,6 +137,10 @@ def test_operators_on_sharded_data_equal_one_device_and_gather_no_data(bn_mode: 
     sharded = jax.jit(operators, static_argnums=4)
     compiled = sharded.lower(PARAMS, vector, SHARDED, STATS, D).compile()
     assert data_moves(compiled.as_text()) == []
+    # Each chunk's parameter-sized result is reduced across devices inside the chunk loop, unless the loss is
+    # declared per-example: then the devices keep partial sums and reduce once, after the loop.
+    if chunk_size == 16:
+        assert (reductions_in_loops(compiled.as_text()) == []) == per_example
     got = compiled(PARAMS, vector, SHARDED, STATS)
     want = jax.jit(operators, static_argnums=4)(
         *one_device((PARAMS, vector)), reference_data(chunk_size), one_device(STATS), 1
@@ -128,11 +151,26 @@ def test_operators_on_sharded_data_equal_one_device_and_gather_no_data(bn_mode: 
     if bn_mode == "train":
         plain = jax.jit(operators, static_argnums=4)(*one_device((PARAMS, vector)), one_device(DATA), STATS, 1)
         assert not np.allclose(np.asarray(plain["loss"]), np.asarray(got["loss"]), rtol=1e-4)
-    if bn_mode == "train":
+        return
+    if per_example:
         return
     # Without `shards` under jit the sharding is invisible and rows move between devices (the old code).
     gathered = jax.jit(operators, static_argnums=4).lower(PARAMS, vector, SHARDED, STATS, None).compile()
     assert any("all-gather" in m or "collective-permute" in m for m in data_moves(gathered.as_text()))
+
+
+def test_per_example_is_a_different_function_for_train_mode_bn() -> None:
+    """The declaration matters: with train-mode BN it would normalize each shard's rows on their own."""
+    fns = cv.flax_curvature_fns(MODEL.apply, cross_entropy, bn_mode="train")
+    loss = jax.jit(
+        lambda d, pe: cv.dataset_loss(fns.loss_fn, PARAMS, d, STATS, chunk_size=16, shards=D, per_example=pe),
+        static_argnums=1,
+    )
+    per_shard = cv.dataset_loss(fns.loss_fn, *one_device((PARAMS, DATA)), STATS, chunk_size=16 // D)
+    np.testing.assert_allclose(float(loss(SHARDED, True)), float(per_shard), rtol=1e-5)
+    assert not np.isclose(float(loss(SHARDED, False)), float(per_shard), rtol=1e-4)
+    with pytest.raises(TypeError, match="per_example"):
+        cv.dataset_hessian_matvec(fns.loss_fn, 16, per_example="yes")
 
 
 def test_shards_are_read_from_concrete_arrays_and_explicit_types() -> None:
@@ -185,3 +223,13 @@ def test_lanczos_and_tracker_on_sharded_data_equal_one_device() -> None:
     np.testing.assert_allclose(record["loss"], ref["loss"], rtol=1e-5)
     with pytest.raises(ValueError, match=r"EoSTracker\(\.\.\., shards=8\)"):
         tracker(None).measure(state, 0, PARAMS, SHARDED, STATS)
+    # Eval mode, declared per-example (one reduction per product): the same sharpness as one device.
+    ev = cv.flax_curvature_fns(MODEL.apply, cross_entropy, bn_mode="eval")
+    kw = dict(chunk_size=chunk_size, max_iters=20, tol=1e-6)
+    record, _ = cv.EoSTracker(ev.loss_fn, cv.gd_rule(0.1), shards=D, per_example=ev.per_example, **kw).measure(
+        state, 0, PARAMS, SHARDED, STATS
+    )
+    ref, _ = cv.EoSTracker(ev.loss_fn, cv.gd_rule(0.1), **kw).measure(
+        one_device(state), 0, one_device(PARAMS), one_device(DATA), STATS
+    )
+    np.testing.assert_allclose(record["sharpness"], ref["sharpness"], rtol=1e-4)

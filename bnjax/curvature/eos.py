@@ -77,7 +77,7 @@ import numpy as np
 import optax
 
 from bnjax import loops
-from bnjax._validate import check_like, check_positive_int
+from bnjax._validate import check_bool, check_like, check_positive_int
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     _check_tolerance,
@@ -218,6 +218,9 @@ class EoSTracker:
         ``None`` means unsharded data. The tracker compiles its pieces with ``jax.jit``, where the data's
         sharding is not visible, so it checks the concrete data at every call and asks for ``shards`` when
         they are sharded.
+      per_example: with ``shards``, declare the chunk loss a mean of per-example terms (BN in eval mode or
+        no BN; ``flax_curvature_fns(...).per_example``): each device then sums its own rows' products over
+        the chunks and the devices reduce once per product (see :func:`~bnjax.curvature.chunked_mean`).
       method: ``"lanczos"`` (default; robust when the top eigenvalues cluster, as they do at the edge of
         stability) or ``"power"``.
       tol, residual_tol, max_iters: stopping rule of the solver (see :func:`~bnjax.curvature.lanczos_top`);
@@ -243,6 +246,7 @@ class EoSTracker:
     every: int = 10
     chunk_size: int | None = None
     shards: int | None = None
+    per_example: bool = False
     method: Literal["lanczos", "power"] = "lanczos"
     tol: float = 2e-4
     residual_tol: float = 1e-2
@@ -256,6 +260,7 @@ class EoSTracker:
         check_positive_int(self.max_iters, "max_iters")
         if self.chunk_size is not None:
             check_positive_int(self.chunk_size, "chunk_size")
+        check_bool(self.per_example, "per_example")
         if self.shards is not None:
             check_positive_int(self.shards, "shards")
             if self.chunk_size is None:
@@ -275,7 +280,9 @@ class EoSTracker:
         if self.chunk_size is None:
             hessian = hessian_matvec(scalar_loss)
         else:
-            hessian = dataset_hessian_matvec(scalar_loss, self.chunk_size, shards=self.shards)
+            hessian = dataset_hessian_matvec(
+                scalar_loss, self.chunk_size, shards=self.shards, per_example=self.per_example
+            )
         object.__setattr__(self, "_scalar_loss", scalar_loss)
         object.__setattr__(self, "_hessian", hessian)
         object.__setattr__(self, "_hessian_preconditioned", preconditioned_matvec(hessian))
@@ -316,7 +323,14 @@ class EoSTracker:
             return lambda params: jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)(params, *args)
         data, rest = self._split_data(args)
         return lambda params: dataset_value_and_grad(
-            self.loss_fn, params, data, *rest, chunk_size=self.chunk_size, has_aux=self.has_aux, shards=self.shards
+            self.loss_fn,
+            params,
+            data,
+            *rest,
+            chunk_size=self.chunk_size,
+            has_aux=self.has_aux,
+            shards=self.shards,
+            per_example=self.per_example,
         )
 
     def _linearizes(self, params: PyTree, args: tuple) -> bool:

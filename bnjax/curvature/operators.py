@@ -22,7 +22,10 @@ it scans, and you may prefer a larger ``chunk_size``. Both give the same result 
 Sharded data (``shards=D``, or read from the data by :func:`data_shards`): chunk ``c`` is the ``c``-th slice
 of ``chunk_size / D`` rows of every one of the ``D`` shards, so under a sharded ``jax.jit`` each device reads
 only its own rows and no data moves between devices (see :func:`chunked_mean`); in train mode these
-``chunk_size`` examples share BN statistics. With ``D = 1`` the chunks are the consecutive ones.
+``chunk_size`` examples share BN statistics. With ``D = 1`` the chunks are the consecutive ones. The
+parameter-sized result of every chunk is then reduced across devices, unless ``per_example=True`` declares
+that the chunk loss is a mean of per-example terms (BN in eval mode or no BN): each device then keeps its
+partial sum through the chunk loop and the devices reduce once per call.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import loops
-from bnjax._validate import check_like, check_positive_int
+from bnjax._validate import check_bool, check_like, check_positive_int
 from bnjax.curvature.hvp import Matvec, gnvp, hvp
 
 PyTree = Any
@@ -133,6 +136,7 @@ def chunked_mean(
     *,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> PyTree:
     """Size-weighted mean of ``fn(chunk)`` over chunks of ``data``; data-parallel when ``data`` is sharded.
 
@@ -158,6 +162,14 @@ def chunked_mean(
         arrays, or traced ones on ``Explicit`` mesh axes). Inside ``jax.jit`` on an ``Auto`` mesh pass it
         explicitly: the tracer does not show its sharding, and ``D = 1`` would make every device gather
         every chunk. Shards of unsharded data are allowed (the same chunk composition on one device).
+      per_example: declare that ``fn(chunk)`` is a mean of independent per-example terms: nothing couples
+        the examples of a chunk (BN in eval mode, or no BN; not BN in train mode, whose batch statistics
+        do). With ``D > 1`` each shard's ``chunk_size/D`` rows are then evaluated on their own
+        (``jax.vmap`` of ``fn`` over the shard axis), every device keeps its partial sum through the
+        chunk loop, and the devices reduce once at the end: one all-reduce of the result's size per call
+        instead of one per chunk. The value is the same (up to rounding) whenever the declaration holds;
+        for a train-mode BN loss it would be a different function (statistics of ``chunk_size/D``
+        examples), so :func:`flax_curvature_fns` reports which applies (``per_example``).
 
     Returns:
       ``sum_c n_c * fn(chunk_c) / N``: full chunks of ``chunk_size`` examples, and if ``N/D`` is not a
@@ -174,17 +186,23 @@ def chunked_mean(
     # (N, ...) -> (D, N/D, ...): each device keeps its rows; chunk i is [:, i*local_chunk:(i+1)*local_chunk].
     local = jax.tree.map(lambda x: x.reshape(shards, local_n, *x.shape[1:]), data)
 
-    def rows(start: Any, size: int) -> PyTree:
-        return jax.tree.map(
-            lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(shards * size, *x.shape[2:]), local
-        )
+    split = check_bool(per_example, "per_example") and shards > 1
 
-    jaxpr, out_shape = jax.make_jaxpr(fn, return_shape=True)(rows(0, local_chunk))
+    def evaluate(start: Any, size: int) -> PyTree:
+        """``fn`` of the chunk's rows at ``start`` (``size`` per shard): the chunk's mean, or with ``split``
+        a ``(D, ...)`` stack of the shards' means (each device computes its own row, no reduction)."""
+        part = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1), local)
+        if split:
+            return jax.vmap(fn)(part)
+        return fn(jax.tree.map(lambda x: x.reshape(shards * size, *x.shape[2:]), part))
+
+    weight = local_chunk if split else chunk_size  # examples behind each mean
+    jaxpr, out_shape = jax.make_jaxpr(lambda: evaluate(0, local_chunk), return_shape=True)()
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
     def body(total: PyTree, i: Any) -> tuple[PyTree, None]:
-        chunk_mean = fn(rows(i * local_chunk, local_chunk))
-        return jax.tree.map(lambda t, y: t + chunk_size * y, total, chunk_mean), None
+        chunk_mean = evaluate(i * local_chunk, local_chunk)
+        return jax.tree.map(lambda t, y: t + weight * y, total, chunk_mean), None
 
     if chunk_loop == "auto":
         unroll = num_full <= MAX_UNROLL and jax.default_backend() == "cpu" and loops.has_convolution(jaxpr.jaxpr)
@@ -195,8 +213,10 @@ def chunked_mean(
         for i in range(num_full):
             total, _ = body(total, i)
     if rest:
-        tail = fn(rows(num_full * local_chunk, rest))
-        total = jax.tree.map(lambda t, y: t + shards * rest * y, total, tail)
+        tail = evaluate(num_full * local_chunk, rest)
+        total = jax.tree.map(lambda t, y: t + (rest if split else shards * rest) * y, total, tail)
+    if split:  # the one reduction across devices
+        total = jax.tree.map(lambda t: jnp.sum(t, axis=0), total)
     return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
 
 
@@ -208,13 +228,17 @@ def dataset_loss(
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> jax.Array:
     """Mean loss over ``data`` in chunks: ``chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size)``.
 
     ``loss_fn(params, chunk, *args) -> scalar`` is the mean loss of a chunk; ``args`` are not chunked.
-    ``shards``: see :func:`chunked_mean` (data-parallel chunks of sharded data).
+    ``shards``, ``per_example``: see :func:`chunked_mean` (data-parallel chunks of sharded data).
     """
-    return chunked_mean(lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards)
+    return chunked_mean(
+        lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards,
+        per_example=per_example,
+    )
 
 
 def dataset_value_and_grad(
@@ -226,6 +250,7 @@ def dataset_value_and_grad(
     has_aux: bool = False,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> tuple[Any, PyTree]:
     """``(mean loss, its gradient)`` over ``data`` in chunks; the gradient is a pytree like ``params``.
 
@@ -233,7 +258,9 @@ def dataset_value_and_grad(
     weighted by chunk size like the loss), as ``jax.value_and_grad(..., has_aux=True)`` would nest it.
     """
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-    return chunked_mean(lambda c: vg(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards)
+    return chunked_mean(
+        lambda c: vg(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards, per_example=per_example
+    )
 
 
 def dataset_hvp(
@@ -245,11 +272,17 @@ def dataset_hvp(
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> PyTree:
     """Hessian of the chunked mean loss (see :func:`dataset_loss`) times ``vector``; a pytree like ``params``."""
     check_like(vector, params)
     return chunked_mean(
-        lambda c: hvp(loss_fn, params, vector, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards
+        lambda c: hvp(loss_fn, params, vector, c, *args),
+        data,
+        chunk_size,
+        chunk_loop=chunk_loop,
+        shards=shards,
+        per_example=per_example,
     )
 
 
@@ -263,6 +296,7 @@ def dataset_gnvp(
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> PyTree:
     """GGN of the chunked mean loss times ``vector``: ``output_fn(params, chunk, *args)``,
     ``output_loss(outputs, chunk, *args)`` (see :func:`bnjax.curvature.gnvp`)."""
@@ -273,6 +307,7 @@ def dataset_gnvp(
         chunk_size,
         chunk_loop=chunk_loop,
         shards=shards,
+        per_example=per_example,
     )
 
 
@@ -281,20 +316,34 @@ def _check_shards(shards: Any) -> int | None:
 
 
 def dataset_hessian_matvec(
-    loss_fn: Callable[..., jax.Array], chunk_size: int, chunk_loop: ChunkLoop = "auto", shards: int | None = None
+    loss_fn: Callable[..., jax.Array],
+    chunk_size: int,
+    chunk_loop: ChunkLoop = "auto",
+    shards: int | None = None,
+    per_example: bool = False,
 ) -> Matvec:
     """Data-set Hessian as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_hvp`).
 
     The solvers call the matvec inside ``jax.jit``, where an ``Auto`` mesh hides the data's sharding: for
-    sharded data pass ``shards`` (e.g. ``shards=data_shards(data)``), see :func:`chunked_mean`.
+    sharded data pass ``shards`` (e.g. ``shards=data_shards(data)``), and ``per_example`` when the loss is a
+    mean of per-example terms (one all-reduce per product instead of one per chunk), see :func:`chunked_mean`.
     """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
     shards = _check_shards(shards)
+    check_bool(per_example, "per_example")
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
         return dataset_hvp(
-            loss_fn, params, vector, data, *args, chunk_size=chunk_size, chunk_loop=chunk_loop, shards=shards
+            loss_fn,
+            params,
+            vector,
+            data,
+            *args,
+            chunk_size=chunk_size,
+            chunk_loop=chunk_loop,
+            shards=shards,
+            per_example=per_example,
         )
 
     return matvec
@@ -306,12 +355,14 @@ def dataset_ggn_matvec(
     chunk_size: int,
     chunk_loop: ChunkLoop = "auto",
     shards: int | None = None,
+    per_example: bool = False,
 ) -> Matvec:
     """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`; ``shards``
-    as in :func:`dataset_hessian_matvec`)."""
+    and ``per_example`` as in :func:`dataset_hessian_matvec`)."""
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
     shards = _check_shards(shards)
+    check_bool(per_example, "per_example")
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
         return dataset_gnvp(
@@ -324,6 +375,7 @@ def dataset_ggn_matvec(
             chunk_size=chunk_size,
             chunk_loop=chunk_loop,
             shards=shards,
+            per_example=per_example,
         )
 
     return matvec
@@ -339,6 +391,9 @@ class FlaxCurvatureFns(NamedTuple):
     output_fn: Callable[..., jax.Array]  # (params, batch, batch_stats) -> outputs
     output_loss: Callable[..., jax.Array]  # (outputs, batch, batch_stats) -> scalar
     loss_fn: Callable[..., jax.Array]  # (params, batch, batch_stats) -> scalar
+    # True unless bn_mode="train": the loss of a chunk is then a mean of per-example terms (with a per-example
+    # mean `loss` and no other layer that couples examples); pass it as the data-set operators' `per_example`.
+    per_example: bool = True
 
 
 def flax_curvature_fns(
@@ -364,7 +419,8 @@ def flax_curvature_fns(
 
     Returns:
       :class:`FlaxCurvatureFns` whose functions take ``(params, batch, batch_stats)``. Use ``loss_fn`` with
-      :func:`hvp` / :func:`dataset_hvp` and ``output_fn`` + ``output_loss`` with the GGN products.
+      :func:`hvp` / :func:`dataset_hvp` and ``output_fn`` + ``output_loss`` with the GGN products, and its
+      ``per_example`` (False only for ``bn_mode="train"``) as the data-set operators' ``per_example``.
     """
     if bn_mode not in ("train", "eval", None):
         raise ValueError(f"`bn_mode` must be 'train', 'eval' or None (model without batch_stats); got {bn_mode!r}.")
@@ -393,4 +449,4 @@ def flax_curvature_fns(
     def loss_fn(params: PyTree, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
         return output_loss(output_fn(params, batch, batch_stats), batch, batch_stats)
 
-    return FlaxCurvatureFns(output_fn, output_loss, loss_fn)
+    return FlaxCurvatureFns(output_fn, output_loss, loss_fn, per_example=bn_mode != "train")
