@@ -167,9 +167,10 @@ def chunked_mean(
         do). With ``D > 1`` each shard's ``chunk_size/D`` rows are then evaluated on their own
         (``jax.vmap`` of ``fn`` over the shard axis), every device keeps its partial sum through the
         chunk loop, and the devices reduce once at the end: one all-reduce of the result's size per call
-        instead of one per chunk. The value is the same (up to rounding) whenever the declaration holds;
-        for a train-mode BN loss it would be a different function (statistics of ``chunk_size/D``
-        examples), so :func:`flax_curvature_fns` reports which applies (``per_example``).
+        instead of one per chunk. The value is the same (up to rounding) whenever the declaration holds
+        (:func:`flax_curvature_fns` reports whether it does: ``per_example``). For a train-mode BN loss it
+        gives a different function: every device's ``chunk_size/D`` rows form their own ghost batch (the
+        one-device result with ``chunk_size/D``), as in data-parallel training without synchronized BN.
 
     Returns:
       ``sum_c n_c * fn(chunk_c) / N``: full chunks of ``chunk_size`` examples, and if ``N/D`` is not a
