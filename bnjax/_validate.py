@@ -54,8 +54,9 @@ def check_scalar(
 ) -> None:
     """Raise if a concrete ``value`` is not a finite real scalar in the interval given by ``low``/``high``.
 
-    ``low_open``/``high_open`` exclude the bound itself; ``finite=False`` admits infinities (never NaN). Traced scalars (e.g. a learning rate from a schedule
-    inside ``jit``) cannot be checked at trace time and pass; non-scalars are rejected either way. The
+    ``low_open``/``high_open`` exclude the bound itself; ``finite=False`` admits infinities (never NaN). Traced
+    scalars (e.g. a learning rate from a schedule inside ``jit``) cannot be checked at trace time and pass;
+    non-scalars are rejected either way. The
     message names the argument, the value seen and the valid range, then ``hint``.
     """
     interval = (
@@ -80,7 +81,8 @@ def check_scalar(
         inside = inside and (v < high if high_open else v <= high)
     if not inside:
         shown = value if isinstance(value, (int, float)) else v
-        raise ValueError(f"`{name}`={shown!r} is out of range: expected a {'finite ' if finite else ''}number in {interval}.{hint}")
+        kind = "finite number" if finite else "number"
+        raise ValueError(f"`{name}`={shown!r} is out of range: expected a {kind} in {interval}.{hint}")
 
 
 def check_values(

@@ -7,7 +7,8 @@ No hidden state and no Flax in here; :class:`bnjax.BatchNorm` only maps Flax var
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp

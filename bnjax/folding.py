@@ -13,7 +13,8 @@ unchanged and the returned variables fit the BN-free model directly.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from flax.core import unfreeze

@@ -17,7 +17,8 @@ precise statistics: the definition. It costs one pass over the batches per BN la
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

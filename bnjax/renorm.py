@@ -20,7 +20,8 @@ steps and ``d_max = 5`` at 25k: :func:`paper_schedule`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

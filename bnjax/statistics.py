@@ -22,7 +22,8 @@ element contribute nothing.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +185,8 @@ def _check_start(x0: jax.Array, name: str = "v0") -> None:
         return
     flat = np.asarray(x0)
     if not np.all(np.isfinite(flat)):
-        raise ValueError(f"`{name}` has {int(np.sum(~np.isfinite(flat)))} non-finite entries; start from a finite vector.")
+        bad = int(np.sum(~np.isfinite(flat)))
+        raise ValueError(f"`{name}` has {bad} non-finite entries; start from a finite vector.")
     if not np.any(flat):
         raise ValueError(
             f"`{name}` is the zero vector, which spans no Krylov space; start from a random vector, e.g. "
@@ -233,7 +235,9 @@ def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
     return x - basis.T @ (basis @ x)
 
 
-def _converged(change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array) -> jax.Array:
+def _converged(
+    change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array
+) -> jax.Array:
     return (change <= tol) & (res <= residual_tol) & jnp.isfinite(value)
 
 

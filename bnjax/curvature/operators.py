@@ -28,7 +28,8 @@ only its own rows and no data moves between devices (see :func:`chunked_mean`); 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ All step sizes are evaluated in one vectorized call (or in chunks with ``chunk_s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
