@@ -17,7 +17,7 @@ def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "pa
     """
     p_leaves, p_def = jax.tree.flatten(params)
     v_leaves, v_def = jax.tree.flatten(vector)
-    if p_def != v_def:
+    if p_def != v_def:  # type: ignore[operator]  # mypy cannot resolve jaxlib's PyTreeDef stub
         raise ValueError(
             f"`{name}` must have the same pytree structure as `{ref}`; got\n  {name}: {v_def}\n  {ref}: {p_def}\n"
             f"Build it with e.g. `jax.tree.map(jnp.zeros_like, {ref})`."

@@ -101,7 +101,7 @@ def fold_batch_norm(
         lin["bias"] = new_bias.astype(bias.dtype)
         _delete(params, _split(bn_path))
         _delete(stats, _split(bn_path))
-    result = {k: v for k, v in unfreeze(variables).items() if k not in ("params", "batch_stats")}
+    result = {k: v for k, v in unfreeze(dict(variables)).items() if k not in ("params", "batch_stats")}
     result["params"] = params
     if stats:
         result["batch_stats"] = stats

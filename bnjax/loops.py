@@ -86,7 +86,9 @@ def uses_convolution(fn: Callable[..., Any], *args: Any) -> bool:
         return has_convolution(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def resolve_placement(placement: Placement, fn: Callable[..., Any] | None = None, *args: Any) -> str:
+def resolve_placement(
+    placement: Placement, fn: Callable[..., Any] | None = None, *args: Any
+) -> Literal["device", "host"]:
     """Turn ``"auto"`` into ``"device"`` or ``"host"`` for the work ``fn(*args)`` done once per iteration.
 
     Rule: inside a trace, ``"device"`` (``"host"`` is then an error); otherwise ``"auto"`` is ``"host"`` when

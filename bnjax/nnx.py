@@ -102,6 +102,7 @@ class BatchNorm(nnx.Module):
             sync=self.sync,
         )
         if not use_running_average:
+            assert new is not None  # batch_norm returns a state when given one
             self.mean[...] = jax.lax.stop_gradient(new.mean)
             self.var[...] = jax.lax.stop_gradient(new.var)
             if self.num_batches_tracked is not None:

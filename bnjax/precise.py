@@ -17,7 +17,7 @@ precise statistics: the definition. It costs one pass over the batches per BN la
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import jax
@@ -119,7 +119,7 @@ def precise_batch_stats(
     layers = batch_norm_layers(apply_fn, variables, first)
     stats = unfreeze(variables["batch_stats"])
     bar_total = None if num_batches is None else num_batches * len(layers)
-    if bar_total is None and hasattr(batches, "__len__"):
+    if bar_total is None and isinstance(batches, Sized):
         bar_total = len(batches) * len(layers)
     with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
         for path in layers:
@@ -131,6 +131,11 @@ def precise_batch_stats(
                 acc, ok = step(acc, {**variables, "batch_stats": stats}, batch)
                 finite.append(ok)  # device scalars: read once per layer, not once per batch
                 bar.update(1)
+            if acc is None:
+                raise ValueError(
+                    f"batches yielded no batch for layer {'/'.join(path)}, though the first pass had one: a "
+                    "callable must return a fresh iterator over the same batches on every call."
+                )
             _check_finite(path, np.asarray(jnp.stack(finite)), acc)
             _write(stats, path, acc)
     return stats

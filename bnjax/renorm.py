@@ -98,10 +98,11 @@ def batch_renorm(
     _check_bound("d_max", d_max, 0.0)
     _check_options(momentum, epsilon, convention, state)
     if not train:
-        return batch_norm(
+        y, _ = batch_norm(
             x, scale, bias, state, train=False, axis=axis, momentum=momentum, epsilon=epsilon,
             convention=convention, dtype=dtype, sync=sync,
         )
+        return y, state  # eval mode leaves the state as it is
     x = jnp.asarray(x)
     layout = _layout(x, axis, None, train=True)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)

@@ -48,7 +48,7 @@ class Moments(NamedTuple):
       m2: sum of squared deviations from the mean, ``sum((x - mean)^2)``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the public field name is kept
     shift: jax.Array
     offset: jax.Array
     m2: jax.Array
@@ -341,7 +341,7 @@ def _first_entry(a: jax.Array, axis: int) -> jax.Array:
     """
     sharding = getattr(jax.typeof(a), "sharding", None)
     spec = () if sharding is None else tuple(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
+    if sharding is None or axis >= len(spec) or spec[axis] is None:
         return lax.slice_in_dim(a, 0, 1, axis=axis)
     out_spec = jax.sharding.PartitionSpec(*spec[:axis], None, *spec[axis + 1 :])
     index = (slice(None),) * axis + (jnp.zeros((1,), jnp.int32),)

@@ -169,7 +169,7 @@ def check_linearize_budget(budget: Any) -> int | None:
             f"`linearize_budget` must be a number of bytes >= 0 (0 disables linearization) or None (no limit); "
             f"got {budget!r}."
         )
-    return budget
+    return None if budget is None else int(budget)
 
 
 def _linearizes(matvec: Matvec, v0: PyTree, params: tuple, budget: int | None) -> bool:
@@ -484,7 +484,7 @@ class _TopSolve:
     max_iters: int | None  # Lanczos: static basis size; power: None (max_iters is a dynamic argument)
 
     def __call__(self, x0, params, eigenvalue0, tol, residual_tol, max_iters) -> EigenResult:
-        m = self.max_iters if self.method == "lanczos" else max_iters
+        m = max_iters if self.max_iters is None else self.max_iters
         r = _top_pair(self.driver, self.method, self.op, x0, eigenvalue0, tol, residual_tol, m, params=params)
         return EigenResult(r.eigenvalue, self.op.layout.unravel(r.vector), r.iterations, r.residual, r.converged)
 
@@ -825,7 +825,7 @@ def lanczos(
 
 
 for _solver in (power_iteration, power_iteration_topk, smallest_eigenvalue, lanczos_top, lanczos):
-    _solver.__doc__ = _solver.__doc__.replace("{placement}", _PLACEMENT_DOC)
+    _solver.__doc__ = (_solver.__doc__ or "").replace("{placement}", _PLACEMENT_DOC)
 
 
 def random_like(key: jax.Array, params: PyTree, num: int | None = None) -> PyTree:

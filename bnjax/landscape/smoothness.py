@@ -108,7 +108,7 @@ def smoothness(
             f"(an explicit 1-D grid); got learning_rate={learning_rate!r}, step_sizes="
             f"{'None' if step_sizes is None else jnp.shape(step_sizes)}."
         )
-    if step_sizes is None:
+    if learning_rate is not None:
         step_sizes = step_size_grid(learning_rate)
     step_sizes = jnp.asarray(step_sizes)
     if step_sizes.ndim != 1 or step_sizes.shape[0] == 0 or not jnp.issubdtype(step_sizes.dtype, jnp.floating):
