@@ -17,7 +17,7 @@ def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "pa
     """
     p_leaves, p_def = jax.tree.flatten(params)
     v_leaves, v_def = jax.tree.flatten(vector)
-    if p_def != v_def:
+    if p_def != v_def:  # type: ignore[operator]  # mypy cannot resolve jaxlib's PyTreeDef stub
         raise ValueError(
             f"`{name}` must have the same pytree structure as `{ref}`; got\n  {name}: {v_def}\n  {ref}: {p_def}\n"
             f"Build it with e.g. `jax.tree.map(jnp.zeros_like, {ref})`."
@@ -61,8 +61,9 @@ def check_scalar(
 ) -> None:
     """Raise if a concrete ``value`` is not a finite real scalar in the interval given by ``low``/``high``.
 
-    ``low_open``/``high_open`` exclude the bound itself; ``finite=False`` admits infinities (never NaN). Traced scalars (e.g. a learning rate from a schedule
-    inside ``jit``) cannot be checked at trace time and pass; non-scalars are rejected either way. The
+    ``low_open``/``high_open`` exclude the bound itself; ``finite=False`` admits infinities (never NaN). Traced
+    scalars (e.g. a learning rate from a schedule inside ``jit``) cannot be checked at trace time and pass;
+    non-scalars are rejected either way. The
     message names the argument, the value seen and the valid range, then ``hint``.
     """
     interval = (
@@ -87,7 +88,8 @@ def check_scalar(
         inside = inside and (v < high if high_open else v <= high)
     if not inside:
         shown = value if isinstance(value, (int, float)) else v
-        raise ValueError(f"`{name}`={shown!r} is out of range: expected a {'finite ' if finite else ''}number in {interval}.{hint}")
+        kind = "finite number" if finite else "number"
+        raise ValueError(f"`{name}`={shown!r} is out of range: expected a {kind} in {interval}.{hint}")
 
 
 def check_values(

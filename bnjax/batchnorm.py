@@ -7,7 +7,8 @@ No hidden state and no Flax in here; :class:`bnjax.BatchNorm` only maps Flax var
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ class BatchNormState(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    count: jax.Array | None = None
+    count: jax.Array | None = None  # type: ignore[assignment]  # shadows tuple.count; public field name
     nonfinite: jax.Array | None = None
 
 
@@ -77,13 +78,17 @@ class _Layout:
 
 
 def _layout(
-    x: jax.Array, axis: Axes, virtual_batch_size: int | None, train: bool, devices: int = 1
+    x: jax.Array | jax.ShapeDtypeStruct,
+    axis: Axes,
+    virtual_batch_size: int | None,
+    train: bool,
+    devices: int = 1,
 ) -> _Layout:
     """``devices``: how many devices' elements are pooled (see :func:`statistics.merged_devices`), so that one
     element per device (``vmap`` over single examples, ``pmap`` with one example per device) is allowed."""
     if isinstance(axis, int):
         axis = (axis,)
-    feature_axes = []
+    given = []
     for a in axis:
         if not isinstance(a, int) or isinstance(a, bool):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
@@ -92,10 +97,10 @@ def _layout(
                 f"axis={a} is out of range for an input of rank {x.ndim} (shape {x.shape}); expected an "
                 f"axis in [-{x.ndim}, {x.ndim - 1}]."
             )
-        feature_axes.append(a % x.ndim)
-    if len(set(feature_axes)) != len(feature_axes):
+        given.append(a % x.ndim)
+    if len(set(given)) != len(given):
         raise ValueError(f"axis={axis!r} names the same axis twice for an input of shape {x.shape}.")
-    feature_axes = tuple(sorted(feature_axes))
+    feature_axes = tuple(sorted(given))
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     if not reduction_axes:
         raise ValueError(
@@ -326,12 +331,11 @@ def batch_norm(
     devices = statistics.merged_devices(axis_name, axis_index_groups) if train else 1
     layout = _layout(x, axis, virtual_batch_size, train, devices)
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
-    if not train and state is None:
-        raise ValueError("train=False normalizes with the running statistics, so `state` is required.")
 
-    bshape = [1] * x.ndim
+    shape = [1] * x.ndim
     for a, s in zip(layout.feature_axes, layout.feature_shape):
-        bshape[a] = s
+        shape[a] = s
+    bshape = tuple(shape)
     acc = _stats_dtype(x.dtype)
     acc_real = statistics.real_dtype(acc)  # the variance's dtype (real also for complex inputs)
 
@@ -352,6 +356,8 @@ def batch_norm(
         mul = lax.rsqrt(var + epsilon)
         new_state = None if state is None else _update(state, mom, layout, momentum, convention)
     else:
+        if state is None:
+            raise ValueError("train=False normalizes with the running statistics, so `state` is required.")
         xc = x.astype(acc) - state.mean.reshape(bshape).astype(acc)
         mul = lax.rsqrt(state.var.reshape(bshape).astype(acc_real) + epsilon)
         offset = None
@@ -403,11 +409,13 @@ def _update(
     have = seen & finite
 
     if convention == "flax":
+        assert momentum is not None  # _check_options: the Flax convention takes a float momentum
         new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
         new_var = momentum * state.var + (1.0 - momentum) * batch_var
     else:
         if momentum is None:
-            w_new = 1.0 / (state.count.astype(jnp.float32) + 1.0)
+            assert state.count is not None  # _check_options: momentum=None needs a batch count
+            w_new: jax.Array | float = 1.0 / (state.count.astype(jnp.float32) + 1.0)
         else:
             w_new = momentum
         new_mean = (1.0 - w_new) * state.mean + w_new * batch_mean

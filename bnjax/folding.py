@@ -13,7 +13,8 @@ unchanged and the returned variables fit the BN-free model directly.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from flax.core import unfreeze
@@ -100,7 +101,7 @@ def fold_batch_norm(
         lin["bias"] = new_bias.astype(bias.dtype)
         _delete(params, _split(bn_path))
         _delete(stats, _split(bn_path))
-    result = {k: v for k, v in unfreeze(variables).items() if k not in ("params", "batch_stats")}
+    result = {k: v for k, v in unfreeze(dict(variables)).items() if k not in ("params", "batch_stats")}
     result["params"] = params
     if stats:
         result["batch_stats"] = stats

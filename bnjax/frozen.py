@@ -40,7 +40,8 @@ Example, (a) and (b) together:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import optax

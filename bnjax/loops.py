@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,9 @@ def uses_convolution(fn: Callable[..., Any], *args: Any) -> bool:
         return has_convolution(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def resolve_placement(placement: Placement, fn: Callable[..., Any] | None = None, *args: Any) -> str:
+def resolve_placement(
+    placement: Placement, fn: Callable[..., Any] | None = None, *args: Any
+) -> Literal["device", "host"]:
     """Turn ``"auto"`` into ``"device"`` or ``"host"`` for the work ``fn(*args)`` done once per iteration.
 
     Rule: inside a trace, ``"device"`` (``"host"`` is then an error); otherwise ``"auto"`` is ``"host"`` when

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,7 @@ class BatchNorm(nn.Module):
 
     def _normalize(
         self,
-        norm_fn: Callable[..., tuple[jax.Array, BatchNormState]],
+        norm_fn: Callable[..., tuple[jax.Array, BatchNormState | None]],
         x: jax.Array,
         use_running_average: bool,
         mask: jax.Array | None,
@@ -166,11 +167,13 @@ class BatchNorm(nn.Module):
             **kwargs,
         )
         if self._updates_state(use_running_average):
+            assert new_state is not None  # norm_fn returns a state when given one
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var
-            if count is not None:
+            # The state carries a count (a nonfinite counter) exactly when the variable exists.
+            if count is not None and new_state.count is not None:
                 count.value = new_state.count
-            if nonfinite is not None:
+            if nonfinite is not None and new_state.nonfinite is not None:
                 nonfinite.value = new_state.nonfinite
         return y
 

@@ -11,7 +11,8 @@ call, so the layer input distribution is deliberately non-stationary. No noise i
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

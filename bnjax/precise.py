@@ -22,7 +22,8 @@ implements :class:`BNTaps`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +176,7 @@ def precise_batch_stats(
     layers = taps.bn_layers(variables, first)
     stats = variables["batch_stats"]
     bar_total = None if num_batches is None else num_batches * len(layers)
-    if bar_total is None and hasattr(batches, "__len__"):
+    if bar_total is None and isinstance(batches, Sized):
         bar_total = len(batches) * len(layers)
     with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
         for path in layers:
@@ -187,6 +188,11 @@ def precise_batch_stats(
                 acc, ok = step(acc, {**variables, "batch_stats": stats}, batch)
                 finite.append(ok)  # device scalars: read once per layer, not once per batch
                 bar.update(1)
+            if acc is None:
+                raise ValueError(
+                    f"batches yielded no batch for layer {'/'.join(path)}, though the first pass had one: a "
+                    "callable must return a fresh iterator over the same batches on every call."
+                )
             _check_finite(path, np.asarray(jnp.stack(finite)), acc)
             stats = taps.write_bn_stats(stats, path, acc)
     return stats

@@ -20,7 +20,8 @@ steps and ``d_max = 5`` at 25k: :func:`paper_schedule`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,10 +99,11 @@ def batch_renorm(
     _check_bound("d_max", d_max, 0.0)
     _check_options(momentum, epsilon, convention, state)
     if not train:
-        return batch_norm(
+        y, _ = batch_norm(
             x, scale, bias, state, train=False, axis=axis, momentum=momentum, epsilon=epsilon,
             convention=convention, dtype=dtype, sync=sync,
         )
+        return y, state  # eval mode leaves the state as it is
     x = jnp.asarray(x)
     layout = _layout(x, axis, None, train=True, devices=statistics.merged_devices(axis_name, axis_index_groups))
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)

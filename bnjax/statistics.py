@@ -25,7 +25,8 @@ real, ``shift`` and ``offset`` take the input's complex dtype, and every square 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ class Moments(NamedTuple):
       m2: sum of squared deviations from the mean, ``sum(|x - mean|^2)``; always real.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the public field name is kept
     shift: jax.Array
     offset: jax.Array
     m2: jax.Array
@@ -373,7 +374,7 @@ def _first_entry(a: jax.Array, axis: int) -> jax.Array:
     """
     sharding = getattr(jax.typeof(a), "sharding", None)
     spec = () if sharding is None else tuple(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
+    if sharding is None or axis >= len(spec) or spec[axis] is None:
         return lax.slice_in_dim(a, 0, 1, axis=axis)
     out_spec = jax.sharding.PartitionSpec(*spec[:axis], None, *spec[axis + 1 :])
     index = (slice(None),) * axis + (jnp.zeros((1,), jnp.int32),)

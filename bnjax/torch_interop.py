@@ -20,7 +20,8 @@ PyTorch's by the factor ``n / (n - 1)`` in the variance. PyTorch's ``BatchNorm2d
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -40,7 +40,8 @@ import dataclasses
 import datetime
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -150,7 +151,8 @@ def torch_twin(kind: str, params: Any, stats: Any) -> tuple[Any, Callable]:
             conv.bias.data = t(params[f"Conv_{i}"]["bias"])
             bn = torch.nn.BatchNorm1d(32, eps=1e-5)
             bn.weight.data, bn.bias.data = t(params[f"BatchNorm_{i}"]["scale"]), t(params[f"BatchNorm_{i}"]["bias"])
-            bn.running_mean.data, bn.running_var.data = t(stats[f"BatchNorm_{i}"]["mean"]), t(stats[f"BatchNorm_{i}"]["var"])
+            bn.running_mean.data = t(stats[f"BatchNorm_{i}"]["mean"])
+            bn.running_var.data = t(stats[f"BatchNorm_{i}"]["var"])
             layers += [conv, bn, torch.nn.ReLU()]
         dense = torch.nn.Linear(1280, 10)
         # Flax flattens (W, C) row-major (index w * 32 + c); torch flattens (C, W) (index c * 40 + w).
@@ -169,7 +171,8 @@ def torch_twin(kind: str, params: Any, stats: Any) -> tuple[Any, Callable]:
     lin = []
     for i, (d_in, d_out) in enumerate([(40, 200), (200, 200), (200, 10)]):
         layer = torch.nn.Linear(d_in, d_out)
-        layer.weight.data, layer.bias.data = t(np.asarray(params[f"Dense_{i}"]["kernel"]).T), t(params[f"Dense_{i}"]["bias"])
+        layer.weight.data = t(np.asarray(params[f"Dense_{i}"]["kernel"]).T)
+        layer.bias.data = t(params[f"Dense_{i}"]["bias"])
         lin.append(layer)
     net = torch.nn.Sequential(lin[0], torch.nn.Tanh(), lin[1], torch.nn.Tanh(), lin[2])
     criterion = lambda out, y: 0.5 * torch.mean(torch.sum((out - torch.nn.functional.one_hot(y, 10)) ** 2, dim=-1))  # noqa: E731
@@ -291,7 +294,9 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         m_peer = first_within(np.asarray(trace), lam, cfg.rel_tol) or 100
         cold_fns["pyhessian"] = lambda: pyhessian_top(net, criterion, tx, ty, m_peer, 0.0, cfg.seed)
         own = pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed)  # its own default stopping rule
-        cold.update(pyhessian_hvps=m_peer, logits_max_gap=logits_gap, pyhessian_own_rule_rel_error=abs(own - lam) / abs(lam))
+        cold.update(
+            pyhessian_hvps=m_peer, logits_max_gap=logits_gap, pyhessian_own_rule_rel_error=abs(own - lam) / abs(lam)
+        )
     tc = time_interleaved(cold_fns, cfg.repeats, warmup=1)
     log("cold solves timed")
     cold["seconds"] = tc
@@ -301,8 +306,10 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     # 3. Tracking along GD (bnjax fused tracker vs a plain loop; PyHessian cold per checkpoint).
     step = jax.jit(lambda p, g: jax.tree.map(lambda a, d: a - cfg.lr * d, p, g))
     tracker = cv.EoSTracker(loss_fn, cv.gd_rule(cfg.lr), every=cfg.every)
+
     # Not under jax.jit: "auto" placement then keeps conv nets out of a device loop (see bnjax.loops).
-    reference = lambda p: cv.lanczos_top(hess, v, p, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100).eigenvalue  # noqa: E731
+    def reference(p):
+        return cv.lanczos_top(hess, v, p, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100).eigenvalue
 
     def plain_loop() -> float:
         q, t0 = params, time.perf_counter()
@@ -382,7 +389,10 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
             return s
 
         tt = time_interleaved(
-            {"plain": plain_segment, **{pl: (lambda r=r: r(state, x, y, cfg.train_segment)) for pl, r in runners.items()}},
+            {
+                "plain": plain_segment,
+                **{pl: (lambda r=r: r(state, x, y, cfg.train_segment)) for pl, r in runners.items()},
+            },
             max(3, cfg.repeats // 2),
             warmup=1,
         )
@@ -420,18 +430,23 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
               lambda r, k=k: f"{p(r)['in_solver_hvp_over_grad'][k]:.2f}") for k in SOLVER_VARIANTS],
         row("HVPs to 1e-3, cold: bnjax Lanczos / PyHessian power", lambda r: "{} / {}".format(
             r["cold"]["bnjax_hvps"], r["cold"].get("pyhessian_hvps", "–"))),
-        row("cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian", lambda r: "{:.2f} / {:.2f} / {}".format(
-            r["cold"]["seconds"]["device"], r["cold"]["seconds"]["host_linearized"],
-            f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–")),
+        row("cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian",
+            lambda r: "{:.2f} / {:.2f} / {}".format(
+                r["cold"]["seconds"]["device"], r["cold"]["seconds"]["host_linearized"],
+                f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–")),
         row("cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized", lambda r: ", ".join(
             f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in COLD_VARIANTS)),
-        row("PyHessian's own stopping rule (tol 1e-3): relative error", lambda r: f"{r['cold']['pyhessian_own_rule_rel_error']:.1e}"),
+        row("PyHessian's own stopping rule (tol 1e-3): relative error",
+            lambda r: f"{r['cold']['pyhessian_own_rule_rel_error']:.1e}"),
         row("tracking 20 checkpoints / 200 GD steps (s): bnjax / PyHessian", lambda r: "{:.1f} / {}".format(
-            r["tracking"]["bnjax_seconds"], f"{r['tracking']['pyhessian_seconds']:.1f}" if "pyhessian_seconds" in r["tracking"] else "–")),
-        row("tracking time, bnjax / PyHessian (target ≤ 0.2)", lambda r: f"{r['tracking']['bnjax_over_pyhessian']:.2f}"),
+            r["tracking"]["bnjax_seconds"],
+            f"{r['tracking']['pyhessian_seconds']:.1f}" if "pyhessian_seconds" in r["tracking"] else "–")),
+        row("tracking time, bnjax / PyHessian (target ≤ 0.2)",
+            lambda r: f"{r['tracking']['bnjax_over_pyhessian']:.2f}"),
         row("tracking: HVPs bnjax; estimates within 1e-3 bnjax / PyHessian", lambda r: "{}; {:.0%} / {}".format(
             r["tracking"]["bnjax_hvps"], r["tracking"]["bnjax_within_1e-3"],
-            f"{r['tracking']['pyhessian_within_1e-3']:.0%}" if "pyhessian_within_1e-3" in r["tracking"] else "–")),
+            f"{r['tracking']['pyhessian_within_1e-3']:.0%}" if "pyhessian_within_1e-3" in r["tracking"]
+            else "–")),
         row("plain GD, 200 steps (s)", lambda r: f"{r['tracking']['plain_gd_seconds']:.1f}"),
         row("training step / plain jitted step (target ≤ 1.3): device scan, host, auto", lambda r: ", ".join(
             f"{r['training']['step_over_plain'][k]:.2f}" for k in ("device", "host", "auto"))),

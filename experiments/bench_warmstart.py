@@ -33,7 +33,8 @@ import argparse
 import dataclasses
 import datetime
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -292,12 +293,13 @@ def table(results: list[dict[str, Any]]) -> str:
         ("HVP / gradient (target ≤ 2.5)", plain("hvp_over_grad", "{:.2f}")),
         ("HVPs to 1e-3, power iteration, random start", plain("power_cold_hvps", "{}")),
         ("HVPs to 1e-3, Lanczos, random start", plain("lanczos_cold_hvps", "{}")),
-        ("HVPs / checkpoint, warm Lanczos, default rule (target ≤ 5)", warm("lanczos", "hvps_per_checkpoint", "{:.2f}")),
+        ("HVPs / checkpoint, warm Lanczos, default rule (target ≤ 5)",
+         warm("lanczos", "hvps_per_checkpoint", "{:.2f}")),
         ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
             r["warm"]["lanczos"]["within_1e-3"], r["warm"]["lanczos"]["median_rel_error"])),
         ("  fewest warm Lanczos HVPs to 1e-3 (oracle mean)", plain("warm_oracle_lanczos_hvps", "{:.2f}")),
-        ("  fewest warm power-iteration HVPs to 1e-3 (oracle mean; reached within 60)", lambda r: "{:.2f} ({:.0%})".format(
-            r["warm_oracle_power_hvps"], r["warm_oracle_power_reached"])),
+        ("  fewest warm power-iteration HVPs to 1e-3 (oracle mean; reached within 60)",
+         lambda r: "{:.2f} ({:.0%})".format(r["warm_oracle_power_hvps"], r["warm_oracle_power_reached"])),
         ("HVPs / checkpoint, warm power iteration, default rule", warm("power", "hvps_per_checkpoint", "{:.2f}")),
         ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
             r["warm"]["power"]["within_1e-3"], r["warm"]["power"]["median_rel_error"])),

@@ -18,10 +18,10 @@ import shlex
 import sys
 import time
 import types
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from experiments import EXPERIMENTS, data, report
-
 
 _SCALAR_FORMATS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 _LIST_FORMATS = {

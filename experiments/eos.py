@@ -22,7 +22,6 @@ import optax
 from tqdm.auto import tqdm
 
 from bnjax import curvature
-
 from experiments import data as data_lib
 from experiments import models, report, train
 
@@ -42,8 +41,9 @@ class Config:
 
     Model: a tanh MLP (``hidden``) on the first ``n_train`` MNIST-1D training examples; hidden kernels drawn
     with ``init_scale`` times the LeCun normal std (0.577 matches the std of PyTorch's default ``Linear``
-    init, which CKLKT21's code uses; with 1.0 the initial sharpness is already near ``2/0.1``). Loss: ``square`` (``0.5 ||f - onehot||^2``, CKLKT21's main figures) or ``cross_entropy`` (with it
-    the sharpness falls late in training as the margins grow, so "held" is not expected at the end).
+    init, which CKLKT21's code uses; with 1.0 the initial sharpness is already near ``2/0.1``). Loss:
+    ``square`` (``0.5 ||f - onehot||^2``, CKLKT21's main figures) or ``cross_entropy`` (with it the sharpness
+    falls late in training as the margins grow, so "held" is not expected at the end).
     Sharpness: :class:`bnjax.curvature.EoSTracker` on the Hessian of the full-batch training loss with BN in
     train mode (the function GD optimizes; ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's
     code), ``solver`` (``lanczos`` or ``power``) warm-started from the previous eigenvector, at most

@@ -17,7 +17,8 @@ initialization (1.0 = LeCun normal for tanh/linear, He normal for relu).
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

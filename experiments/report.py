@@ -16,7 +16,8 @@ import json
 import math
 import pathlib
 import platform
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import matplotlib

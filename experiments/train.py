@@ -11,7 +11,8 @@ each segment the losses are checked and a non-finite one stops the run with :cla
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

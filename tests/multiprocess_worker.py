@@ -127,9 +127,10 @@ def _curvature(process_id: int, num_processes: int, out_path: str) -> None:
 
 
 def _main(process_id: int, num_processes: int, port: int, out_path: str, task: str = "train") -> None:
-    import bnjax
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
+
+    import bnjax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_curvature_helpers import cross_entropy
 
 import bnjax
 from bnjax import curvature as cv
+from test_curvature_helpers import cross_entropy
 
 D = 8
 N = 48  # 6 rows per device

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_curvature_eigen import MODELS, setup
 
 from bnjax import curvature as cv
+from test_curvature_eigen import MODELS, setup
 
 
 @pytest.mark.parametrize("kind,bn", MODELS)

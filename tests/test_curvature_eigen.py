@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature_helpers import explicit_hessian, loss_fn_for, make_problem
 
 from bnjax import curvature as cv
+from test_curvature_helpers import explicit_hessian, loss_fn_for, make_problem
 
 MODELS = [("mlp", False), ("mlp", True), ("cnn", False), ("cnn", True)]
 CHUNK = 12  # 24 examples in 2 chunks (uneven last chunks: test_curvature_operators.py)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_setup(kind: str, bn: bool):
     """(problem, HVP matvec, its params, explicit Hessian, eigenvalues ascending, eigenvectors)."""
     with jax.enable_x64(True):
@@ -42,7 +42,7 @@ def dense_matvec(vector, h, template):
     return unravel(h @ x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(kind: str, bn: bool):
     """Like :func:`model_setup` but the matvec multiplies by the explicit Hessian."""
     problem, _, _, h, evals, evecs = model_setup(kind, bn)

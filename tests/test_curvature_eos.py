@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature_helpers import explicit_hessian, loss_fn_for, make_problem
 
 from bnjax import curvature as cv
+from test_curvature_helpers import explicit_hessian, loss_fn_for, make_problem
 
 
 def test_thresholds() -> None:
@@ -67,7 +67,9 @@ def test_adam_preconditioned_sharpness_matches_eigh() -> None:
         nu = opt_state[0].nu
         expected_p = jax.tree.map(lambda n: jnp.sqrt(n / (1 - 0.999**3)) + 1e-8, nu)
         tracker = cv.EoSTracker(loss_fn, cv.adam_rule(1e-2), every=1, tol=1e-8, residual_tol=1e-6, max_iters=40)
-        record, _ = tracker.update(tracker.init(params, jax.random.key(1)), 0, params, batch, stats, opt_state=opt_state)
+        record, _ = tracker.update(
+            tracker.init(params, jax.random.key(1)), 0, params, batch, stats, opt_state=opt_state
+        )
         h = explicit_hessian({**problem, "params": params}, "train")
         d = 1 / np.sqrt(np.asarray(ravel_pytree(precond)[0]))
         with pytest.raises(ValueError, match="opt_state"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -69,7 +70,9 @@ def loss_fn_for(problem: dict[str, Any], bn_mode: str | None) -> Callable[..., j
     return flax_curvature_fns(problem["model"].apply, cross_entropy, bn_mode=mode).loss_fn
 
 
-def explicit_hessian(problem: dict[str, Any], bn_mode: str | None = "train", chunk_size: int | None = None) -> np.ndarray:
+def explicit_hessian(
+    problem: dict[str, Any], bn_mode: str | None = "train", chunk_size: int | None = None
+) -> np.ndarray:
     """Dense Hessian of the (chunked) mean loss by ``jax.hessian`` on the flat parameters.
 
     Independent of the library's chunking: a Python loop over chunks, each weighted by its size.
@@ -81,7 +84,7 @@ def explicit_hessian(problem: dict[str, Any], bn_mode: str | None = "train", chu
     return np.asarray(fn(flat, x, y, stats))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hessian_fn(model: nn.Module, bn_mode: str | None, size: int, unravel: Callable) -> Callable:
     """Compiled once per model/mode/chunking (parameters, data and statistics are arguments)."""
 

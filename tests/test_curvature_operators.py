@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature_helpers import cross_entropy, explicit_hessian, loss_fn_for, make_problem
 
 from bnjax import curvature as cv
+from test_curvature_helpers import cross_entropy, explicit_hessian, loss_fn_for, make_problem
 
 
 def flat(tree) -> np.ndarray:

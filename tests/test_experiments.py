@@ -294,7 +294,8 @@ def test_cli_data_set_error_is_one_line_and_exit_2(kind, tmp_path, capsys):
 def test_cli_unusable_out_is_one_line_and_exit_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for out, expected in [(blocker, "exists and is not a folder"), (blocker / "sub", "cannot create the output folder")]:
+    cases = [(blocker, "exists and is not a folder"), (blocker / "sub", "cannot create the output folder")]
+    for out, expected in cases:
         assert cli.main(["eos", "--smoke", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err, err

@@ -13,7 +13,6 @@ import bnjax
 from bnjax.curvature.operators import flax_curvature_fns
 from bnjax.landscape import internal_covariate_shift, layer_groups, module_call_order
 
-
 CHAIN = ("z", "a", "m")  # not sorted: the layer order is the chain's, not the dict's
 
 

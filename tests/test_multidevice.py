@@ -221,7 +221,7 @@ def test_matches_single_device_on_global_batch(scenario, kind, check_vma, axes):
 
     step = _step_fn(_axis_name(names), masked=mask is not None)
     sharded = [x, dy] if mask is None else [x, dy, mask]
-    for sync, out in per_device(kind, names, sizes, step, sharded, [scale, bias], check_vma).items():
+    for out in per_device(kind, names, sizes, step, sharded, [scale, bias], check_vma).values():
         _check_against_single_device(kind, check_vma, x, mask, out, y_ref, (dx_ref, ds_ref, db_ref), stats_ref)
 
 

@@ -20,7 +20,9 @@ def test_matches_flax_nnx(kwargs, shape, axis):
         np.testing.assert_allclose(ours(xs), theirs(xs), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ours.mean[...], theirs.mean[...], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-5)
-    np.testing.assert_allclose(ours(x, use_running_average=True), theirs(x, use_running_average=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours(x, use_running_average=True), theirs(x, use_running_average=True), rtol=1e-5, atol=1e-5
+    )
     # Same variable layout, so NNX states are interchangeable.
     s_ours, s_theirs = nnx.state(ours), nnx.state(theirs)
     assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)

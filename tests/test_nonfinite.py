@@ -136,7 +136,8 @@ def test_nonfinite_on_one_device_keeps_statistics_on_every_device():
     np.testing.assert_array_equal(np.asarray(means)[:, 0], np.full(4, STATE.mean[0]))
     np.testing.assert_array_equal(np.asarray(vars_)[:, 0], np.full(4, STATE.var[0]))
     _, mean, var, _ = bn_forward(x[:, 1:])
-    np.testing.assert_allclose(np.asarray(means)[:, 1:], np.tile(0.5 * np.asarray(STATE.mean[1:]) + 0.5 * mean, (4, 1)), rtol=1e-5)
+    expected = np.tile(0.5 * np.asarray(STATE.mean[1:]) + 0.5 * mean, (4, 1))
+    np.testing.assert_allclose(np.asarray(means)[:, 1:], expected, rtol=1e-5)
 
 
 class _MLP(nn.Module):
@@ -175,8 +176,8 @@ def test_moments_do_not_overflow_where_the_variance_fits(dtype):
     np.testing.assert_allclose(np.ravel(mom.mean), x64.mean(0), rtol=1e-6, atol=1e12)
     np.testing.assert_allclose(np.ravel(mom.var), x64.var(0), rtol=1e-5)
     y, new = jax.jit(lambda x: bnjax.batch_norm(x, state=bnjax.init_state((3,)), train=True, momentum=0.0))(x)
-    np.testing.assert_allclose(np.asarray(y, np.float64), bn_forward(x64)[0], rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
-                               atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float64), bn_forward(x64)[0], rtol=tol, atol=tol)
     np.testing.assert_allclose(new.var, x64.var(0), rtol=1e-5)
 
 

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from test_curvature_eigen import model_setup, setup, start
-from test_curvature_helpers import loss_fn_for, make_problem
 
 from bnjax import curvature as cv
 from bnjax import loops
 from bnjax.curvature import eigen
+from test_curvature_eigen import model_setup, setup, start
+from test_curvature_helpers import loss_fn_for, make_problem
 
 COMBOS = list(itertools.product(["device", "host"], [0, None]))  # (placement, linearize_budget)
 
@@ -199,7 +199,10 @@ def test_solver_start_vectors_and_convergence_flag() -> None:
         assert int(r.iterations) == 2 and not bool(r.converged)
         r = cv.lanczos(matvec, v0, *args, k=2, num_iters=3, residual_tol=1e-8)
         assert not np.any(np.asarray(r.converged))
-        for kw, match in ((dict(tol=-1.0), "tol"), (dict(residual_tol=float("nan")), "residual_tol"), (dict(max_iters=0), "max_iters")):
+        bad = (
+            (dict(tol=-1.0), "tol"), (dict(residual_tol=float("nan")), "residual_tol"), (dict(max_iters=0), "max_iters")
+        )
+        for kw, match in bad:
             with pytest.raises(ValueError, match=match):
                 cv.power_iteration(matvec, v0, *args, **kw)
 

@@ -162,7 +162,8 @@ def _torch_state(c=3):
 
 def test_from_torch_is_strict_and_checks_values():
     state = _torch_state()
-    with pytest.raises(ValueError, match=r"missing keys \['running_var'\], unexpected keys \['bn1.running_var', 'extra'\]"):
+    expected = r"missing keys \['running_var'\], unexpected keys \['bn1.running_var', 'extra'\]"
+    with pytest.raises(ValueError, match=expected):
         from_torch({**{k: v for k, v in state.items() if k != "running_var"}, "bn1.running_var": 1, "extra": 2})
     variables = from_torch({**state, "extra": np.ones(3)}, strict=False)
     np.testing.assert_array_equal(variables["batch_stats"]["var"], state["running_var"])

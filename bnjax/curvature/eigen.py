@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -168,7 +169,7 @@ def check_linearize_budget(budget: Any) -> int | None:
             f"`linearize_budget` must be a number of bytes >= 0 (0 disables linearization) or None (no limit); "
             f"got {budget!r}."
         )
-    return budget
+    return None if budget is None else int(budget)
 
 
 def _linearizes(matvec: Matvec, v0: PyTree, params: tuple, budget: int | None) -> bool:
@@ -184,7 +185,8 @@ def _check_start(x0: jax.Array, name: str = "v0") -> None:
         return
     flat = np.asarray(x0)
     if not np.all(np.isfinite(flat)):
-        raise ValueError(f"`{name}` has {int(np.sum(~np.isfinite(flat)))} non-finite entries; start from a finite vector.")
+        bad = int(np.sum(~np.isfinite(flat)))
+        raise ValueError(f"`{name}` has {bad} non-finite entries; start from a finite vector.")
     if not np.any(flat):
         raise ValueError(
             f"`{name}` is the zero vector, which spans no Krylov space; start from a random vector, e.g. "
@@ -233,7 +235,9 @@ def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
     return x - basis.T @ (basis @ x)
 
 
-def _converged(change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array) -> jax.Array:
+def _converged(
+    change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array
+) -> jax.Array:
     return (change <= tol) & (res <= residual_tol) & jnp.isfinite(value)
 
 
@@ -480,7 +484,7 @@ class _TopSolve:
     max_iters: int | None  # Lanczos: static basis size; power: None (max_iters is a dynamic argument)
 
     def __call__(self, x0, params, eigenvalue0, tol, residual_tol, max_iters) -> EigenResult:
-        m = self.max_iters if self.method == "lanczos" else max_iters
+        m = max_iters if self.max_iters is None else self.max_iters
         r = _top_pair(self.driver, self.method, self.op, x0, eigenvalue0, tol, residual_tol, m, params=params)
         return EigenResult(r.eigenvalue, self.op.layout.unravel(r.vector), r.iterations, r.residual, r.converged)
 
@@ -823,7 +827,7 @@ def lanczos(
 
 
 for _solver in (power_iteration, power_iteration_topk, smallest_eigenvalue, lanczos_top, lanczos):
-    _solver.__doc__ = _solver.__doc__.replace("{placement}", _PLACEMENT_DOC)
+    _solver.__doc__ = (_solver.__doc__ or "").replace("{placement}", _PLACEMENT_DOC)
 
 
 def random_like(key: jax.Array, params: PyTree, num: int | None = None) -> PyTree:

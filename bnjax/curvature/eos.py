@@ -68,8 +68,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ class StabilityRule(NamedTuple):
 
 
 def _check_lr(lr: float) -> float:
-    if not np.isscalar(lr) or not lr > 0:
+    if not isinstance(lr, (int, float, np.integer, np.floating)) or not lr > 0:
         raise ValueError(f"The learning rate must be a positive number (a schedule is not supported); got {lr!r}.")
     return float(lr)
 
@@ -254,6 +255,14 @@ class EoSTracker:
     has_aux: bool = False
     placement: loops.Placement = "auto"
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET
+    # Built in __post_init__ (set with object.__setattr__: the dataclass is frozen); not compared or shown.
+    _scalar_loss: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
+    _hessian: Matvec = dataclasses.field(init=False, repr=False, compare=False)
+    _hessian_preconditioned: Matvec = dataclasses.field(init=False, repr=False, compare=False)
+    _lin_bytes: dict[Any, int] = dataclasses.field(init=False, repr=False, compare=False)  # avals -> bytes
+    _value_and_grad: Callable[[PyTree, tuple], tuple[Any, PyTree]] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_positive_int(self.every, "every")
@@ -319,7 +328,8 @@ class EoSTracker:
 
     def _value_and_grad_fn(self, args: tuple) -> Callable[[PyTree], tuple[Any, PyTree]]:
         """``params -> (value, grads)`` of the training loss (``value`` is ``(loss, aux)`` with ``has_aux``)."""
-        if self.chunk_size is None:
+        chunk_size = self.chunk_size
+        if chunk_size is None:
             return lambda params: jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)(params, *args)
         data, rest = self._split_data(args)
         return lambda params: dataset_value_and_grad(
@@ -327,7 +337,7 @@ class EoSTracker:
             params,
             data,
             *rest,
-            chunk_size=self.chunk_size,
+            chunk_size=chunk_size,
             has_aux=self.has_aux,
             shards=self.shards,
             per_example=self.per_example,
@@ -508,7 +518,7 @@ def save_records(records: list[dict[str, Any]], path: str | Path) -> Path:
     if path.suffix == ".json":
         path.write_text(json.dumps(records, indent=1))
     elif path.suffix == ".npz":
-        np.savez(path, **records_to_arrays(records))
+        np.savez(path, **records_to_arrays(records))  # type: ignore[arg-type]  # numpy's stub: **kwds vs allow_pickle
     else:
         raise ValueError(f"Unsupported suffix {path.suffix!r}: use .json or .npz.")
     return path

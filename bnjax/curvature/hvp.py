@@ -9,7 +9,8 @@ Vectors are pytrees with the structure and shapes of the model parameters. Every
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -67,7 +68,8 @@ def gnvp(
 
 
 def hessian_matvec(loss_fn: Callable[..., jax.Array]) -> Matvec:
-    """The Hessian of ``loss_fn`` as a matvec ``matvec(vector, params, *args) = hvp(loss_fn, params, vector, *args)``."""
+    """The Hessian of ``loss_fn`` as a matvec: ``matvec(vector, params, *args)`` is
+    ``hvp(loss_fn, params, vector, *args)``."""
 
     def matvec(vector: PyTree, params: PyTree, *args: Any) -> PyTree:
         return hvp(loss_fn, params, vector, *args)

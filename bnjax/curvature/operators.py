@@ -31,7 +31,8 @@ partial sum through the chunk loop and the devices reduce once per call.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,8 @@ def _num_examples(data: PyTree) -> int:
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError("`data` has no array leaves; pass arrays with a leading example axis.")
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
+    sizes = {jnp.shape(x)[0] for x in leaves if jnp.ndim(x)}
+    if len(sizes) != 1 or any(not jnp.ndim(x) for x in leaves):
         raise ValueError(
             "Every leaf of `data` must have the same leading (example) axis size; got leading sizes "
             f"{[jnp.shape(x)[:1] for x in leaves]}."
@@ -86,7 +87,7 @@ def data_shards(data: PyTree) -> int:
             continue
         if isinstance(x, jax.core.Tracer):
             sharding = jax.typeof(x).sharding
-            spec = getattr(sharding, "spec", ())
+            spec: Sequence[Any] = getattr(sharding, "spec", ())
             entry = spec[0] if len(spec) else None
             names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
             count = math.prod(sharding.mesh.shape[name] for name in names)

@@ -15,7 +15,8 @@ Every slice is one jitted evaluation of ``loss_fn`` at all grid points, vectoriz
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ All step sizes are evaluated in one vectorized call (or in chunks with ``chunk_s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ def smoothness(
             f"(an explicit 1-D grid); got learning_rate={learning_rate!r}, step_sizes="
             f"{'None' if step_sizes is None else jnp.shape(step_sizes)}."
         )
-    if step_sizes is None:
+    if learning_rate is not None:
         step_sizes = step_size_grid(learning_rate)
     step_sizes = jnp.asarray(step_sizes)
     if step_sizes.ndim != 1 or step_sizes.shape[0] == 0 or not jnp.issubdtype(step_sizes.dtype, jnp.floating):
