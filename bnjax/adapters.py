@@ -20,8 +20,10 @@ Equinox counterpart).
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 from flax import nnx
@@ -109,7 +111,7 @@ class _NNXApply:
 
     @classmethod
     def functional(cls, model: nnx.Module, call) -> Functional:
-        graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)  # type: ignore[misc]
         apply = cls(graphdef, params, stats, rest, call or (lambda m, x: m(x)))
         variables = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
         return Functional(apply, variables, apply.merge)
@@ -145,7 +147,8 @@ class _NNXApply:
             parent = model
             for key in path[:-1]:
                 parent = _get(parent, key)
-            _set(parent, path[-1], _Tap(layer, lambda x, kw, p=path, l=layer: on_input(p, l, x, kw)))
+            tap = functools.partial(_call_tap, on_input, path, layer)
+            _set(parent, path[-1], _Tap(cast(nnx.Module, layer), tap))
         return model
 
     def bn_layers(self, variables, batch) -> tuple[tuple, ...]:
@@ -180,6 +183,10 @@ class _NNXApply:
         from bnjax.precise import write_dict_stats
 
         return write_dict_stats(batch_stats, path, acc)
+
+
+def _call_tap(on_input: Callable[..., None], path: tuple, layer: Any, x: Any, kwargs: dict) -> None:
+    on_input(path, layer, x, kwargs)
 
 
 class _Tap(nnx.Module):

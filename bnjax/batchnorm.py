@@ -188,7 +188,10 @@ def _check_options(momentum: float | None, epsilon: float, convention: Conventio
         what = "the weight on the old running value" if convention == "flax" else "the weight on the new batch"
         check_scalar(momentum, "momentum", low=0.0, high=1.0, hint=f" With convention={convention!r} it is {what}.")
     check_scalar(
-        epsilon, "epsilon", low=0.0, low_open=True,
+        epsilon,
+        "epsilon",
+        low=0.0,
+        low_open=True,
         hint=" It keeps 1/sqrt(var + epsilon) finite for a constant feature; Flax's default is 1e-5.",
     )
 

@@ -106,7 +106,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise ValueError(f"input_size must be a positive int (the number of channels), got {input_size!r}.")
         check_scalar(eps, "eps", low=0.0, low_open=True, hint=" It keeps 1/sqrt(var + eps) finite.")
         check_scalar(
-            momentum, "momentum", low=0.0, high=1.0, high_open=True,
+            momentum,
+            "momentum",
+            low=0.0,
+            high=1.0,
+            high_open=True,
             hint=" It is the weight on the previous running average; 1 would never update it.",
         )
         check_sync(sync)
@@ -174,7 +178,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             running,
             train=not inference,
             axis=1,
-            momentum=self._debiased_momentum(running.count),
+            momentum=self._debiased_momentum(running.count),  # type: ignore[arg-type]  # a traced weight
             epsilon=self.eps,
             axis_name=None if inference else self.axis_name,
             sync=self.sync,
@@ -229,9 +233,7 @@ class _EquinoxApply:
 
     def _run(self, model, inputs, state):
         per_example = lambda x, s: self.call(model, x, s)  # noqa: E731
-        return jax.vmap(per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=(0, None))(
-            inputs, state
-        )
+        return jax.vmap(per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=(0, None))(inputs, state)
 
     def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
         model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static), value=not train)

@@ -61,13 +61,9 @@ def fold_batch_norm(
         bn_stats = _get(stats, _split(bn_path), "batch_stats", "BN layer")
         bn_params = _get(params, _split(bn_path), "params", "BN") if _has(params, _split(bn_path)) else {}
         if "kernel" not in lin:
-            raise ValueError(
-                f"linear layer {linear_path!r} has params {sorted(lin)}; expected a 'kernel'."
-            )
+            raise ValueError(f"linear layer {linear_path!r} has params {sorted(lin)}; expected a 'kernel'.")
         if "mean" not in bn_stats or "var" not in bn_stats:
-            raise ValueError(
-                f"BN layer {bn_path!r} has batch_stats {sorted(bn_stats)}; expected 'mean' and 'var'."
-            )
+            raise ValueError(f"BN layer {bn_path!r} has batch_stats {sorted(bn_stats)}; expected 'mean' and 'var'.")
         kernel = lin["kernel"]
         out = kernel.shape[-1]
         if bn_stats["mean"].shape != (out,):
@@ -139,8 +135,7 @@ def _get(tree: dict, path: tuple[str, ...], collection: str, what: str) -> dict:
         if not isinstance(node, Mapping) or name not in node:
             have = sorted(node) if isinstance(node, Mapping) else []
             raise ValueError(
-                f"{what} {'/'.join(path)!r}: {collection} has no {'/'.join(path[: i + 1])!r} "
-                f"(available there: {have})."
+                f"{what} {'/'.join(path)!r}: {collection} has no {'/'.join(path[: i + 1])!r} (available there: {have})."
             )
         node = node[name]
     return node

@@ -174,9 +174,7 @@ class Driver:
             carry = body(i, carry)
         return carry
 
-    def scan(
-        self, step: Callable[..., tuple[Any, Any]], carry: Any, length: int, *operands: Any
-    ) -> tuple[Any, Any]:
+    def scan(self, step: Callable[..., tuple[Any, Any]], carry: Any, length: int, *operands: Any) -> tuple[Any, Any]:
         """``length`` applications of ``step(carry, *operands) -> (carry, out)``; outputs stacked on a new
         leading axis.
 

@@ -106,12 +106,8 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized input, of ``x``'s shape.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        return self._normalize(
-            batch_norm, x, use_running_average, mask, virtual_batch_size=self.virtual_batch_size
-        )
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        return self._normalize(batch_norm, x, use_running_average, mask, virtual_batch_size=self.virtual_batch_size)
 
     def _normalize(
         self,
@@ -138,9 +134,7 @@ class BatchNorm(nn.Module):
             count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         if self.track_nonfinite:
             nonfinite = self.variable("batch_stats", "nonfinite_batches", lambda: jnp.zeros((), jnp.int32))
-        scale = (
-            self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
-        )
+        scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
         state = BatchNormState(

@@ -136,6 +136,7 @@ class BatchNorm(nnx.Module):
             sync=self.sync,
         )
         if not use_running_average:
+            assert new is not None  # batch_norm returns a state when given one
             _store(self.mean, new.mean)
             _store(self.var, new.var)
             if self.num_batches_tracked is not None:

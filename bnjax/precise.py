@@ -23,7 +23,7 @@ implements :class:`BNTaps`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +88,7 @@ class _LinenTaps:
         return write_dict_stats(batch_stats, path, acc)
 
 
-def batch_norm_layers(
-    apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any
-) -> tuple[tuple[str, ...], ...]:
+def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple[str, ...], ...]:
     """Paths (tuples of module names, as in ``variables["batch_stats"]``) of the BN layers, in call order.
 
     ``apply_fn(variables, batch)`` is traced once (``jax.eval_shape``; nothing is computed). BN layers are
@@ -160,9 +158,7 @@ def precise_batch_stats(
       layers are honoured. Ghost batches (``virtual_batch_size``) play no role: the population is one set.
     """
     if "batch_stats" not in variables:
-        raise ValueError(
-            f"variables has collections {sorted(variables)}, but precise statistics need 'batch_stats'."
-        )
+        raise ValueError(f"variables has collections {sorted(variables)}, but precise statistics need 'batch_stats'.")
     make_iter = _batch_source(batches)
     first = next(iter(make_iter()), None)
     if first is None:
@@ -172,7 +168,7 @@ def precise_batch_stats(
     ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}.")
 
-    taps: BNTaps = apply_fn if hasattr(apply_fn, "bn_input_moments") else _LinenTaps(apply_fn)
+    taps: BNTaps = cast(BNTaps, apply_fn) if hasattr(apply_fn, "bn_input_moments") else _LinenTaps(apply_fn)
     layers = taps.bn_layers(variables, first)
     stats = variables["batch_stats"]
     bar_total = None if num_batches is None else num_batches * len(layers)
@@ -225,8 +221,7 @@ def _batch_source(batches) -> Callable[[], Iterable[Any]]:
         it = iter(batches)
     except TypeError:
         raise TypeError(
-            "batches must be an iterable of batches or a callable returning one, got "
-            f"{type(batches).__name__}."
+            f"batches must be an iterable of batches or a callable returning one, got {type(batches).__name__}."
         ) from None
     if it is batches:
         raise TypeError(
@@ -260,7 +255,7 @@ def write_dict_stats(batch_stats: Mapping[str, Any], path: tuple, acc: Moments) 
     ``num_batches_tracked``, i.e. ``convention="torch"``), in the entries' dtypes; features without a valid
     element keep their values.
     """
-    stats = unfreeze(batch_stats)
+    stats = unfreeze(dict(batch_stats))
     layer = stats
     for name in path:
         layer = layer[name]

@@ -29,6 +29,7 @@ import optax
 from flax import linen as nn
 from jax import lax
 
+from bnjax import statistics
 from bnjax._validate import check_scalar
 from bnjax.batchnorm import (
     Axes,
@@ -44,7 +45,6 @@ from bnjax.batchnorm import (
     batch_norm,
 )
 from bnjax.module import BatchNorm
-from bnjax import statistics
 from bnjax.statistics import AxisName, Sync
 
 Bound = float | jax.Array
@@ -100,16 +100,23 @@ def batch_renorm(
     _check_options(momentum, epsilon, convention, state)
     if not train:
         y, _ = batch_norm(
-            x, scale, bias, state, train=False, axis=axis, momentum=momentum, epsilon=epsilon,
-            convention=convention, dtype=dtype, sync=sync,
+            x,
+            scale,
+            bias,
+            state,
+            train=False,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            convention=convention,
+            dtype=dtype,
+            sync=sync,
         )
         return y, state  # eval mode leaves the state as it is
     x = jnp.asarray(x)
     layout = _layout(x, axis, None, train=True, devices=statistics.merged_devices(axis_name, axis_index_groups))
     _check_inputs(x, scale, bias, state, mask, layout.feature_shape)
-    mom = batch_moments(
-        x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, sync=sync
-    )
+    mom = batch_moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, sync=sync)
     acc = _stats_dtype(x.dtype)
     bshape = mom.count.shape
     run_mean = state.mean.reshape(bshape).astype(acc)
@@ -171,9 +178,7 @@ class BatchRenorm(BatchNorm):
             raise ValueError(
                 f"BatchRenorm does not support virtual_batch_size (got {self.virtual_batch_size}); use None."
             )
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         step = None
         if callable(self.r_max) or callable(self.d_max):
             step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))

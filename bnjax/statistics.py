@@ -267,9 +267,7 @@ def _gather_merge(local: Moments, names: tuple, group) -> Moments:
     if group is not None:
         group_of, mine = group
         member = (jnp.asarray(group_of) == mine).reshape((-1,) + (1,) * local.count.ndim)
-        parts = parts._replace(
-            count=jnp.where(member, parts.count, 0.0), m2=jnp.where(member, parts.m2, 0.0)
-        )
+        parts = parts._replace(count=jnp.where(member, parts.count, 0.0), m2=jnp.where(member, parts.m2, 0.0))
     return merge_moments(parts, _common_shift(parts.count, parts.mean, axis=0), axis=0)
 
 
@@ -303,9 +301,7 @@ def _allreduce_merge(local: Moments, axis_name: AxisName, group) -> Moments:
     count = jnp.real(count)
     shift = _common_shift(count, weighted / jnp.maximum(count, 1.0))
     d = (local.shift - shift) + local.offset
-    s1, s2 = _psum(
-        jnp.stack([local.count * d, local.m2 + jnp.real(local.count * d * jnp.conj(d))]), axis_name, group
-    )
+    s1, s2 = _psum(jnp.stack([local.count * d, local.m2 + jnp.real(local.count * d * jnp.conj(d))]), axis_name, group)
     offset = s1 / jnp.maximum(count, 1.0)
     # |offset| is within rounding of 0 (K* is the mean), so s2 - |s1|^2 / n does not cancel.
     m2 = jnp.maximum(jnp.real(s2) - jnp.real(jnp.conj(s1) * offset), 0.0)

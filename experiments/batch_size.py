@@ -52,9 +52,7 @@ class Config:
 
 PRESETS = {
     "quick": dataclasses.replace(Config(), batch_sizes=(16, 128, 1024), steps=1000, segment=500),
-    "smoke": dataclasses.replace(
-        Config(), hidden=(16,), batch_sizes=(16,), ghost_size=8, steps=20, segment=10
-    ),
+    "smoke": dataclasses.replace(Config(), hidden=(16,), batch_sizes=(16,), ghost_size=8, steps=20, segment=10),
 }
 
 
@@ -83,29 +81,46 @@ def _one_run(config, batch_size, variant, ds, x, y, bar) -> dict:
     # Ghost BN changes train mode only; the variables are those of plain BN, and the plain model initializes
     # and evaluates them (bnjax checks virtual_batch_size divisibility even in eval mode).
     model = models.MLP(
-        features=config.hidden, num_classes=ds.num_classes, activation="relu",
+        features=config.hidden,
+        num_classes=ds.num_classes,
+        activation="relu",
         norm="none" if variant == "none" else "bn",
     )
     optimizer = optax.sgd(config.lr, momentum=config.momentum)
     state = train.init_train_state(model, x[:2], optimizer, config.seed)
     train_model = model.clone(virtual_batch_size=ghost)
     runner = train.minibatch_runner(train.make_train_step(train_model, config.loss, optimizer), batch_size)
-    log = train.train_in_segments(runner, state, x, y, num_steps=config.steps, every=config.segment, bar=bar,
-                                  label=f"batch {batch_size} {variant}")
+    log = train.train_in_segments(
+        runner,
+        state,
+        x,
+        y,
+        num_steps=config.steps,
+        every=config.segment,
+        bar=bar,
+        label=f"batch {batch_size} {variant}",
+    )
     params, stats = log.state.params, log.state.batch_stats
     train_loss, train_acc = train.evaluate(model, params, stats, x, y, config.loss)
-    test_loss, test_acc = train.evaluate(model, params, stats, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test),
-                                         config.loss)
+    test_loss, test_acc = train.evaluate(
+        model, params, stats, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test), config.loss
+    )
     return {
-        "batch_size": batch_size, "variant": variant, "train_accuracy": train_acc, "test_accuracy": test_acc,
-        "train_loss": train_loss, "test_loss": test_loss, "gap": train_acc - test_acc,
+        "batch_size": batch_size,
+        "variant": variant,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "gap": train_acc - test_acc,
     }
 
 
 def _outcome(config: Config, runs: list[dict], out: pathlib.Path) -> report.Outcome:
     def series(variant: str, key: str) -> np.ndarray:
-        return np.array([next(r[key] for r in runs if r["batch_size"] == b and r["variant"] == variant)
-                         for b in config.batch_sizes])
+        return np.array(
+            [next(r[key] for r in runs if r["batch_size"] == b and r["variant"] == variant) for b in config.batch_sizes]
+        )
 
     fig, axes = report.figure(ncols=2)
     for variant in VARIANTS:
@@ -118,8 +133,10 @@ def _outcome(config: Config, runs: list[dict], out: pathlib.Path) -> report.Outc
     figures = [report.save_figure(fig, out, "batch_size.png")]
     table = report.markdown_table(
         ["batch size", "variant", "train acc", "test acc", "gap", "test loss"],
-        [[r["batch_size"], r["variant"], r["train_accuracy"], r["test_accuracy"], r["gap"], r["test_loss"]]
-         for r in runs],
+        [
+            [r["batch_size"], r["variant"], r["train_accuracy"], r["test_accuracy"], r["gap"], r["test_loss"]]
+            for r in runs
+        ],
     )
     bn_test, ghost_test = series("bn", "test_accuracy"), series("ghost", "test_accuracy")
     none_test = series("none", "test_accuracy")
@@ -145,6 +162,8 @@ def _outcome(config: Config, runs: list[dict], out: pathlib.Path) -> report.Outc
             "held" if ghost_test[-1] > bn_test[-1] else "not held",
         ),
     ]
-    notes = [f"{config.steps} SGD steps (lr {config.lr}, momentum {config.momentum}) at every batch size; "
-             "eval-mode accuracies on the full train and test sets."]
+    notes = [
+        f"{config.steps} SGD steps (lr {config.lr}, momentum {config.momentum}) at every batch size; "
+        "eval-mode accuracies on the full train and test sets."
+    ]
     return report.Outcome({"runs": runs}, claims, [table], figures, notes)

@@ -86,7 +86,9 @@ class Config:
     seed: int = 0
 
 
-PRESETS = {"quick": Config(repeats=3, product_repeats=7, tracking_repeats=1, solver_iters=5, gd_steps=60, train_segment=10)}
+PRESETS = {
+    "quick": Config(repeats=3, product_repeats=7, tracking_repeats=1, solver_iters=5, gd_steps=60, train_segment=10)
+}
 COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
 
 
@@ -226,8 +228,10 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     hess = cv.hessian_matvec(loss_fn)
     v = cv.random_like(jax.random.key(1), params)
     n_params = int(sum(p.size for p in jax.tree.leaves(params)))
-    log(f"[{kind}/{mode}] {n_params} parameters; auto placement: "
-        f"{loops.resolve_placement('auto', hess, v, params, batch, stats)}")
+    log(
+        f"[{kind}/{mode}] {n_params} parameters; auto placement: "
+        f"{loops.resolve_placement('auto', hess, v, params, batch, stats)}"
+    )
 
     # 1. Products as plain jitted calls, and inside the solver for every placement and linearization.
     grad = jax.jit(jax.grad(loss_fn))
@@ -238,8 +242,18 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     auto_variant = f"{auto}_linearized"
 
     def solve(placement: str, budget: int | None, iters: int) -> Callable[[], Any]:
-        return lambda: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=iters,
-                                      placement=placement, linearize_budget=budget)
+        return lambda: cv.lanczos_top(
+            hess,
+            v,
+            params,
+            batch,
+            stats,
+            tol=0.0,
+            residual_tol=0.0,
+            max_iters=iters,
+            placement=placement,
+            linearize_budget=budget,
+        )
 
     # Plain products are cheap: many interleaved repeats, so their ratios are not one noisy sample.
     t = time_interleaved(
@@ -263,7 +277,8 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         "in_solver_hvp_over_grad": {k: ts[f"solve_{k}"] / cfg.solver_iters / ts_grad for k in SOLVER_VARIANTS},
         "auto_variant": auto_variant,
         "in_solver_marginal_hvp_over_grad": (ts["solve_long"] - ts[f"solve_{auto_variant}"])
-        / (2 * cfg.solver_iters) / ts_grad,
+        / (2 * cfg.solver_iters)
+        / ts_grad,
         "linearization_mb": cv.linearization_bytes(hess, v, params, batch, stats) / 2**20,
     }
 
@@ -273,14 +288,20 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     dec = cv.lanczos_decomposition(hess, v, params, batch, stats, num_iters=40)
     m = lanczos_steps_within(dec, lam, cfg.rel_tol) or 40
     cold_solves = {
-        name: (lambda pl=pl, b=b: cv.lanczos_top(hess, v, params, batch, stats, tol=0.0, residual_tol=0.0,
-                                                 max_iters=m, placement=pl, linearize_budget=b))
+        name: (
+            lambda pl=pl, b=b: cv.lanczos_top(
+                hess, v, params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=m, placement=pl, linearize_budget=b
+            )
+        )
         for name, (pl, b) in SOLVER_VARIANTS.items()
         if name in COLD_VARIANTS
     }
     cold_fns: dict[str, Callable[[], Any]] = dict(cold_solves)
-    cold: dict[str, Any] = {"reference": lam, "bnjax_hvps": m,
-                            "bnjax_rel_error": abs(float(cold_solves["host_linearized"]().eigenvalue) - lam) / abs(lam)}
+    cold: dict[str, Any] = {
+        "reference": lam,
+        "bnjax_hvps": m,
+        "bnjax_rel_error": abs(float(cold_solves["host_linearized"]().eigenvalue) - lam) / abs(lam),
+    }
     if peer:
         import torch
 
@@ -288,8 +309,20 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         net, criterion = torch_twin(kind, params, stats)
         tx, ty = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y), dtype=torch.long)
         with torch.no_grad():
-            logits_gap = float(np.max(np.abs(net.eval()(tx).numpy() - np.asarray(model.apply(
-                {"params": params, **({"batch_stats": stats} if stats is not None else {})}, x, train=False)))))
+            logits_gap = float(
+                np.max(
+                    np.abs(
+                        net.eval()(tx).numpy()
+                        - np.asarray(
+                            model.apply(
+                                {"params": params, **({"batch_stats": stats} if stats is not None else {})},
+                                x,
+                                train=False,
+                            )
+                        )
+                    )
+                )
+            )
         trace = pyhessian_rayleigh_trace(net, criterion, tx, ty, 100, cfg.seed)
         m_peer = first_within(np.asarray(trace), lam, cfg.rel_tol) or 100
         cold_fns["pyhessian"] = lambda: pyhessian_top(net, criterion, tx, ty, m_peer, 0.0, cfg.seed)
@@ -364,17 +397,25 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     }
     if peer:
         peer_errors = np.abs(np.asarray(peer_values) - refs) / np.abs(refs)
-        tracking.update({
-            "pyhessian_seconds": float(np.median(peers)),
-            "pyhessian_within_1e-3": float(np.mean(peer_errors <= 1e-3)),
-            "pyhessian_median_rel_error": float(np.median(peer_errors)),
-        })
+        tracking.update(
+            {
+                "pyhessian_seconds": float(np.median(peers)),
+                "pyhessian_within_1e-3": float(np.mean(peer_errors <= 1e-3)),
+                "pyhessian_median_rel_error": float(np.median(peer_errors)),
+            }
+        )
         tracking["bnjax_over_pyhessian"] = tracking["bnjax_seconds"] / tracking["pyhessian_seconds"]
     log("references and PyHessian tracking done")
 
     # 4. Training steps: a plain jitted step against the experiments' runner with each placement.
-    out: dict[str, Any] = {"model": kind, "mode": mode, "params": n_params, "products": products, "cold": cold,
-                           "tracking": tracking}
+    out: dict[str, Any] = {
+        "model": kind,
+        "mode": mode,
+        "params": n_params,
+        "products": products,
+        "cold": cold,
+        "tracking": tracking,
+    }
     if mode == "train" or stats is None:
         opt = optax.sgd(cfg.lr)
         tstep = train.make_train_step(model, loss_name, opt)
@@ -423,33 +464,61 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
         row("gradient, plain jit (ms)", lambda r: f"{p(r)['grad_ms']:.1f}"),
         row("HVP / gradient, plain jit", lambda r: f"{p(r)['hvp_over_grad']:.2f}"),
         row("linearized HVP / gradient, plain jit (target ≤ 1.6)", lambda r: f"{p(r)['linearized_hvp_over_grad']:.2f}"),
-        row("HVP / gradient inside `lanczos_top`, marginal (one more product; auto placement, linearized; target ≤ 1.6)",
-            lambda r: f"{p(r)['in_solver_marginal_hvp_over_grad']:.2f} ({p(r)['auto_variant'].split('_')[0]})"),
+        row(
+            "HVP / gradient inside `lanczos_top`, marginal (auto placement, linearized; target ≤ 1.6)",
+            lambda r: f"{p(r)['in_solver_marginal_hvp_over_grad']:.2f} ({p(r)['auto_variant'].split('_')[0]})",
+        ),
         row("linearization memory (MiB)", lambda r: f"{p(r)['linearization_mb']:.0f}"),
-        *[row(f"HVP / gradient inside `lanczos_top`, {k.replace('_', ' + ')}",
-              lambda r, k=k: f"{p(r)['in_solver_hvp_over_grad'][k]:.2f}") for k in SOLVER_VARIANTS],
-        row("HVPs to 1e-3, cold: bnjax Lanczos / PyHessian power", lambda r: "{} / {}".format(
-            r["cold"]["bnjax_hvps"], r["cold"].get("pyhessian_hvps", "–"))),
-        row("cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian",
+        *[
+            row(
+                f"HVP / gradient inside `lanczos_top`, {k.replace('_', ' + ')}",
+                lambda r, k=k: f"{p(r)['in_solver_hvp_over_grad'][k]:.2f}",
+            )
+            for k in SOLVER_VARIANTS
+        ],
+        row(
+            "HVPs to 1e-3, cold: bnjax Lanczos / PyHessian power",
+            lambda r: "{} / {}".format(r["cold"]["bnjax_hvps"], r["cold"].get("pyhessian_hvps", "–")),
+        ),
+        row(
+            "cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian",
             lambda r: "{:.2f} / {:.2f} / {}".format(
-                r["cold"]["seconds"]["device"], r["cold"]["seconds"]["host_linearized"],
-                f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–")),
-        row("cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized", lambda r: ", ".join(
-            f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in COLD_VARIANTS)),
-        row("PyHessian's own stopping rule (tol 1e-3): relative error",
-            lambda r: f"{r['cold']['pyhessian_own_rule_rel_error']:.1e}"),
-        row("tracking 20 checkpoints / 200 GD steps (s): bnjax / PyHessian", lambda r: "{:.1f} / {}".format(
-            r["tracking"]["bnjax_seconds"],
-            f"{r['tracking']['pyhessian_seconds']:.1f}" if "pyhessian_seconds" in r["tracking"] else "–")),
-        row("tracking time, bnjax / PyHessian (target ≤ 0.2)",
-            lambda r: f"{r['tracking']['bnjax_over_pyhessian']:.2f}"),
-        row("tracking: HVPs bnjax; estimates within 1e-3 bnjax / PyHessian", lambda r: "{}; {:.0%} / {}".format(
-            r["tracking"]["bnjax_hvps"], r["tracking"]["bnjax_within_1e-3"],
-            f"{r['tracking']['pyhessian_within_1e-3']:.0%}" if "pyhessian_within_1e-3" in r["tracking"]
-            else "–")),
+                r["cold"]["seconds"]["device"],
+                r["cold"]["seconds"]["host_linearized"],
+                f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–",
+            ),
+        ),
+        row(
+            "cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized",
+            lambda r: ", ".join(f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in COLD_VARIANTS),
+        ),
+        row(
+            "PyHessian's own stopping rule (tol 1e-3): relative error",
+            lambda r: f"{r['cold']['pyhessian_own_rule_rel_error']:.1e}",
+        ),
+        row(
+            "tracking 20 checkpoints / 200 GD steps (s): bnjax / PyHessian",
+            lambda r: "{:.1f} / {}".format(
+                r["tracking"]["bnjax_seconds"],
+                f"{r['tracking']['pyhessian_seconds']:.1f}" if "pyhessian_seconds" in r["tracking"] else "–",
+            ),
+        ),
+        row(
+            "tracking time, bnjax / PyHessian (target ≤ 0.2)", lambda r: f"{r['tracking']['bnjax_over_pyhessian']:.2f}"
+        ),
+        row(
+            "tracking: HVPs bnjax; estimates within 1e-3 bnjax / PyHessian",
+            lambda r: "{}; {:.0%} / {}".format(
+                r["tracking"]["bnjax_hvps"],
+                r["tracking"]["bnjax_within_1e-3"],
+                f"{r['tracking']['pyhessian_within_1e-3']:.0%}" if "pyhessian_within_1e-3" in r["tracking"] else "–",
+            ),
+        ),
         row("plain GD, 200 steps (s)", lambda r: f"{r['tracking']['plain_gd_seconds']:.1f}"),
-        row("training step / plain jitted step (target ≤ 1.3): device scan, host, auto", lambda r: ", ".join(
-            f"{r['training']['step_over_plain'][k]:.2f}" for k in ("device", "host", "auto"))),
+        row(
+            "training step / plain jitted step (target ≤ 1.3): device scan, host, auto",
+            lambda r: ", ".join(f"{r['training']['step_over_plain'][k]:.2f}" for k in ("device", "host", "auto")),
+        ),
     ]
     if peer_note:
         lines.append(f"\n{peer_note}")

@@ -76,8 +76,21 @@ QUICK_HVP_CASE = {"n": 512, "features": 32, "hidden": 64, "chunk_size": 64}
 HVP_VARIANTS = ("parallel", "gathered")
 VARIANTS = ("local", "gather", "allreduce", "flax pmean")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -352,19 +365,37 @@ def main() -> None:
     print("\n".join(HVP_HEADER if part == "hvp" else HEADER for part in args.parts))
     results, start = {}, time.perf_counter()
     for d in counts:
-        env = {**os.environ, "PYTHONPATH": str(root),
-               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}".strip()}
-        cmd = [sys.executable, "-m", "experiments.bench_scale", "--worker", str(d), "--repeats", str(args.repeats),
-               "--parts", *args.parts] + (["--quick"] if args.quick else [])
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}".strip(),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.bench_scale",
+            "--worker",
+            str(d),
+            "--repeats",
+            str(args.repeats),
+            "--parts",
+            *args.parts,
+        ] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{d} devices failed:\n{proc.stderr[-3000:]}")
         lines = proc.stdout.splitlines()
         print("\n".join(line for line in lines if line.startswith("|")), flush=True)
-        results[str(d)] = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
-    meta = {"jax": jax.__version__, "device_counts": list(counts), "cpu_count": os.cpu_count(),
-            "repeats": args.repeats, "quick": args.quick, "wall_s": time.perf_counter() - start,
-            "date": time.strftime("%Y-%m-%d")}
+        results[str(d)] = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT ") :])
+    meta = {
+        "jax": jax.__version__,
+        "device_counts": list(counts),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "wall_s": time.perf_counter() - start,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

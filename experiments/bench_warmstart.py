@@ -293,26 +293,48 @@ def table(results: list[dict[str, Any]]) -> str:
         ("HVP / gradient (target ≤ 2.5)", plain("hvp_over_grad", "{:.2f}")),
         ("HVPs to 1e-3, power iteration, random start", plain("power_cold_hvps", "{}")),
         ("HVPs to 1e-3, Lanczos, random start", plain("lanczos_cold_hvps", "{}")),
-        ("HVPs / checkpoint, warm Lanczos, default rule (target ≤ 5)",
-         warm("lanczos", "hvps_per_checkpoint", "{:.2f}")),
-        ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
-            r["warm"]["lanczos"]["within_1e-3"], r["warm"]["lanczos"]["median_rel_error"])),
+        (
+            "HVPs / checkpoint, warm Lanczos, default rule (target ≤ 5)",
+            warm("lanczos", "hvps_per_checkpoint", "{:.2f}"),
+        ),
+        (
+            "  estimates within 1e-3 / median error",
+            lambda r: "{:.0%} / {:.1e}".format(
+                r["warm"]["lanczos"]["within_1e-3"], r["warm"]["lanczos"]["median_rel_error"]
+            ),
+        ),
         ("  fewest warm Lanczos HVPs to 1e-3 (oracle mean)", plain("warm_oracle_lanczos_hvps", "{:.2f}")),
-        ("  fewest warm power-iteration HVPs to 1e-3 (oracle mean; reached within 60)",
-         lambda r: "{:.2f} ({:.0%})".format(r["warm_oracle_power_hvps"], r["warm_oracle_power_reached"])),
+        (
+            "  fewest warm power-iteration HVPs to 1e-3 (oracle mean; reached within 60)",
+            lambda r: "{:.2f} ({:.0%})".format(r["warm_oracle_power_hvps"], r["warm_oracle_power_reached"]),
+        ),
         ("HVPs / checkpoint, warm power iteration, default rule", warm("power", "hvps_per_checkpoint", "{:.2f}")),
-        ("  estimates within 1e-3 / median error", lambda r: "{:.0%} / {:.1e}".format(
-            r["warm"]["power"]["within_1e-3"], r["warm"]["power"]["median_rel_error"])),
-        ("HVPs / checkpoint, warm Lanczos, loose rule (tol 1e-2, residual 3e-2)",
-         warm("lanczos_loose", "hvps_per_checkpoint", "{:.2f}")),
-        ("  estimates within 1e-2 / median error", lambda r: "{:.0%} / {:.1e}".format(
-            r["warm"]["lanczos_loose"]["within_1e-2"], r["warm"]["lanczos_loose"]["median_rel_error"])),
+        (
+            "  estimates within 1e-3 / median error",
+            lambda r: "{:.0%} / {:.1e}".format(
+                r["warm"]["power"]["within_1e-3"], r["warm"]["power"]["median_rel_error"]
+            ),
+        ),
+        (
+            "HVPs / checkpoint, warm Lanczos, loose rule (tol 1e-2, residual 3e-2)",
+            warm("lanczos_loose", "hvps_per_checkpoint", "{:.2f}"),
+        ),
+        (
+            "  estimates within 1e-2 / median error",
+            lambda r: "{:.0%} / {:.1e}".format(
+                r["warm"]["lanczos_loose"]["within_1e-2"], r["warm"]["lanczos_loose"]["median_rel_error"]
+            ),
+        ),
         ("final sharpness / threshold 2/lr", lambda r: f"{r['final_sharpness']:.2f} / {r['threshold']:.2f}"),
         ("tracking overhead every 10 steps (target ≤ 30%): `update` after the step, default rule", overhead("update")),
         ("  fused `value_and_grad`, default rule", overhead("fused")),
         ("  fused `value_and_grad`, loose rule", overhead("fused_loose")),
-        ("tracking overhead, fused, default rule, every 20 / every 50 steps", lambda r: "{:.0%} / {:.0%}".format(
-            r["tracking_overhead"]["fused_every20"], r["tracking_overhead"]["fused_every50"])),
+        (
+            "tracking overhead, fused, default rule, every 20 / every 50 steps",
+            lambda r: "{:.0%} / {:.0%}".format(
+                r["tracking_overhead"]["fused_every20"], r["tracking_overhead"]["fused_every50"]
+            ),
+        ),
     ]
     out = ["| measure | " + " | ".join(r["model"] for r in results) + " |", "|---|" + "---|" * len(results)]
     for label, cell in rows:

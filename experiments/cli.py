@@ -100,9 +100,7 @@ def _experiment_parser(name: str, module: types.ModuleType) -> argparse.Argument
     for preset in module.PRESETS:
         presets.add_argument(f"--{preset}", action="store_true", help=f"use the {preset!r} preset")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<name>-<timestamp>/)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)"
-    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     defaults = config_cls()
     for field in dataclasses.fields(config_cls):

@@ -83,15 +83,21 @@ def _one(config: Config, norm: str, offset: float, x: jax.Array, y: jax.Array, n
     hessian = np.asarray(dense_hessian(state.params, state.batch_stats), np.float64)
     eigenvalues = np.linalg.eigvalsh(0.5 * (hessian + hessian.T))
     top = lanczos(
-        matvec, random_like(jax.random.PRNGKey(config.seed), state.params), state.params, batch,
-        state.batch_stats, k=1, num_iters=min(60, flat.size),
+        matvec,
+        random_like(jax.random.PRNGKey(config.seed), state.params),
+        state.params,
+        batch,
+        state.batch_stats,
+        k=1,
+        num_iters=min(60, flat.size),
     )
     lr = 1.0 / float(eigenvalues[-1])
     optimizer = optax.sgd(lr)
     gd_state = train.init_train_state(model, x[:2], optimizer, config.seed)
     runner = train.full_batch_runner(train.make_train_step(model, "square", optimizer))
-    log = train.train_in_segments(runner, gd_state, x, y, num_steps=config.steps, every=config.steps,
-                                  label=f"{norm} offset={offset:g}")
+    log = train.train_in_segments(
+        runner, gd_state, x, y, num_steps=config.steps, every=config.steps, label=f"{norm} offset={offset:g}"
+    )
     return {
         "norm": norm,
         "offset": offset,
@@ -119,13 +125,27 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
         ax.legend(fontsize=7)
     figures = [report.save_figure(fig, out, "conditioning.png")]
     rows = [
-        [r["offset"], r["norm"], r["lambda_max"], r["lanczos_lambda_max"], r["lambda_min"], r["condition_number"],
-         r["gd_final_loss"]]
+        [
+            r["offset"],
+            r["norm"],
+            r["lambda_max"],
+            r["lanczos_lambda_max"],
+            r["lambda_min"],
+            r["condition_number"],
+            r["gd_final_loss"],
+        ]
         for r in results
     ]
     table = report.markdown_table(
-        ["offset", "norm", "lambda_max", "lambda_max (Lanczos)", "lambda_min", "condition number",
-         f"GD loss after {config.steps} steps"],
+        [
+            "offset",
+            "norm",
+            "lambda_max",
+            "lambda_max (Lanczos)",
+            "lambda_min",
+            "condition number",
+            f"GD loss after {config.steps} steps",
+        ],
         rows,
     )
     measured, held, faster = [], [], []
@@ -144,9 +164,7 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
         ),
         report.Claim(
             "Consequence: GD at its largest safe step (1/lambda_max) converges faster with BN",
-            "; ".join(
-                f"offset {r['offset']:g} {r['norm']}: loss {r['gd_final_loss']:.4g}" for r in results
-            ),
+            "; ".join(f"offset {r['offset']:g} {r['norm']}: loss {r['gd_final_loss']:.4g}" for r in results),
             # Held when BN is never worse (0.1% slack) and clearly better (1%) somewhere.
             "held" if max(faster) <= 1e-3 and min(faster) < -0.01 else "not held",
         ),

@@ -58,8 +58,14 @@ class Config:
 PRESETS = {
     "quick": dataclasses.replace(Config(), steps=900, measure_every=100),
     "smoke": dataclasses.replace(
-        Config(), hidden=(16, 16), norms=("none", "noisy"), batch_size=32, steps=20, measure_every=10,
-        probe_size=64, bins=16,
+        Config(),
+        hidden=(16, 16),
+        norms=("none", "noisy"),
+        batch_size=32,
+        steps=20,
+        measure_every=10,
+        probe_size=64,
+        bins=16,
     ),
 }
 
@@ -100,8 +106,14 @@ def _one_run(config, norm, ds, x, y, probe, bar) -> dict:
     def measure(state):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         acts = landscape.activation_statistics(
-            model.apply, variables, probe, train=True, mutable=["batch_stats"], rngs={"noise": state.key},
-            bins=config.bins, value_range=HIST_RANGE,
+            model.apply,
+            variables,
+            probe,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"noise": state.key},
+            bins=config.bins,
+            value_range=HIST_RANGE,
         )
         _, perm_key = jax.random.split(state.key)
         idx = jax.random.permutation(perm_key, x.shape[0])[: config.batch_size]
@@ -115,11 +127,19 @@ def _one_run(config, norm, ds, x, y, probe, bar) -> dict:
 
     bar.set_postfix_str(norm)
     log = train.train_in_segments(
-        runner, state, x, y, num_steps=config.steps, every=config.measure_every, measure=measure, bar=bar,
+        runner,
+        state,
+        x,
+        y,
+        num_steps=config.steps,
+        every=config.measure_every,
+        measure=measure,
+        bar=bar,
         label=norm,
     )
-    test_loss, test_acc = train.evaluate(model, log.state.params, log.state.batch_stats, jnp.asarray(ds.x_test),
-                                         jnp.asarray(ds.y_test), config.loss)
+    test_loss, test_acc = train.evaluate(
+        model, log.state.params, log.state.batch_stats, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test), config.loss
+    )
     names = list(log.measurements[0][0])
     acts = {n: [m[0][n] for m in log.measurements] for n in names}
     ics = [m[1] for m in log.measurements]
@@ -180,42 +200,61 @@ def _outcome(config: Config, runs: dict, out: pathlib.Path) -> report.Outcome:
     figures.append(report.save_figure(fig, out, "activation_histograms.png"))
 
     rows = [
-        [n, r["final_train_loss"], r["final_train_accuracy"], r["test_accuracy"], r["mean_input_drift"],
-         r["mean_ics_relative_distance"], r["mean_ics_cosine"]]
+        [
+            n,
+            r["final_train_loss"],
+            r["final_train_accuracy"],
+            r["test_accuracy"],
+            r["mean_input_drift"],
+            r["mean_ics_relative_distance"],
+            r["mean_ics_cosine"],
+        ]
         for n, r in runs.items()
     ]
     table = report.markdown_table(
-        ["norm", "train loss (last 10%)", "train acc (last 10%)", "test acc", "input drift",
-         "ICS ‖G-G'‖/‖G‖", "ICS cos"],
+        [
+            "norm",
+            "train loss (last 10%)",
+            "train acc (last 10%)",
+            "test acc",
+            "input drift",
+            "ICS ‖G-G'‖/‖G‖",
+            "ICS cos",
+        ],
         rows,
     )
     claims = []
     if "noisy" in runs and "bn" in runs:
         a, b = runs["noisy"]["mean_input_drift"], runs["bn"]["mean_input_drift"]
-        claims.append(report.Claim(
-            "STIM18: noisy BN destroys the distributional stability of layer inputs (more drift than BN)",
-            f"input drift between checkpoints: noisy BN {a:.3g} vs BN {b:.3g}",
-            "held" if a > b else "not held",
-        ))
+        claims.append(
+            report.Claim(
+                "STIM18: noisy BN destroys the distributional stability of layer inputs (more drift than BN)",
+                f"input drift between checkpoints: noisy BN {a:.3g} vs BN {b:.3g}",
+                "held" if a > b else "not held",
+            )
+        )
     if "noisy" in runs and "none" in runs:
         a, b = runs["noisy"]["final_train_loss"], runs["none"]["final_train_loss"]
         bn = f", BN {runs['bn']['final_train_loss']:.3g}" if "bn" in runs else ""
-        claims.append(report.Claim(
-            "STIM18: noisy BN still trains faster than no BN",
-            f"train loss over the last 10% of steps: noisy BN {a:.3g} vs none {b:.3g}{bn}",
-            "held" if a < b else "not held",
-        ))
+        claims.append(
+            report.Claim(
+                "STIM18: noisy BN still trains faster than no BN",
+                f"train loss over the last 10% of steps: noisy BN {a:.3g} vs none {b:.3g}{bn}",
+                "held" if a < b else "not held",
+            )
+        )
     if "bn" in runs and "none" in runs:
         a, b = runs["bn"]["mean_ics_relative_distance"], runs["none"]["mean_ics_relative_distance"]
-        claims.append(report.Claim(
-            "STIM18: BN does not reduce internal covariate shift in the gradient sense (‖G - G'‖)",
-            f"mean ‖G - G'‖ / ‖G‖: BN {a:.3g} vs none {b:.3g}; mean cos: BN "
-            f"{runs['bn']['mean_ics_cosine']:.3g} vs none {runs['none']['mean_ics_cosine']:.3g}",
-            "held" if a >= 0.9 * b else "not held",
-        ))
+        claims.append(
+            report.Claim(
+                "STIM18: BN does not reduce internal covariate shift in the gradient sense (‖G - G'‖)",
+                f"mean ‖G - G'‖ / ‖G‖: BN {a:.3g} vs none {b:.3g}; mean cos: BN "
+                f"{runs['bn']['mean_ics_cosine']:.3g} vs none {runs['none']['mean_ics_cosine']:.3g}",
+                "held" if a >= 0.9 * b else "not held",
+            )
+        )
     notes = [
-        "ICS claim counted as held unless BN's relative ‖G - G'‖ is more than 10% below the unnormalized "
-        "network's.",
+        "ICS claim counted as held unless BN's relative ‖G - G'‖ is more than 10% below the unnormalized network's.",
         f"Probe batch: first {config.probe_size} training examples, train mode; drift compares consecutive "
         f"checkpoints {config.measure_every} steps apart, for every layer input after the first.",
     ]

@@ -123,9 +123,7 @@ def train_shard_map(config, tx, variables, batches):
         return params, lax.pmean(batch_stats, AXIS), opt_state
 
     rep, shard = P(), P(AXIS)
-    step = jax.jit(
-        jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, shard, shard), out_specs=(rep, rep, rep))
-    )
+    step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, shard, shard), out_specs=(rep, rep, rep)))
     params, stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
     sharding = NamedSharding(mesh, shard)
     for x, y in batches:
@@ -209,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     config = Config(**vars(parser.parse_args(argv)))
     summary = run(config)
-    print(f"{config.steps} steps, global batch {config.global_batch} on {config.devices} devices; "
-          f"largest parameter change {summary['max_param_change']:.3g}")
+    print(
+        f"{config.steps} steps, global batch {config.global_batch} on {config.devices} devices; "
+        f"largest parameter change {summary['max_param_change']:.3g}"
+    )
     print("| way | seconds | max |diff| params vs jit | max |diff| batch_stats vs jit | same |")
     print("|---|---|---|---|---|")
     for name, r in summary["ways"].items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['max_abs_diff_params']:.2e} | "
-              f"{r['max_abs_diff_batch_stats']:.2e} | {r['close']} |")
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['max_abs_diff_params']:.2e} | "
+            f"{r['max_abs_diff_batch_stats']:.2e} | {r['close']} |"
+        )
     if not all(r["close"] for r in summary["ways"].values()):
         print("FAIL: the three ways disagree", file=sys.stderr)
         return 1

@@ -166,9 +166,7 @@ def _check(config: Config) -> None:
     if config.solver not in ("lanczos", "power"):
         raise ValueError(f"solver must be 'lanczos' or 'power', got {config.solver!r}.")
     if config.steps < config.track_every or config.track_every < 1:
-        raise ValueError(
-            f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}."
-        )
+        raise ValueError(f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}.")
     if not 1 <= config.devices <= jax.device_count() or config.n_train % config.devices:
         raise ValueError(
             f"devices must be in [1, {jax.device_count()}] (available) and divide n_train={config.n_train}; "
@@ -322,14 +320,34 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         }
         runs.append(entry)
         rows.append(
-            [spec.optimizer, spec.lr, "BN" if spec.norm == "bn" else "none", thr, entry["first_sharpness"],
-             entry["final_sharpness"], entry["final_ratio"], in_band, first, entry["final_loss"],
-             f"{verdict} (diverged)" if rec.diverged else verdict]
+            [
+                spec.optimizer,
+                spec.lr,
+                "BN" if spec.norm == "bn" else "none",
+                thr,
+                entry["first_sharpness"],
+                entry["final_sharpness"],
+                entry["final_ratio"],
+                in_band,
+                first,
+                entry["final_loss"],
+                f"{verdict} (diverged)" if rec.diverged else verdict,
+            ]
         )
     table = report.markdown_table(
-        ["optimizer", "lr", "norm", "threshold", f"sharpness at step {config.track_every}", "final sharpness",
-         "final / threshold",
-         f"in band (last {config.verdict_window:.0%})", "first step at threshold", "final loss", "verdict"],
+        [
+            "optimizer",
+            "lr",
+            "norm",
+            "threshold",
+            f"sharpness at step {config.track_every}",
+            "final sharpness",
+            "final / threshold",
+            f"in band (last {config.verdict_window:.0%})",
+            "first step at threshold",
+            "final loss",
+            "verdict",
+        ],
         rows,
     )
     claims = [_claim(config, runs, opt) for opt in OPTIMIZER_TITLES if any(r["optimizer"] == opt for r in runs)]

@@ -57,7 +57,12 @@ class Config:
 PRESETS = {
     "quick": dataclasses.replace(Config(), flax_momenta=(0.5, 0.9, 0.999), steps=1000, segment=500),
     "smoke": dataclasses.replace(
-        Config(), hidden=(16,), flax_momenta=(0.9,), torch_momenta=("0.1",), steps=20, segment=10,
+        Config(),
+        hidden=(16,),
+        flax_momenta=(0.9,),
+        torch_momenta=("0.1",),
+        steps=20,
+        segment=10,
         precise_batch_size=1000,
     ),
 }
@@ -78,18 +83,27 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
     specs = _runs(config)
     with tqdm(total=len(specs) * (config.steps // config.segment), desc="inference_stats", unit="segment") as bar:
         for convention, momentum in specs:
-            model = models.MLP(features=config.hidden, num_classes=ds.num_classes, activation="relu", norm="bn",
-                               momentum=momentum, convention=convention)
+            model = models.MLP(
+                features=config.hidden,
+                num_classes=ds.num_classes,
+                activation="relu",
+                norm="bn",
+                momentum=momentum,
+                convention=convention,
+            )
             optimizer = optax.sgd(config.lr, momentum=0.9)
             state = train.init_train_state(model, x[:2], optimizer, config.seed)
             runner = train.minibatch_runner(train.make_train_step(model, config.loss, optimizer), config.batch_size)
             label = f"{convention} momentum={momentum}"
             bar.set_postfix_str(label)
-            log = train.train_in_segments(runner, state, x, y, num_steps=config.steps, every=config.segment,
-                                          bar=bar, label=label)
+            log = train.train_in_segments(
+                runner, state, x, y, num_steps=config.steps, every=config.segment, bar=bar, label=label
+            )
             params, ewma = log.state.params, log.state.batch_stats
             precise = precise_batch_stats(
-                lambda v, b: model.apply(v, b, train=False), {"params": params, "batch_stats": ewma}, batches,
+                lambda v, b: model.apply(v, b, train=False),
+                {"params": params, "batch_stats": ewma},
+                batches,
                 progress=False,
             )
             entry = {"convention": convention, "momentum": momentum, "label": label}
@@ -109,18 +123,34 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
     fig, axes = report.figure(ncols=1, size=(7.0, 3.8))
     labels = [r["label"] for r in results]
     pos = np.arange(len(results))
-    for k, (name, title) in enumerate((("ewma", "EWMA running stats"), ("precise", "precise population stats"),
-                                       ("local", "test-batch stats"))):
+    for k, (name, title) in enumerate(
+        (("ewma", "EWMA running stats"), ("precise", "precise population stats"), ("local", "test-batch stats"))
+    ):
         axes[0].bar(pos + (k - 1) * 0.27, [r[f"test_accuracy_{name}"] for r in results], width=0.27, label=title)
     axes[0].set(title="test accuracy by the statistics used in eval mode", xticks=pos, ylabel="test accuracy")
     axes[0].set_xticklabels(labels, rotation=20, fontsize=7)
     axes[0].legend(fontsize=7)
     figures = [report.save_figure(fig, out, "inference_stats.png")]
     table = report.markdown_table(
-        ["run", "test acc (EWMA)", "test acc (precise)", "test acc (batch stats)", "train acc (EWMA)",
-         "train acc (precise)"],
-        [[r["label"], r["test_accuracy_ewma"], r["test_accuracy_precise"], r["test_accuracy_local"],
-          r["train_accuracy_ewma"], r["train_accuracy_precise"]] for r in results],
+        [
+            "run",
+            "test acc (EWMA)",
+            "test acc (precise)",
+            "test acc (batch stats)",
+            "train acc (EWMA)",
+            "train acc (precise)",
+        ],
+        [
+            [
+                r["label"],
+                r["test_accuracy_ewma"],
+                r["test_accuracy_precise"],
+                r["test_accuracy_local"],
+                r["train_accuracy_ewma"],
+                r["train_accuracy_precise"],
+            ]
+            for r in results
+        ],
     )
     gaps = [r["test_accuracy_precise"] - r["test_accuracy_ewma"] for r in results]
     worst = int(np.argmax(gaps))
@@ -136,12 +166,14 @@ def _outcome(config: Config, results: list[dict], out: pathlib.Path) -> report.O
     torch01 = next((r for r in results if r["convention"] == "torch" and r["momentum"] == 0.1), None)
     if flax09 is not None and torch01 is not None:
         diff = float(np.max(np.abs(flax09["first_layer_running_mean"] - torch01["first_layer_running_mean"])))
-        claims.append(report.Claim(
-            "PyTorch momentum=0.1 is Flax momentum=0.9 (weight on the latest batch vs on the old value)",
-            f"max abs difference of the first BN layer's running means {diff:.2e}; test accuracy (EWMA) torch "
-            f"{torch01['test_accuracy_ewma']:.4f} vs flax {flax09['test_accuracy_ewma']:.4f}",
-            "held" if diff < 1e-4 else "not held",
-        ))
+        claims.append(
+            report.Claim(
+                "PyTorch momentum=0.1 is Flax momentum=0.9 (weight on the latest batch vs on the old value)",
+                f"max abs difference of the first BN layer's running means {diff:.2e}; test accuracy (EWMA) torch "
+                f"{torch01['test_accuracy_ewma']:.4f} vs flax {flax09['test_accuracy_ewma']:.4f}",
+                "held" if diff < 1e-4 else "not held",
+            )
+        )
     same = len({round(r["param_checksum"], 3) for r in results}) == 1
     notes = [
         "The BN momentum does not change training (train mode uses batch statistics): every run has the same "

@@ -183,9 +183,7 @@ class VGG(nn.Module):
         for c in self.channels:
             for _ in range(self.convs_per_stage):
                 use_bias = self.norm == "none" or self.bn_position == "after"
-                x = nn.Conv(
-                    c, (3, 3), use_bias=use_bias, kernel_init=_kernel_init(self.activation, self.init_scale)
-                )(x)
+                x = nn.Conv(c, (3, 3), use_bias=use_bias, kernel_init=_kernel_init(self.activation, self.init_scale))(x)
                 x = _NormAct(self.norm, self.bn_position, self.activation, self.momentum)(x, train)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
@@ -208,9 +206,9 @@ class Linear(nn.Module):
             raise ValueError(f"Linear supports norm 'none' or 'bn', got {self.norm!r}.")
         x = x.reshape((x.shape[0], -1))
         if self.norm == "bn":
-            x = bnjax.BatchNorm(
-                use_running_average=not train, momentum=self.momentum, use_scale=False, use_bias=False
-            )(x)
+            x = bnjax.BatchNorm(use_running_average=not train, momentum=self.momentum, use_scale=False, use_bias=False)(
+                x
+            )
         return nn.Dense(self.num_classes)(x)
 
 

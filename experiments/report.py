@@ -134,7 +134,12 @@ def write_config(out: pathlib.Path, name: str, config: Any, preset: str | None) 
 
 
 def write_status(
-    out: pathlib.Path, title: str, *, command: str, status: str, runtime_s: float | None = None,
+    out: pathlib.Path,
+    title: str,
+    *,
+    command: str,
+    status: str,
+    runtime_s: float | None = None,
     error: str | None = None,
 ) -> None:
     """Mark an unfinished run: ``results.json`` and a header-only ``report.md`` with ``status``.

@@ -57,8 +57,9 @@ class Config:
 
 
 PRESETS = {
-    "quick": dataclasses.replace(Config(), lrs=(0.01, 0.1, 1.0, 3.0), init_scales=(0.3, 1.0, 3.0), steps=600,
-                                 segment=300),
+    "quick": dataclasses.replace(
+        Config(), lrs=(0.01, 0.1, 1.0, 3.0), init_scales=(0.3, 1.0, 3.0), steps=600, segment=300
+    ),
     "smoke": dataclasses.replace(
         Config(), hidden=(16, 16), lrs=(0.1, 10.0), init_scales=(1.0,), batch_size=32, steps=20, segment=10
     ),
@@ -67,11 +68,13 @@ PRESETS = {
 
 def _model(config: Config, norm: str, init_scale: float, num_classes: int):
     if config.model == "mlp":
-        return models.MLP(features=config.hidden, num_classes=num_classes, activation="relu", norm=norm,
-                          init_scale=init_scale)
+        return models.MLP(
+            features=config.hidden, num_classes=num_classes, activation="relu", norm=norm, init_scale=init_scale
+        )
     if config.model == "deep_linear":
-        return models.DeepLinear(depth=config.depth, width=config.width, num_classes=num_classes, norm=norm,
-                                 init_scale=init_scale)
+        return models.DeepLinear(
+            depth=config.depth, width=config.width, num_classes=num_classes, norm=norm, init_scale=init_scale
+        )
     raise ValueError(f"model must be 'mlp' or 'deep_linear' for this experiment, got {config.model!r}.")
 
 
@@ -126,8 +129,10 @@ def _sweep(config, norm, grid, num_classes, x, y, x_test, y_test, bar) -> dict:
 def _outcome(config: Config, grid, results: dict, out: pathlib.Path) -> report.Outcome:
     best = np.nanmax([np.nanmax(np.r_[r["test_accuracy"], -np.inf]) for r in results.values()])
     shape = (len(config.lrs), len(config.init_scales))
-    good = {n: (~r["diverged"]) & (np.nan_to_num(r["test_accuracy"], nan=-1.0) >= config.good_fraction * best)
-            for n, r in results.items()}
+    good = {
+        n: (~r["diverged"]) & (np.nan_to_num(r["test_accuracy"], nan=-1.0) >= config.good_fraction * best)
+        for n, r in results.items()
+    }
     fig, axes = report.figure(ncols=2, size=(4.2, 3.8))
     for ax, (norm, r) in zip(axes, results.items()):
         acc = r["test_accuracy"].reshape(shape)
@@ -135,10 +140,15 @@ def _outcome(config: Config, grid, results: dict, out: pathlib.Path) -> report.O
         for i, j in itertools.product(range(shape[0]), range(shape[1])):
             text = "div" if r["diverged"].reshape(shape)[i, j] else f"{acc[i, j]:.2f}"
             ax.text(j, i, text, ha="center", va="center", color="w", fontsize=7)
-        ax.set(title=f"test accuracy, {'BN' if norm == 'bn' else 'no BN'} ({config.model})",
-               xticks=range(shape[1]), xticklabels=[f"{s:g}" for s in config.init_scales],
-               yticks=range(shape[0]), yticklabels=[f"{lr:g}" for lr in config.lrs],
-               xlabel="init scale", ylabel="learning rate")
+        ax.set(
+            title=f"test accuracy, {'BN' if norm == 'bn' else 'no BN'} ({config.model})",
+            xticks=range(shape[1]),
+            xticklabels=[f"{s:g}" for s in config.init_scales],
+            yticks=range(shape[0]),
+            yticklabels=[f"{lr:g}" for lr in config.lrs],
+            xlabel="init scale",
+            ylabel="learning rate",
+        )
         fig.colorbar(im, ax=ax)
     figures = [report.save_figure(fig, out, "robustness.png")]
     rows = []

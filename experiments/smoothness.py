@@ -59,7 +59,13 @@ class Config:
 PRESETS = {
     "quick": dataclasses.replace(Config(), steps=600, measure_every=50),
     "smoke": dataclasses.replace(
-        Config(), hidden=(16,), norms=("none", "bn"), lrs=(0.1,), batch_size=32, steps=20, measure_every=10,
+        Config(),
+        hidden=(16,),
+        norms=("none", "bn"),
+        lrs=(0.1,),
+        batch_size=32,
+        steps=20,
+        measure_every=10,
         num_step_sizes=3,
     ),
 }
@@ -109,7 +115,14 @@ def _one_run(config, lr, norm, num_classes, x, y, bar, curves) -> dict:
     entry = {"lr": lr, "norm": norm}
     try:
         log = train.train_in_segments(
-            runner, state, x, y, num_steps=config.steps, every=config.measure_every, measure=measure, bar=bar,
+            runner,
+            state,
+            x,
+            y,
+            num_steps=config.steps,
+            every=config.measure_every,
+            measure=measure,
+            bar=bar,
             label=label,
         )
     except train.Diverged as err:

@@ -81,9 +81,7 @@ def top_eigenvalue_fn(shards: int | None):
 
 def loss_and_stats(model, params, batch_stats, x, t, mask):
     """Sum of squared errors over the valid samples, and the updated batch_stats."""
-    out, upd = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, mask=mask, mutable=["batch_stats"]
-    )
+    out, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, mask=mask, mutable=["batch_stats"])
     return jnp.sum(jnp.where(mask[:, :, 0], (out - t) ** 2, 0.0)), upd["batch_stats"]
 
 
@@ -177,9 +175,7 @@ def _main(process_id: int, num_processes: int, port: int, out_path: str, task: s
         return optax.apply_updates(params, updates), jax.lax.pmean(stats, "batch")
 
     sm_step = jax.jit(
-        jax.shard_map(
-            local_step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch"), P("batch")), out_specs=P()
-        )
+        jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch"), P("batch")), out_specs=P())
     )
     params_sm, stats_sm = sm_step(variables["params"], variables["batch_stats"], x_g, t_g, m_g)
 

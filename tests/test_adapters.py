@@ -82,8 +82,12 @@ def to_eqx(tree, template):
         lambda m: (m.l1.weight, m.l1.bias, m.l2.weight, m.l2.bias, m.bn.weight, m.bn.bias),
         template,
         (
-            tree["Dense_0"]["kernel"].T, tree["Dense_0"]["bias"], tree["Dense_1"]["kernel"].T,
-            tree["Dense_1"]["bias"], tree["BatchNorm_0"]["scale"], tree["BatchNorm_0"]["bias"],
+            tree["Dense_0"]["kernel"].T,
+            tree["Dense_0"]["bias"],
+            tree["Dense_1"]["kernel"].T,
+            tree["Dense_1"]["bias"],
+            tree["BatchNorm_0"]["scale"],
+            tree["BatchNorm_0"]["bias"],
         ),
     )
 
@@ -98,8 +102,10 @@ def framework_setup(framework, linen_variables):
     f = bnjax.as_functional(model, state)
     running = state.get(model.bn.state_index)._replace(mean=RUNNING["mean"], var=RUNNING["var"])
     template = f.variables["params"]
-    return f, {"params": to_eqx(params, template), "batch_stats": state.set(model.bn.state_index, running)}, (
-        lambda tree: to_eqx(tree, template)
+    return (
+        f,
+        {"params": to_eqx(params, template), "batch_stats": state.set(model.bn.state_index, running)},
+        (lambda tree: to_eqx(tree, template)),
     )
 
 
@@ -139,7 +145,13 @@ def test_top_hessian_eigenvalue_matches_explicit_hessian(framework):
     expected = np.linalg.eigvalsh(np.asarray(hessian, np.float64))[-1]
     v0 = cv.random_like(jax.random.key(3), fv["params"])
     result = cv.lanczos_top(
-        cv.hessian_matvec(loss_fn), v0, fv["params"], (X, Y), fv["batch_stats"], tol=1e-7, residual_tol=1e-4,
+        cv.hessian_matvec(loss_fn),
+        v0,
+        fv["params"],
+        (X, Y),
+        fv["batch_stats"],
+        tol=1e-7,
+        residual_tol=1e-4,
         max_iters=25,
     )
     np.testing.assert_allclose(result.eigenvalue, expected, rtol=1e-3)

@@ -229,9 +229,7 @@ def test_torch_convention_running_statistics():
 
 def test_ghost_batches_normalize_each_sub_batch():
     x, scale, bias, fshape = _inputs((12, 3, 2), -1)
-    y, new = bnjax.batch_norm(
-        x, scale, bias, bnjax.init_state(fshape), train=True, virtual_batch_size=4, momentum=0.0
-    )
+    y, new = bnjax.batch_norm(x, scale, bias, bnjax.init_state(fshape), train=True, virtual_batch_size=4, momentum=0.0)
     groups = [bn_forward(g, scale, bias) for g in np.split(x, 3)]
     np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new.mean, np.mean([g[1] for g in groups], axis=0), rtol=1e-5, atol=1e-6)

@@ -129,9 +129,7 @@ def test_operators_on_sharded_data_equal_one_device_and_gather_no_data(
             "loss": cv.dataset_loss(fns.loss_fn, params, data, stats, **kw),
             "value_and_grad": cv.dataset_value_and_grad(fns.loss_fn, params, data, stats, **kw),
             "hvp": cv.dataset_hessian_matvec(fns.loss_fn, chunk_size, **mv)(vector, params, data, stats),
-            "ggn": cv.dataset_ggn_matvec(fns.output_fn, fns.output_loss, chunk_size, **mv)(
-                vector, params, data, stats
-            ),
+            "ggn": cv.dataset_ggn_matvec(fns.output_fn, fns.output_loss, chunk_size, **mv)(vector, params, data, stats),
         }
 
     sharded = jax.jit(operators, static_argnums=4)

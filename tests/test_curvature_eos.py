@@ -83,11 +83,17 @@ def test_power_method_tracker_and_chunked_data() -> None:
     with jax.enable_x64(True):
         problem, loss_fn, batch = _problem()
         tracker = cv.EoSTracker(
-            loss_fn, cv.heavy_ball_rule(0.1, 0.9), chunk_size=8, method="power", tol=1e-10, residual_tol=1e-7,
+            loss_fn,
+            cv.heavy_ball_rule(0.1, 0.9),
+            chunk_size=8,
+            method="power",
+            tol=1e-10,
+            residual_tol=1e-7,
             max_iters=2000,
         )
-        record, _ = tracker.measure(tracker.init(problem["params"], jax.random.key(2)), 0, problem["params"], batch,
-                                    problem["stats"])
+        record, _ = tracker.measure(
+            tracker.init(problem["params"], jax.random.key(2)), 0, problem["params"], batch, problem["stats"]
+        )
         top = np.linalg.eigvalsh(explicit_hessian(problem, "train", chunk_size=8))
     # Power iteration finds the largest magnitude, which is the top eigenvalue for these problems.
     np.testing.assert_allclose(record["sharpness"], top[np.argmax(np.abs(top))], rtol=1e-4)
@@ -99,8 +105,15 @@ def test_power_method_tracker_and_chunked_data() -> None:
 
 def test_records_save_load_and_plot(tmp_path) -> None:
     records = [
-        {"step": s, "loss": 1.0 / (s + 1), "sharpness": 1.5 * s, "threshold": 20.0, "hvps": 2, "residual": 1e-3,
-         "preconditioned": False}
+        {
+            "step": s,
+            "loss": 1.0 / (s + 1),
+            "sharpness": 1.5 * s,
+            "threshold": 20.0,
+            "hvps": 2,
+            "residual": 1e-3,
+            "preconditioned": False,
+        }
         for s in range(0, 50, 10)
     ]
     for suffix in (".json", ".npz"):
@@ -125,8 +138,16 @@ def test_fused_value_and_grad_matches_gradient_and_measure(method: str) -> None:
     with jax.enable_x64(True):
         problem, loss_fn, batch = _problem()
         stats, params = problem["stats"], problem["params"]
-        tracker = cv.EoSTracker(loss_fn, cv.gd_rule(0.5), every=2, chunk_size=8, method=method, tol=1e-9,
-                                residual_tol=1e-7, max_iters=60 if method == "lanczos" else 2000)
+        tracker = cv.EoSTracker(
+            loss_fn,
+            cv.gd_rule(0.5),
+            every=2,
+            chunk_size=8,
+            method=method,
+            tol=1e-9,
+            residual_tol=1e-7,
+            max_iters=60 if method == "lanczos" else 2000,
+        )
         expected_vg = cv.dataset_value_and_grad(loss_fn, params, batch, stats, chunk_size=8)
         state = tracker.init(params, jax.random.key(3))
         (loss, grads), record, fused_state = tracker.value_and_grad(state, 4, params, batch, stats)
@@ -159,8 +180,16 @@ def test_fused_with_aux_and_adam_preconditioner() -> None:
         for _ in range(2):
             updates, opt_state = opt.update(jax.grad(loss_fn)(params, batch, stats), opt_state)
             params = optax.apply_updates(params, updates)
-        tracker = cv.EoSTracker(loss_with_aux, cv.adam_rule(1e-2), every=1, chunk_size=10, tol=1e-9,
-                                residual_tol=1e-6, max_iters=60, has_aux=True)
+        tracker = cv.EoSTracker(
+            loss_with_aux,
+            cv.adam_rule(1e-2),
+            every=1,
+            chunk_size=10,
+            tol=1e-9,
+            residual_tol=1e-6,
+            max_iters=60,
+            has_aux=True,
+        )
         state = tracker.init(params, jax.random.key(4))
         ((loss, aux), grads), record, _ = tracker.value_and_grad(state, 0, params, batch, stats, opt_state=opt_state)
         expected_loss, expected_grads = cv.dataset_value_and_grad(loss_fn, params, batch, stats, chunk_size=10)

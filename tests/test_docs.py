@@ -48,7 +48,9 @@ def _public_names() -> list[str]:
 
 
 def test_entry_pattern_reads_both_directive_spellings():
-    text = "```{autofunction} bnjax.batch_norm\n```\n.. automodule:: bnjax.loops\n.. autoclass:: bnjax.X\n   :members:\n"
+    text = (
+        "```{autofunction} bnjax.batch_norm\n```\n.. automodule:: bnjax.loops\n.. autoclass:: bnjax.X\n   :members:\n"
+    )
     found = dict((t, d) for d, t in _ENTRY.findall(text))
     assert found == {"bnjax.batch_norm": "autofunction", "bnjax.loops": "automodule", "bnjax.X": "autoclass"}
 

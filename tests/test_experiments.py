@@ -100,8 +100,9 @@ def test_train_loss_matches_numpy(norm, loss):
     else:
         z = logits - logits.max(1, keepdims=True)
         expected = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
-    value, _ = train.make_loss_fn(model, loss)(state.params, state.batch_stats, jnp.asarray(x), jnp.asarray(y),
-                                               jax.random.PRNGKey(0))
+    value, _ = train.make_loss_fn(model, loss)(
+        state.params, state.batch_stats, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0)
+    )
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
 
 
@@ -209,8 +210,9 @@ def test_digits_split_deterministic():
 def test_npz_dataset(tmp_path):
     path = tmp_path / "d.npz"
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.normal(size=(6, 3)), y_train=[0, 1, 2, 0, 1, 2], x_test=rng.normal(size=(2, 3)),
-             y_test=[1, 2])
+    np.savez(
+        path, x_train=rng.normal(size=(6, 3)), y_train=[0, 1, 2, 0, 1, 2], x_test=rng.normal(size=(2, 3)), y_test=[1, 2]
+    )
     ds = data.load(f"npz:{path}")
     assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
     np.savez(path, x_train=np.zeros((2, 3)), y_train=[0, 1])
@@ -242,8 +244,20 @@ def test_models_reject_bad_options():
 
 def test_cli_list_options_accept_the_form_help_prints():
     parser = cli._experiment_parser("eos", eos)
-    args = parser.parse_args(["--hidden", "(32, 32)", "--gd-lrs", "[0.05, 0.1]", "--norms", "('none', 'bn')",
-                              "--adam-lrs", "0.001", "--momentum-lrs", "()"])
+    args = parser.parse_args(
+        [
+            "--hidden",
+            "(32, 32)",
+            "--gd-lrs",
+            "[0.05, 0.1]",
+            "--norms",
+            "('none', 'bn')",
+            "--adam-lrs",
+            "0.001",
+            "--momentum-lrs",
+            "()",
+        ]
+    )
     assert args.hidden == (32, 32) and args.gd_lrs == (0.05, 0.1) and args.norms == ("none", "bn")
     assert args.adam_lrs == (0.001,) and args.momentum_lrs == ()
     assert "(default (200, 200))" in parser.format_help()  # the form accepted above

@@ -15,7 +15,6 @@ accepted, the no-op ones are no-ops, and complex inputs follow Flax (complex mea
 
 import functools
 import inspect
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -222,8 +221,20 @@ def test_nnx_accepts_every_flax_argument():
     # Flax's attributes are there too (code reads e.g. ``layer.num_features`` or ``layer.use_fast_variance``).
     flax_layer = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     layer = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-    for name in ("num_features", "use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
-                 "use_bias", "use_scale", "axis_name", "axis_index_groups", "use_fast_variance"):
+    for name in (
+        "num_features",
+        "use_running_average",
+        "axis",
+        "momentum",
+        "epsilon",
+        "dtype",
+        "param_dtype",
+        "use_bias",
+        "use_scale",
+        "axis_name",
+        "axis_index_groups",
+        "use_fast_variance",
+    ):
         assert getattr(layer, name) == getattr(flax_layer, name), name
 
 
@@ -264,8 +275,10 @@ def test_force_float32_reductions_keeps_flax_variable_dtypes(force_float32_reduc
     assert upd["batch_stats"]["mean"].dtype == v_ours["batch_stats"]["mean"].dtype
     for k in ("mean", "var"):
         np.testing.assert_allclose(
-            np.asarray(upd["batch_stats"][k], np.float32), np.asarray(upd_flax["batch_stats"][k], np.float32),
-            rtol=tol, atol=tol,
+            np.asarray(upd["batch_stats"][k], np.float32),
+            np.asarray(upd_flax["batch_stats"][k], np.float32),
+            rtol=tol,
+            atol=tol,
         )
 
 
@@ -413,8 +426,14 @@ def test_complex_cross_device_merge(kind, sync, groups):
 
     def fn(x, m):
         y, s = bnjax.batch_norm(
-            x, state=bnjax.init_state((3,)), train=True, momentum=0.0, mask=m, axis_name="d",
-            axis_index_groups=groups, sync=sync,
+            x,
+            state=bnjax.init_state((3,)),
+            train=True,
+            momentum=0.0,
+            mask=m,
+            axis_name="d",
+            axis_index_groups=groups,
+            sync=sync,
         )
         return y, s.mean, s.var
 

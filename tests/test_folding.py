@@ -97,8 +97,9 @@ def test_float64_reference_and_partial_folding():
     d, bn, st = p["params"]["Dense_0"], p["params"]["BatchNorm_0"], p["batch_stats"]["BatchNorm_0"]
     k = bn["scale"] / np.sqrt(st["var"] + 1e-3)
     np.testing.assert_allclose(folded["params"]["Dense_0"]["kernel"], d["kernel"] * k, rtol=1e-6)
-    np.testing.assert_allclose(folded["params"]["Dense_0"]["bias"], (d["bias"] - st["mean"]) * k + bn["bias"],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        folded["params"]["Dense_0"]["bias"], (d["bias"] - st["mean"]) * k + bn["bias"], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_errors():

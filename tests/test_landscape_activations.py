@@ -78,8 +78,11 @@ def test_bn_inputs_captured_once_per_module_including_subclass():
 
 def test_train_mode_with_noise_rng_and_mutable_state():
     model, x, variables = _setup()
-    run = jax.jit(lambda v, x, k: activation_statistics(
-        model.apply, v, x, train=True, mutable=["batch_stats"], rngs={"noise": k}, modules=(nn.Dense,)))
+    run = jax.jit(
+        lambda v, x, k: activation_statistics(
+            model.apply, v, x, train=True, mutable=["batch_stats"], rngs={"noise": k}, modules=(nn.Dense,)
+        )
+    )
     s1, s2 = run(variables, x, jax.random.key(3)), run(variables, x, jax.random.key(4))
     # Input of Dense_1 follows a train-mode BN then relu: no noise, identical for both keys.
     np.testing.assert_array_equal(s1["Dense_1"].mean, s2["Dense_1"].mean)

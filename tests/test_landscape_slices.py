@@ -25,8 +25,9 @@ def _params(key):
 
 def _loss(params, batch, shift):
     x, y = batch  # x: (N, 5, 5, 3)
-    h = jax.lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"]["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jnp.tanh(h + params["conv"]["bias"][None, None, None]) * params["bn"]["scale"][None, None, None]
     out = jnp.mean(h, axis=(1, 2)) @ params["dense"]["kernel"] + params["dense"]["bias"][None]
     return jnp.mean((out - y) ** 2) + shift

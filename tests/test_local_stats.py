@@ -17,8 +17,9 @@ EPS = 1e-5
 def test_local_stats_in_eval_mode(shape, axis, convention):
     rng = np.random.default_rng(0)
     x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
-    bn = bnjax.BatchNorm(use_running_average=True, test_local_stats=True, axis=axis, convention=convention,
-                         momentum=0.9, epsilon=EPS)
+    bn = bnjax.BatchNorm(
+        use_running_average=True, test_local_stats=True, axis=axis, convention=convention, momentum=0.9, epsilon=EPS
+    )
     variables = bn.init(jax.random.key(0), x)
     c = shape[axis]
     variables["params"]["scale"] = jnp.linspace(0.5, 2.0, c)
@@ -32,8 +33,11 @@ def test_local_stats_in_eval_mode(shape, axis, convention):
     xb = x.astype(np.float64)
     bshape = [1] * len(shape)
     bshape[axis] = c
-    ref = ((xb - xb.mean(red, keepdims=True)) / np.sqrt(xb.var(red, keepdims=True) + EPS)
-           * np.linspace(0.5, 2.0, c).reshape(bshape))
+    ref = (
+        (xb - xb.mean(red, keepdims=True))
+        / np.sqrt(xb.var(red, keepdims=True) + EPS)
+        * np.linspace(0.5, 2.0, c).reshape(bshape)
+    )
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, y2)
     # Without the option, eval mode uses the running statistics (mean 7): clearly different.

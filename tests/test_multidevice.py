@@ -104,9 +104,7 @@ def test_per_device_helper_splits_in_row_major_device_order():
     for kind in KINDS:
         for names, sizes in AXES.values():
             rows = np.arange(16.0)[:, None]
-            out = per_device(
-                kind, names, sizes, lambda r: (r[:, 0], lax.axis_index(_axis_name(names))), [rows]
-            )
+            out = per_device(kind, names, sizes, lambda r: (r[:, 0], lax.axis_index(_axis_name(names))), [rows])
             np.testing.assert_array_equal(out[0], rows.reshape(8, 2))
             np.testing.assert_array_equal(out[1], np.arange(8))
 
@@ -163,9 +161,7 @@ def _local_step(x, dy, mask, scale, bias, *, axis_name, axis_index_groups=None):
 
     Computed with each merge: a dict ``sync -> (y, grads, mean, var)`` (one compilation checks both).
     """
-    return {
-        sync: _local_step_with(x, dy, mask, scale, bias, axis_name, axis_index_groups, sync) for sync in SYNCS
-    }
+    return {sync: _local_step_with(x, dy, mask, scale, bias, axis_name, axis_index_groups, sync) for sync in SYNCS}
 
 
 def _local_step_with(x, dy, mask, scale, bias, axis_name, axis_index_groups, sync):
@@ -205,9 +201,7 @@ SCENARIOS = ["equal", "random_masks", "one_device_empty", "padded_last_shard"]
 # Every scenario and transform with one axis name; a tuple of names for a subset (each case compiles).
 CASES = [
     pytest.param(s, k, v, "name", id=f"{s}-{i}-name") for s in SCENARIOS for (k, v), i in zip(GRAD_KINDS, GRAD_IDS)
-] + [
-    pytest.param("random_masks", k, True, "tuple", id=f"random_masks-{k}-tuple") for k in KINDS
-]
+] + [pytest.param("random_masks", k, True, "tuple", id=f"random_masks-{k}-tuple") for k in KINDS]
 
 
 @pytest.mark.parametrize("scenario, kind, check_vma, axes", CASES)
@@ -296,8 +290,15 @@ def test_axis_index_groups_must_partition_the_devices():
 @functools.cache
 def _precision_step(axis_name, sync):
     return lambda x, mask: batch_norm(
-        x, None, None, BatchNormState(jnp.zeros(4), jnp.ones(4)), train=True, epsilon=EPS, mask=mask,
-        axis_name=axis_name, sync=sync,
+        x,
+        None,
+        None,
+        BatchNormState(jnp.zeros(4), jnp.ones(4)),
+        train=True,
+        epsilon=EPS,
+        mask=mask,
+        axis_name=axis_name,
+        sync=sync,
     )
 
 
@@ -334,7 +335,9 @@ def _lowered_collectives(sync, n_devices, n_features):
     mesh = jax.make_mesh((n_devices,), ("d",), devices=jax.devices()[:n_devices])
     f = jax.shard_map(
         lambda x: batch_norm(x, None, None, None, train=True, axis_name="d", sync=sync)[0],
-        mesh=mesh, in_specs=P("d"), out_specs=P("d"),
+        mesh=mesh,
+        in_specs=P("d"),
+        out_specs=P("d"),
     )
     x = jax.ShapeDtypeStruct((2 * n_devices, n_features), jnp.float32, sharding=NamedSharding(mesh, P("d")))
     text = jax.jit(f).lower(x).as_text()
@@ -397,7 +400,7 @@ def _model_data(n_per_dev=3, seed=1):
     x = rng.normal(size=(8 * n_per_dev, 5)).astype(np.float32) + 2.0
     t = rng.normal(size=(8 * n_per_dev, 1)).astype(np.float32)
     mask = rng.random((8 * n_per_dev, 1)) < 0.6
-    mask[:2 * n_per_dev] = False  # devices 0 and 1 have no valid sample
+    mask[: 2 * n_per_dev] = False  # devices 0 and 1 have no valid sample
     mask[-1] = True
     return x, t, mask
 
@@ -444,14 +447,20 @@ def test_flax_model_gradients_and_batch_stats_match_single_device(kind, check_vm
     variables = _model_variables(x)
     grads_ref, stats_ref = _flax_model_reference(x, t, mask, variables)
     grads, stats = per_device(
-        kind, names, sizes, _model_step(_axis_name(names), sync), [x, t, mask],
-        [variables["params"], variables["batch_stats"]], check_vma,
+        kind,
+        names,
+        sizes,
+        _model_step(_axis_name(names), sync),
+        [x, t, mask],
+        [variables["params"], variables["batch_stats"]],
+        check_vma,
     )
     if not (kind == "shard_map" and check_vma):
         grads = jax.tree.map(lambda g: g.sum(0, keepdims=True), grads)
     jax.tree.map(
         lambda g, r: np.testing.assert_allclose(g, np.broadcast_to(r, g.shape), rtol=1e-4, atol=1e-5),
-        (grads, stats), (grads_ref, stats_ref),
+        (grads, stats),
+        (grads_ref, stats_ref),
     )
 
 
@@ -596,8 +605,16 @@ def _ghost_step_fn(axis_name, virtual_batch_size, sync):
     def step(x, dy, scale):
         def loss(x, scale):
             y, new = batch_norm(
-                x, scale, None, state, train=True, momentum=MOMENTUM, epsilon=EPS,
-                axis_name=axis_name, virtual_batch_size=virtual_batch_size, sync=sync,
+                x,
+                scale,
+                None,
+                state,
+                train=True,
+                momentum=MOMENTUM,
+                epsilon=EPS,
+                axis_name=axis_name,
+                virtual_batch_size=virtual_batch_size,
+                sync=sync,
             )
             return jnp.sum(y * dy), (y, new)
 

@@ -138,8 +138,9 @@ def test_module_variables_and_eval_mode_match_batchnorm(shape, axis):
     assert jax.tree.structure(v_noisy) == jax.tree.structure(v_plain)
     jax.tree.map(np.testing.assert_array_equal, v_noisy, v_plain)
     # Train mode: identical running statistics (those of the clean batch).
-    _, up_noisy = noisy.apply(v_noisy, x, use_running_average=False, mutable=["batch_stats"],
-                              rngs={"noise": jax.random.key(1)})
+    _, up_noisy = noisy.apply(
+        v_noisy, x, use_running_average=False, mutable=["batch_stats"], rngs={"noise": jax.random.key(1)}
+    )
     _, up_plain = plain.apply(v_plain, x, use_running_average=False, mutable=["batch_stats"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), up_noisy, up_plain)
     v_trained = {"params": v_plain["params"], **up_plain}

@@ -23,9 +23,7 @@ def _batch(bad_value, shape=(8, 3), bad=(0, 1), seed=0):
     return x
 
 
-STATE = bnjax.BatchNormState(
-    jnp.array([0.5, -1.0, 2.0], jnp.float32), jnp.array([1.5, 0.7, 3.0], jnp.float32)
-)
+STATE = bnjax.BatchNormState(jnp.array([0.5, -1.0, 2.0], jnp.float32), jnp.array([1.5, 0.7, 3.0], jnp.float32))
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])

@@ -200,7 +200,9 @@ def test_solver_start_vectors_and_convergence_flag() -> None:
         r = cv.lanczos(matvec, v0, *args, k=2, num_iters=3, residual_tol=1e-8)
         assert not np.any(np.asarray(r.converged))
         bad = (
-            (dict(tol=-1.0), "tol"), (dict(residual_tol=float("nan")), "residual_tol"), (dict(max_iters=0), "max_iters")
+            (dict(tol=-1.0), "tol"),
+            (dict(residual_tol=float("nan")), "residual_tol"),
+            (dict(max_iters=0), "max_iters"),
         )
         for kw, match in bad:
             with pytest.raises(ValueError, match=match):

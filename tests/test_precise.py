@@ -22,9 +22,7 @@ class MLP(nn.Module):
         if self.bn == "flax":
             return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=EPS)
         mom = self.momentum if self.convention == "flax" else 1.0 - self.momentum
-        return bnjax.BatchNorm(
-            use_running_average=not train, momentum=mom, epsilon=EPS, convention=self.convention
-        )
+        return bnjax.BatchNorm(use_running_average=not train, momentum=mom, epsilon=EPS, convention=self.convention)
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -120,7 +120,13 @@ def _reference(x, feature_axes, mask, group, state, shift_stride=None):
 def _bn(x, state, case, mask, epsilon=EPS):
     fn = jax.jit(
         lambda x, s, m: bnjax.batch_norm(
-            x, state=s, train=True, axis=case["axis"], momentum=MOMENTUM, epsilon=epsilon, mask=m,
+            x,
+            state=s,
+            train=True,
+            axis=case["axis"],
+            momentum=MOMENTUM,
+            epsilon=epsilon,
+            mask=m,
             virtual_batch_size=case["group"],
         )
     )
@@ -186,8 +192,12 @@ def test_shift_and_positive_scale_leave_outputs_unchanged(case, a, b):
     y_err = np.abs(np.asarray(y2, np.float64) - np.asarray(y, np.float64))
     assert np.all(y_err <= 1e-4 + 4 * rounding.reshape(bshape) * (1 + np.abs(np.asarray(y)))), np.max(y_err)
     # From a zero state: new = (1 - momentum) * batch statistics, so mean -> a * mean + (1 - momentum) * b.
-    np.testing.assert_allclose(new2.mean, a * np.asarray(new.mean, np.float64) + (1 - MOMENTUM) * b,
-                               rtol=1e-5, atol=1e-5 * (abs(b) + a * (abs(case["loc"]) + case["spread"])))
+    np.testing.assert_allclose(
+        new2.mean,
+        a * np.asarray(new.mean, np.float64) + (1 - MOMENTUM) * b,
+        rtol=1e-5,
+        atol=1e-5 * (abs(b) + a * (abs(case["loc"]) + case["spread"])),
+    )
     want_var = a * a * np.asarray(new.var, np.float64)
     assert np.all(np.abs(np.asarray(new2.var, np.float64) - want_var) <= (1e-4 + 8 * rounding) * want_var)
 
@@ -209,8 +219,15 @@ def test_splitting_the_batch_across_devices_changes_nothing(case, devices):
         assert (shape[0] // devices) % case["group"] == 0
     per_device = jax.vmap(
         lambda x, m: bnjax.batch_norm(
-            x, state=state, train=True, axis=case["axis"], momentum=MOMENTUM, epsilon=EPS, mask=m,
-            virtual_batch_size=case["group"], axis_name="d",
+            x,
+            state=state,
+            train=True,
+            axis=case["axis"],
+            momentum=MOMENTUM,
+            epsilon=EPS,
+            mask=m,
+            virtual_batch_size=case["group"],
+            axis_name="d",
         ),
         in_axes=(0, None if mask is None else 0),
         axis_name="d",
@@ -226,9 +243,11 @@ def test_splitting_the_batch_across_devices_changes_nothing(case, devices):
         # Virtual batch k = sub-batch k of every device: compare with the float64 reference of that grouping.
         xs = split(x)
         k = xs.shape[1] // case["group"]
-        regroup = lambda a: np.moveaxis(  # noqa: E731
-            a.reshape((devices, k, case["group"]) + a.shape[2:]), 0, 1
-        ).reshape((k * devices * case["group"],) + a.shape[2:])
+        regroup = (
+            lambda a: np.moveaxis(  # noqa: E731
+                a.reshape((devices, k, case["group"]) + a.shape[2:]), 0, 1
+            ).reshape((k * devices * case["group"],) + a.shape[2:])
+        )
         ms = None if mask is None else regroup(split(mask))
         y_ref, mean_ref, var_ref, y_slack, var_slack = _reference(
             regroup(xs), case["feature_axes"], ms, devices * case["group"], state, shift_stride=case["group"]

@@ -39,9 +39,9 @@ def test_readme_links_resolve_and_name_the_built_entry_page():
     for link in local:
         if link != "docs/_build/html/index.html":
             assert (ROOT / link).exists(), link
-    for page in ["getting_started.md", "api/index.md"] + [f"tutorials/{t}.md" for t in ("eos_tracker",
-                                                                                      "sync_bn_shard_map",
-                                                                                      "loss_surface")]:
+    for page in ["getting_started.md", "api/index.md"] + [
+        f"tutorials/{t}.md" for t in ("eos_tracker", "sync_bn_shard_map", "loss_surface")
+    ]:
         assert f"docs/{page}" in local, page
 
 

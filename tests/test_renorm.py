@@ -45,11 +45,13 @@ def test_matches_numpy_reference(shape, r_max, d_max, masked):
     if masked:
         mask = np.random.default_rng(1).uniform(size=shape[:-1] + (1,)) < 0.7
     y, new = jax.jit(
-        lambda x, m: batch_renorm(x, scale, bias, state, train=True, r_max=r_max, d_max=d_max,
-                                  momentum=0.9, epsilon=EPS, mask=m)
+        lambda x, m: batch_renorm(
+            x, scale, bias, state, train=True, r_max=r_max, d_max=d_max, momentum=0.9, epsilon=EPS, mask=m
+        )
     )(x, mask)
-    y_ref, mean_ref, var_ref = renorm_ref(x, scale, bias, np.asarray(state.mean), np.asarray(state.var),
-                                          r_max=r_max, d_max=d_max, momentum=0.9, mask=mask)
+    y_ref, mean_ref, var_ref = renorm_ref(
+        x, scale, bias, np.asarray(state.mean), np.asarray(state.var), r_max=r_max, d_max=d_max, momentum=0.9, mask=mask
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new.mean, mean_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new.var, var_ref, rtol=1e-5)
@@ -105,12 +107,15 @@ def test_gradients_treat_r_and_d_as_constants():
 
     def through_r_d(x, s, b):  # the same without stop_gradient: what the paper rules out
         sig_b, sig = jnp.sqrt(jnp.var(x, 0) + EPS), jnp.sqrt(jnp.asarray(var) + EPS)
-        return with_r_d(x, s, b, jnp.clip(sig_b / sig, 1 / r_max, r_max),
-                        jnp.clip((jnp.mean(x, 0) - mean) / sig, -d_max, d_max))
+        return with_r_d(
+            x, s, b, jnp.clip(sig_b / sig, 1 / r_max, r_max), jnp.clip((jnp.mean(x, 0) - mean) / sig, -d_max, d_max)
+        )
 
     r32, d32 = jnp.asarray(r, jnp.float32), jnp.asarray(d, jnp.float32)
-    got = jax.grad(_loss(lambda x, s, b: batch_renorm(x, s, b, state, train=True, r_max=r_max, d_max=d_max,
-                                                       epsilon=EPS)[0], w), argnums=(0, 1))(x, scale, bias)
+    got = jax.grad(
+        _loss(lambda x, s, b: batch_renorm(x, s, b, state, train=True, r_max=r_max, d_max=d_max, epsilon=EPS)[0], w),
+        argnums=(0, 1),
+    )(x, scale, bias)
     ref = jax.grad(_loss(lambda x, s, b: with_r_d(x, s, b, r32, d32), w), argnums=(0, 1))(x, scale, bias)
     wrong = jax.grad(_loss(through_r_d, w), argnums=0)(x, scale, bias)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
@@ -134,8 +139,9 @@ def test_cross_device_statistics_equal_global_batch(sync):
 
 def test_module_schedule_and_call_time_bounds():
     r_sched, d_sched = paper_schedule()
-    np.testing.assert_allclose([r_sched(0), r_sched(5000), r_sched(40000), d_sched(25000), d_sched(4000)],
-                               [1.0, 1.0, 3.0, 5.0, 0.0])
+    np.testing.assert_allclose(
+        [r_sched(0), r_sched(5000), r_sched(40000), d_sched(25000), d_sched(4000)], [1.0, 1.0, 3.0, 5.0, 0.0]
+    )
     x, _, _, _ = _inputs((8, 3), seed=7)
     model = BatchRenorm(momentum=0.9, epsilon=EPS, r_max=r_sched, d_max=d_sched)
     variables = model.init(jax.random.key(0), x, use_running_average=False)
@@ -143,18 +149,27 @@ def test_module_schedule_and_call_time_bounds():
     variables["batch_stats"]["mean"] = jnp.full((3,), 5.0)
     # Step 0 of the paper schedule: r_max = 1, d_max = 0, i.e. plain batch norm.
     y, upd = model.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-    bn_vars = {"params": variables["params"],
-               "batch_stats": {k: variables["batch_stats"][k] for k in ("mean", "var")}}
-    y_bn, upd_bn = bnjax.BatchNorm(momentum=0.9, epsilon=EPS).apply(bn_vars, x, use_running_average=False,
-                                                                     mutable=["batch_stats"])
+    bn_vars = {"params": variables["params"], "batch_stats": {k: variables["batch_stats"][k] for k in ("mean", "var")}}
+    y_bn, upd_bn = bnjax.BatchNorm(momentum=0.9, epsilon=EPS).apply(
+        bn_vars, x, use_running_average=False, mutable=["batch_stats"]
+    )
     np.testing.assert_allclose(y, y_bn, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(upd["batch_stats"]["mean"], upd_bn["batch_stats"]["mean"], rtol=1e-6)
     assert int(upd["batch_stats"]["step"]) == 1
     # Bounds given at call time win over the schedule; they match the functional form.
     y2, _ = model.apply(variables, x, use_running_average=False, r_max=1.5, d_max=0.5, mutable=["batch_stats"])
     state = bnjax.BatchNormState(variables["batch_stats"]["mean"], variables["batch_stats"]["var"])
-    y2_ref, _ = batch_renorm(x, variables["params"]["scale"], variables["params"]["bias"], state, train=True,
-                             r_max=1.5, d_max=0.5, epsilon=EPS, momentum=0.9)
+    y2_ref, _ = batch_renorm(
+        x,
+        variables["params"]["scale"],
+        variables["params"]["bias"],
+        state,
+        train=True,
+        r_max=1.5,
+        d_max=0.5,
+        epsilon=EPS,
+        momentum=0.9,
+    )
     np.testing.assert_allclose(y2, y2_ref, rtol=1e-6, atol=1e-6)
     assert not np.allclose(y2, y, atol=1e-2)
     # Eval mode does not advance the schedule.

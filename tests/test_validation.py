@@ -135,8 +135,9 @@ def test_folding_names_layers_shapes_and_epsilon():
     bad = jax.tree.map(lambda a: a, variables)
     bad["batch_stats"]["BatchNorm_0"]["var"] = jnp.ones(4)
     with pytest.raises(
-        ValueError, match=r"BN layer 'BatchNorm_0' batch_stats has 'var' of shape \(4,\), but linear layer 'Dense_0' "
-        r"has 3 output features \(kernel shape \(3, 3\)\) and BN layer 'BatchNorm_0' has mean of shape \(3,\)"
+        ValueError,
+        match=r"BN layer 'BatchNorm_0' batch_stats has 'var' of shape \(4,\), but linear layer 'Dense_0' "
+        r"has 3 output features \(kernel shape \(3, 3\)\) and BN layer 'BatchNorm_0' has mean of shape \(3,\)",
     ):
         fold_batch_norm(bad, {"Dense_0": "BatchNorm_0"})
     bad = jax.tree.map(lambda a: a, variables)

@@ -202,7 +202,11 @@ def _check_tolerance(value: Any, name: str) -> None:
 
 
 def _driver_and_operator(
-    matvec: Matvec, like: PyTree, params: tuple, placement: loops.Placement, linearize_budget: int | None,
+    matvec: Matvec,
+    like: PyTree,
+    params: tuple,
+    placement: loops.Placement,
+    linearize_budget: int | None,
     name: str = "v0",
 ) -> tuple[loops.Driver, _Operator]:
     """The loop driver and the flat operator for vectors shaped like ``like`` (placement and linearization
@@ -287,7 +291,11 @@ def _power_absorb(s: _PowerState, w: jax.Array) -> _PowerState:
 
 
 def _iterate_from(
-    d: loops.Driver, absorb: Callable[[Any, jax.Array], Any], op: _Operator, operands: Any, state: Any,
+    d: loops.Driver,
+    absorb: Callable[[Any, jax.Array], Any],
+    op: _Operator,
+    operands: Any,
+    state: Any,
     first: jax.Array | None,
 ) -> Any:
     """Run a matvec-driven loop from ``state``; ``first`` (if given) is ``A @ state.query``, computed elsewhere
@@ -632,9 +640,7 @@ class _Smallest:
             shift, used, first = jnp.abs(top.lam), top.i, None
         state = d.call(_power_init, x0, jnp.inf, tol, residual_tol, max_iters, shift, empty)
         s = _power_solve(d, self.op, operands, state, first)
-        return EigenResult(
-            s.lam + s.shift, self.op.layout.unravel(s.x), s.i + used, s.res, d.call(_power_converged, s)
-        )
+        return EigenResult(s.lam + s.shift, self.op.layout.unravel(s.x), s.i + used, s.res, d.call(_power_converged, s))
 
 
 def smallest_eigenvalue(

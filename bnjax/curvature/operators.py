@@ -238,7 +238,11 @@ def dataset_loss(
     ``shards``, ``per_example``: see :func:`chunked_mean` (data-parallel chunks of sharded data).
     """
     return chunked_mean(
-        lambda c: loss_fn(params, c, *args), data, chunk_size, chunk_loop=chunk_loop, shards=shards,
+        lambda c: loss_fn(params, c, *args),
+        data,
+        chunk_size,
+        chunk_loop=chunk_loop,
+        shards=shards,
         per_example=per_example,
     )
 

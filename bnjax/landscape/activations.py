@@ -92,9 +92,7 @@ def _selector(modules: ModuleFilter) -> Callable[[nn.Module], bool]:
         return modules
     types = (modules,) if isinstance(modules, type) else tuple(modules)
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        raise TypeError(
-            f"`modules` must be Flax module classes or a predicate module -> bool; got {modules!r}."
-        )
+        raise TypeError(f"`modules` must be Flax module classes or a predicate module -> bool; got {modules!r}.")
     return lambda m: isinstance(m, types)
 
 

@@ -29,9 +29,7 @@ PyTree = Any
 BiasBN = Literal["zero", "weights"]
 
 
-def filter_normalize(
-    direction: PyTree, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero"
-) -> PyTree:
+def filter_normalize(direction: PyTree, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero") -> PyTree:
     """Rescale each filter of ``direction`` to the norm of the same filter of ``params`` (see module doc).
 
     Args:
@@ -61,9 +59,7 @@ def filter_normalize(
     return jax.tree.map(one, direction, params)
 
 
-def random_direction(
-    key: jax.Array, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero"
-) -> PyTree:
+def random_direction(key: jax.Array, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero") -> PyTree:
     """A standard-normal direction like ``params``, filter-normalized (:func:`filter_normalize`)."""
     direction = otu.tree_random_like(key, params, jax.random.normal)
     return filter_normalize(direction, params, filter_axis=filter_axis, bias_bn=bias_bn)
