@@ -44,7 +44,7 @@ AUTO_GATHER_MAX_FLOATS = 4096
 class Moments(NamedTuple):
     """Per-feature moments relative to a shift; every field has the same shape (``keepdims`` layout).
 
-    Fields:
+    Attributes:
       count: number of valid elements reduced, float32 (the real dtype of the accumulation).
       shift: the shift ``K`` the moments are taken around (no gradient flows through it); complex for a
         complex input.
