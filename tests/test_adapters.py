@@ -1,6 +1,8 @@
 """bnjax.as_functional: the NNX and Equinox paths of the model-level helpers give the linen path's numbers on
 the same small model (weights copied across), and an explicit Hessian's top eigenvalue."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -214,13 +216,15 @@ def test_landscape_measures_match_linen(framework):
     loss_fn = cv.flax_curvature_fns(f.apply, mse, bn_mode="train").loss_fn
     direction = landscape.random_direction(jax.random.key(4), lv["params"])
     alphas = jnp.linspace(-1.0, 1.0, 5)
-    s_ref = landscape.slice_1d(ref, lv["params"], (X, Y), lv["batch_stats"], direction=direction, alphas=alphas)
-    s = landscape.slice_1d(
-        loss_fn, fv["params"], (X, Y), fv["batch_stats"], direction=convert(direction), alphas=alphas
-    )
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compiled program each, as users run them
+    def measures(fn, params, stats, direction):
+        slice_ = landscape.slice_1d(fn, params, (X, Y), stats, direction=direction, alphas=alphas)
+        return slice_, landscape.smoothness(fn, params, (X, Y), stats, learning_rate=0.1)
+
+    s_ref, m_ref = measures(ref, lv["params"], lv["batch_stats"], direction)
+    s, m = measures(loss_fn, fv["params"], fv["batch_stats"], convert(direction))
     np.testing.assert_allclose(s, s_ref, rtol=1e-5)
-    m_ref = landscape.smoothness(ref, lv["params"], (X, Y), lv["batch_stats"], learning_rate=0.1)
-    m = landscape.smoothness(loss_fn, fv["params"], (X, Y), fv["batch_stats"], learning_rate=0.1)
     assert_trees_close(m, m_ref, rtol=1e-4, atol=1e-6)
 
 
