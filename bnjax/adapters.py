@@ -40,13 +40,14 @@ class Functional(NamedTuple):
     """A model as a linen-style function and its variables.
 
     Fields:
-      apply: ``apply(variables, inputs, *, train: bool, mutable=False)`` -> outputs, or with ``mutable``
-        (e.g. ``["batch_stats"]``) ``(outputs, {"batch_stats": updated})``, as ``flax.linen.Module.apply``.
-        ``train=True`` normalizes with batch statistics. ``inputs`` are what the model is called on (a
-        whole batch; Equinox models are vmapped over its leading axis).
-      variables: ``{"params": ..., "batch_stats": ...}``; ``params`` are what to differentiate.
-      rebuild: ``rebuild(variables)`` -> the framework's model with these values: an NNX module (a new one;
-        or use ``nnx.update``), or ``(model, state)`` for Equinox.
+
+    - ``apply``: ``apply(variables, inputs, *, train: bool, mutable=False)`` -> outputs, or with ``mutable``
+      (e.g. ``["batch_stats"]``) ``(outputs, {"batch_stats": updated})``, as ``flax.linen.Module.apply``.
+      ``train=True`` normalizes with batch statistics. ``inputs`` are what the model is called on (a whole
+      batch; Equinox models are vmapped over its leading axis).
+    - ``variables``: ``{"params": ..., "batch_stats": ...}``; ``params`` are what to differentiate.
+    - ``rebuild``: ``rebuild(variables)`` -> the framework's model with these values: an NNX module (a new
+      one; or use ``nnx.update``), or ``(model, state)`` for Equinox.
     """
 
     apply: Callable[..., Any]

@@ -46,14 +46,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
     example of the named axes. ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
     Fields:
-      weight, bias: dtype[input_size] channelwise affine parameters, or None (``channelwise_affine=False``).
-      state_index: ``eqx.nn.StateIndex`` of a :class:`bnjax.BatchNormState` ``(mean, var, count)``:
-        mean, var: dtype[input_size], the zero-debiased running averages of the batch means and (biased)
-        variances, used at inference (0 and 1 before the first training batch); count: int32[], training
-        batches seen.
-      axis_name: the named axis, or tuple of names, statistics are pooled over (static).
-      inference: use the running averages instead of the batch statistics (``eqx.nn.inference_mode``).
-      input_size, eps, channelwise_affine, momentum, mode, sync: static hyper-parameters.
+
+    - ``weight``, ``bias``: ``dtype[input_size]`` channelwise affine parameters, or None
+      (``channelwise_affine=False``).
+    - ``state_index``: ``eqx.nn.StateIndex`` of a :class:`bnjax.BatchNormState` ``(mean, var, count)``:
+      ``mean``, ``var`` are ``dtype[input_size]``, the zero-debiased running averages of the batch means and
+      (biased) variances, used at inference (0 and 1 before the first training batch); ``count`` is
+      ``int32[]``, the training batches seen.
+    - ``axis_name``: the named axis, or tuple of names, statistics are pooled over (static).
+    - ``inference``: use the running averages instead of the batch statistics (``eqx.nn.inference_mode``).
+    - ``input_size``, ``eps``, ``channelwise_affine``, ``momentum``, ``mode``, ``sync``: static
+      hyper-parameters.
     """
 
     weight: jax.Array | None

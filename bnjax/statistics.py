@@ -44,12 +44,13 @@ AUTO_GATHER_MAX_FLOATS = 4096
 class Moments(NamedTuple):
     """Per-feature moments relative to a shift; every field has the same shape (``keepdims`` layout).
 
-    Attributes:
-      count: number of valid elements reduced, float32 (the real dtype of the accumulation).
-      shift: the shift ``K`` the moments are taken around (no gradient flows through it); complex for a
-        complex input.
-      offset: ``mean - shift``; complex for a complex input.
-      m2: sum of squared deviations from the mean, ``sum(|x - mean|^2)``; always real.
+    Fields:
+
+    - ``count``: number of valid elements reduced, float32 (the real dtype of the accumulation).
+    - ``shift``: the shift ``K`` the moments are taken around (no gradient flows through it); complex for a
+      complex input.
+    - ``offset``: ``mean - shift``; complex for a complex input.
+    - ``m2``: sum of squared deviations from the mean, ``sum(|x - mean|^2)``; always real.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the public field name is kept
