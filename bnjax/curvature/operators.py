@@ -317,8 +317,15 @@ def dataset_gnvp(
     )
 
 
-def _check_shards(shards: Any) -> int | None:
-    return None if shards is None else check_positive_int(shards, "shards")
+def _chunk_options(chunk_size: Any, chunk_loop: Any, shards: Any, per_example: Any) -> dict[str, Any]:
+    """The chunking keywords of the data-set operators, validated once when a matvec is built."""
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    return {
+        "chunk_size": chunk_size,
+        "chunk_loop": _check_chunk_loop(chunk_loop),
+        "shards": None if shards is None else check_positive_int(shards, "shards"),
+        "per_example": check_bool(per_example, "per_example"),
+    }
 
 
 def dataset_hessian_matvec(
@@ -334,23 +341,10 @@ def dataset_hessian_matvec(
     sharded data pass ``shards`` (e.g. ``shards=data_shards(data)``), and ``per_example`` when the loss is a
     mean of per-example terms (one all-reduce per product instead of one per chunk), see :func:`chunked_mean`.
     """
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    _check_chunk_loop(chunk_loop)
-    shards = _check_shards(shards)
-    check_bool(per_example, "per_example")
+    options = _chunk_options(chunk_size, chunk_loop, shards, per_example)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
-        return dataset_hvp(
-            loss_fn,
-            params,
-            vector,
-            data,
-            *args,
-            chunk_size=chunk_size,
-            chunk_loop=chunk_loop,
-            shards=shards,
-            per_example=per_example,
-        )
+        return dataset_hvp(loss_fn, params, vector, data, *args, **options)
 
     return matvec
 
@@ -365,24 +359,10 @@ def dataset_ggn_matvec(
 ) -> Matvec:
     """Data-set GGN as a matvec ``matvec(vector, params, data, *args)`` (see :func:`dataset_gnvp`; ``shards``
     and ``per_example`` as in :func:`dataset_hessian_matvec`)."""
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    _check_chunk_loop(chunk_loop)
-    shards = _check_shards(shards)
-    check_bool(per_example, "per_example")
+    options = _chunk_options(chunk_size, chunk_loop, shards, per_example)
 
     def matvec(vector: PyTree, params: PyTree, data: PyTree, *args: Any) -> PyTree:
-        return dataset_gnvp(
-            output_fn,
-            output_loss,
-            params,
-            vector,
-            data,
-            *args,
-            chunk_size=chunk_size,
-            chunk_loop=chunk_loop,
-            shards=shards,
-            per_example=per_example,
-        )
+        return dataset_gnvp(output_fn, output_loss, params, vector, data, *args, **options)
 
     return matvec
 
