@@ -30,6 +30,7 @@ from flax import nnx
 
 from bnjax import nnx as bnjax_nnx
 from bnjax.batchnorm import batch_moments
+from bnjax.precise import add_bn_layer, write_dict_stats
 from bnjax.statistics import Moments
 
 PyTree = Any
@@ -157,12 +158,7 @@ class _NNXApply:
         paths: list[tuple] = []
 
         def record(path, layer, x, kwargs):
-            if path in paths:
-                raise ValueError(
-                    f"The BN layer {'/'.join(map(str, path))} is called more than once per forward pass; "
-                    "precise statistics need each BN layer to see one input per pass. Use separate BN modules."
-                )
-            paths.append(path)
+            add_bn_layer(paths, path)
 
         jax.eval_shape(lambda v, b: self.call(self._tapped(v, record), b), variables, batch)
         return tuple(paths)
@@ -181,8 +177,6 @@ class _NNXApply:
 
     def write_bn_stats(self, batch_stats, path: tuple, acc: Moments):
         """A copy of ``batch_stats`` with layer ``path``'s population statistics from ``acc``."""
-        from bnjax.precise import write_dict_stats
-
         return write_dict_stats(batch_stats, path, acc)
 
 

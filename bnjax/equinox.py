@@ -32,6 +32,7 @@ from jax import lax
 
 from bnjax._validate import check_scalar
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm
+from bnjax.precise import add_bn_layer
 from bnjax.statistics import Moments, Sync, check_sync, merged_devices
 
 __all__ = ["BatchNorm", "functional"]
@@ -276,12 +277,7 @@ class _EquinoxApply:
         paths: list[tuple[str, ...]] = []
 
         def record(path, layer, x, state):
-            if path in paths:
-                raise ValueError(
-                    f"The BN layer {'/'.join(path)} is called more than once per forward pass; precise "
-                    "statistics need each BN layer to see one input per pass. Use separate BN modules."
-                )
-            paths.append(path)
+            add_bn_layer(paths, path)
             return state
 
         jax.eval_shape(lambda v, b: self._run(self._tapped(v, record), b, v["batch_stats"]), variables, batch)

@@ -88,6 +88,17 @@ class _LinenTaps:
         return write_dict_stats(batch_stats, path, acc)
 
 
+def add_bn_layer(paths: list, path: tuple) -> None:
+    """Append the BN layer ``path`` to ``paths`` (the layers in call order), raising if it is there already: a
+    layer called more than once per forward pass has no well-defined population statistics."""
+    if path in paths:
+        raise ValueError(
+            f"The BN layer {'/'.join(map(str, path))} is called more than once per forward pass; precise "
+            "statistics need each BN layer to see one input per pass. Use separate BN modules."
+        )
+    paths.append(path)
+
+
 def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple[str, ...], ...]:
     """Paths (tuples of module names, as in ``variables["batch_stats"]``) of the BN layers, in call order.
 
@@ -102,13 +113,7 @@ def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: An
 
     def record(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, BATCH_NORM_TYPES):
-            path = tuple(context.module.scope.path)
-            if path in paths:
-                raise ValueError(
-                    f"The BN layer {'/'.join(path)} is called more than once per forward pass; precise "
-                    "statistics need each BN layer to see one input per pass. Use separate BN modules."
-                )
-            paths.append(path)
+            add_bn_layer(paths, tuple(context.module.scope.path))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
