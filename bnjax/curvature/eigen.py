@@ -239,6 +239,34 @@ def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
     return x - basis.T @ (basis @ x)
 
 
+_REORTH_BLOCK = 8  # basis rows per block of the reorthogonalization (one BLAS-2 pass over b x n per block)
+
+
+def _reorthogonalize(basis: jax.Array, live: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` minus its projection on rows ``0..live`` of ``basis`` (orthonormal rows), for full
+    reorthogonalization in Lanczos at a cost proportional to the live rows, not to the basis size.
+
+    Block-wise Gram-Schmidt over blocks of :data:`_REORTH_BLOCK` rows (a loop over the live blocks only; the last
+    block may overlap earlier rows or reach zero rows, both harmless), and a second pass only when the first
+    removed most of ``x`` (the Daniel-Gragg-Kaufman-Stewart criterion ``||x_after|| < ||x_before|| / sqrt(2)``:
+    otherwise one pass leaves ``x`` orthogonal to working precision). After the three-term recurrence the
+    components removed here are rounding errors, so the second pass is rare.
+    """
+    m = basis.shape[0]
+    b = min(_REORTH_BLOCK, m)
+
+    def one_pass(x: jax.Array) -> jax.Array:
+        def block(k: jax.Array, x: jax.Array) -> jax.Array:
+            rows = lax.dynamic_slice_in_dim(basis, jnp.minimum(k * b, m - b), b)
+            return x - rows.T @ (rows @ x)
+
+        return lax.fori_loop(0, (live + b) // b, block, x)
+
+    before = jnp.linalg.norm(x)
+    x = one_pass(x)
+    return lax.cond(jnp.linalg.norm(x) < before * np.sqrt(0.5), one_pass, lambda x: x, x)
+
+
 def _converged(
     change: jax.Array, res: jax.Array, tol: jax.Array, residual_tol: jax.Array, value: jax.Array
 ) -> jax.Array:
@@ -377,10 +405,12 @@ class _LanczosAbsorb:
     def __call__(self, s: _LanczosState, w: jax.Array) -> _LanczosState:
         m, n = s.basis.shape
         dtype, j = s.basis.dtype, s.j
+        # The three-term recurrence (modified form: the previous direction out before alpha is taken), then one
+        # reorthogonalization pass against the live rows only (see _reorthogonalize).
+        beta_prev = jnp.where(j > 0, s.betas[jnp.maximum(j - 1, 0)], 0)
+        w = w - beta_prev * s.basis[jnp.maximum(j - 1, 0)]
         alpha = jnp.vdot(s.query, w)
-        # Full reorthogonalization against every basis vector so far (rows > j are still zero). Two BLAS passes
-        # over the whole (m, n) basis are faster on CPU than a loop over the j live rows.
-        w = _project_out(s.basis, w)
+        w = _reorthogonalize(s.basis, j, w - alpha * s.query)
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(jnp.abs(alpha) + s.betas[jnp.maximum(j - 1, 0)], jnp.finfo(dtype).tiny)
         breakdown = beta <= 100 * jnp.finfo(dtype).eps * scale
