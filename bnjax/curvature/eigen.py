@@ -234,9 +234,11 @@ def _unit(x: jax.Array) -> jax.Array:
 
 
 def _project_out(basis: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` minus its projection on the rows of ``basis`` (orthonormal or zero rows), done twice for stability."""
-    x = x - basis.T @ (basis @ x)
-    return x - basis.T @ (basis @ x)
+    """``x`` minus its projection on the rows of ``basis`` (orthonormal or zero rows), done twice for stability.
+
+    Written ``(basis @ x) @ basis``, not ``basis.T @ (basis @ x)``: XLA:CPU materializes the transpose."""
+    x = x - (basis @ x) @ basis
+    return x - (basis @ x) @ basis
 
 
 _REORTH_BLOCK = 8  # basis rows per block of the reorthogonalization (one BLAS-2 pass over b x n per block)
@@ -258,7 +260,7 @@ def _reorthogonalize(basis: jax.Array, live: jax.Array, x: jax.Array) -> jax.Arr
     def one_pass(x: jax.Array) -> jax.Array:
         def block(k: jax.Array, x: jax.Array) -> jax.Array:
             rows = lax.dynamic_slice_in_dim(basis, jnp.minimum(k * b, m - b), b)
-            return x - rows.T @ (rows @ x)
+            return x - (rows @ x) @ rows  # not rows.T @ (...): see _project_out
 
         return lax.fori_loop(0, (live + b) // b, block, x)
 
