@@ -19,6 +19,16 @@ Two choices shared by every solver (one implementation each; only the loop drive
   backward activations of the whole data set, about what one gradient computation holds at its peak). Each
   further product then runs only the tangent pass (about 1.5 gradients instead of 2 for a Hessian-vector
   product). Over the budget, or with ``0``, every product is recomputed from scratch; ``None`` means no limit.
+
+Lanczos and its basis. The Lanczos solvers keep the Krylov basis *semi-orthogonal* (every ``|q_i . q_k| <=
+sqrt(eps)``), which is what makes the tridiagonal matrix's eigenvalues accurate to working precision with no
+spurious copies (Simon 1984; full orthogonality buys nothing more). They get it by partial reorthogonalization:
+Simon's recurrence estimates the loss of orthogonality of each new vector from the Lanczos coefficients in
+``O(m)`` work, and only a step whose estimate exceeds ``sqrt(eps)`` (and the step after it) is
+reorthogonalized against the rows computed so far. Orthogonality is lost only along converged Ritz vectors, so
+a solve that stops when its top pair converges (``lanczos_top``, the tracker) rarely pays for it; full
+reorthogonalization at every step would read the whole basis twice per product, a visible part of a product's
+cost for models whose gradient is cheap.
 """
 
 from __future__ import annotations
@@ -353,7 +363,8 @@ class LanczosDecomposition(NamedTuple):
 
     alphas: jax.Array  # (m,) diagonal of T
     betas: jax.Array  # (m,) off-diagonal of T; betas[-1] is the norm of the next residual (Ritz error bound)
-    basis: jax.Array  # (m, n) orthonormal rows: the flattened Krylov basis, basis[0] = v0 / ||v0||
+    basis: jax.Array  # (m, n) unit rows, orthogonal to |q_i . q_k| <= sqrt(eps): the flattened Krylov basis,
+    # basis[0] = v0 / ||v0|| (see the module docstring, "Lanczos and its basis")
 
 
 class _LanczosState(NamedTuple):
@@ -368,6 +379,10 @@ class _LanczosState(NamedTuple):
     done: jax.Array  # bool[]
     tol: jax.Array  # ()
     residual_tol: jax.Array  # ()
+    omega: jax.Array  # (m,) estimated q_j . q_k of the query basis[j] against every row (Simon's recurrence)
+    omega_prev: jax.Array  # (m,) the same for basis[j-1]
+    reorth_next: jax.Array  # bool[]: reorthogonalize at the next step too (Simon: always two in a row)
+    reorths: jax.Array  # int32[]: steps that reorthogonalized (for tests and diagnostics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +396,7 @@ class _LanczosInit:
         scalar = functools.partial(jnp.asarray, dtype=dtype)
         return _LanczosState(
             jnp.int32(0), basis, zeros, zeros, scalar(eigenvalue0), inf, inf, basis[0], jnp.asarray(False),
-            scalar(tol), scalar(residual_tol),
+            scalar(tol), scalar(residual_tol), zeros.at[0].set(1), zeros, jnp.asarray(False), jnp.int32(0),
         )  # fmt: skip
 
 
@@ -397,6 +412,28 @@ def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Ar
     return theta[-1], s[:, -1]
 
 
+def _omega_next(s: _LanczosState, alpha: jax.Array, beta: jax.Array, n: int) -> jax.Array:
+    """Estimated ``q_{j+1} . q_k`` for ``k < j`` (zero elsewhere) after the three-term step ``j`` (``alpha``,
+    ``beta`` its new coefficients), by Simon's recurrence (H. D. Simon, "The Lanczos algorithm with partial
+    reorthogonalization", Math. Comp. 42 (1984) 115-142), which follows the loss of orthogonality from the
+    coefficients alone, in O(m) work instead of the O(m n) of measuring it:
+
+        beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k} + beta_{k-1} w_{j,k-1} - beta_{j-1} w_{j-1,k}
+
+    plus the rounding term, taken at its typical size ``0.3 eps (beta_k + beta_j)`` with the sign that makes
+    ``|w|`` grow (a deterministic, slightly pessimistic form of Simon's random model).
+    """
+    m, j = s.alphas.shape[0], s.j
+    k = jnp.arange(m)
+    shift_up = jnp.concatenate([s.omega[1:], jnp.zeros(1, s.omega.dtype)])  # w_{j,k+1}
+    shift_down = jnp.concatenate([jnp.zeros(1, s.omega.dtype), s.omega[:-1]])  # w_{j,k-1}
+    betas_down = jnp.concatenate([jnp.zeros(1, s.betas.dtype), s.betas[:-1]])  # beta_{k-1}
+    beta_prev = jnp.where(j > 0, s.betas[jnp.maximum(j - 1, 0)], 0)
+    num = s.betas * shift_up + (s.alphas - alpha) * s.omega + betas_down * shift_down - beta_prev * s.omega_prev
+    num = num + jnp.where(num < 0, -1, 1) * 0.3 * jnp.finfo(s.omega.dtype).eps * (s.betas + beta)
+    return jnp.where(k < j, _safe_div(num, beta), 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LanczosAbsorb:
     """Lanczos step ``j`` given ``w = A @ basis[j]``: fills ``alphas[j]``, ``betas[j]``, ``basis[j+1]``; with
@@ -407,13 +444,18 @@ class _LanczosAbsorb:
     def __call__(self, s: _LanczosState, w: jax.Array) -> _LanczosState:
         m, n = s.basis.shape
         dtype, j = s.basis.dtype, s.j
-        # The three-term recurrence (modified form: the previous direction out before alpha is taken), then one
-        # reorthogonalization pass against the live rows only (see _reorthogonalize).
+        # The three-term recurrence (modified form: the previous direction out before alpha is taken) ...
         beta_prev = jnp.where(j > 0, s.betas[jnp.maximum(j - 1, 0)], 0)
         w = w - beta_prev * s.basis[jnp.maximum(j - 1, 0)]
         alpha = jnp.vdot(s.query, w)
-        w = _reorthogonalize(s.basis, j, w - alpha * s.query)
+        w = w - alpha * s.query
+        # ... then partial reorthogonalization: only when the estimated loss of orthogonality of the new vector
+        # exceeds sqrt(eps), and at the step after (see _omega_next and _reorthogonalize).
         beta = jnp.linalg.norm(w)
+        omega = _omega_next(s, alpha, beta, n)
+        reorth = s.reorth_next | (jnp.max(jnp.abs(omega)) > jnp.sqrt(jnp.finfo(dtype).eps))
+        w = lax.cond(reorth, lambda x: _reorthogonalize(s.basis, j, x), lambda x: x, w)
+        beta = jnp.where(reorth, jnp.linalg.norm(w), beta)
         scale = jnp.maximum(jnp.abs(alpha) + s.betas[jnp.maximum(j - 1, 0)], jnp.finfo(dtype).tiny)
         breakdown = beta <= 100 * jnp.finfo(dtype).eps * scale
 
@@ -437,7 +479,16 @@ class _LanczosAbsorb:
             res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * vec[j]), jnp.abs(theta)))
             change = jnp.where(jnp.isfinite(s.theta), _safe_div(jnp.abs(theta - s.theta), jnp.abs(theta)), inf)
             done = done | _converged(change, res, s.tol, s.residual_tol, theta)
-        return _LanczosState(j + 1, basis, alphas, betas, theta, res, change, basis[row], done, s.tol, s.residual_tol)
+        # After a reorthogonalization (or a fresh direction) the new vector is orthogonal to rounding level.
+        eps = jnp.finfo(dtype).eps
+        k = jnp.arange(m)
+        omega = jnp.where(reorth | breakdown, jnp.where(k < j, 1.5 * eps, 0), omega)
+        omega = jnp.where(k == j, eps * np.sqrt(n), omega)
+        omega = jnp.where(k == j + 1, 1, omega)
+        return _LanczosState(
+            j + 1, basis, alphas, betas, theta, res, change, basis[row], done, s.tol, s.residual_tol, omega, s.omega,
+            reorth & ~s.reorth_next, s.reorths + reorth.astype(jnp.int32),
+        )  # fmt: skip
 
 
 def _lanczos_solve(
@@ -783,7 +834,7 @@ def lanczos_decomposition(
     placement: loops.Placement = "auto",
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
 ) -> LanczosDecomposition:
-    """``num_iters`` Lanczos steps with full reorthogonalization (``num_iters`` matvecs, ``O(num_iters * n)``
+    """``num_iters`` Lanczos steps with partial reorthogonalization (``num_iters`` matvecs, ``O(num_iters * n)``
     memory for the basis).
 
     The Ritz values after ``m <= num_iters`` steps are the eigenvalues of the leading ``m x m`` block of ``T``.
@@ -836,7 +887,7 @@ def lanczos(
     placement: loops.Placement = "auto",
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET,
 ) -> EigenResult:
-    """The ``k`` algebraically largest (or smallest) eigenpairs by Lanczos with full reorthogonalization.
+    """The ``k`` algebraically largest (or smallest) eigenpairs by Lanczos with partial reorthogonalization.
 
     Args:
       matvec, v0: as in :func:`power_iteration`.
