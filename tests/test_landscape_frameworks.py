@@ -197,6 +197,9 @@ def test_bad_selections_and_inputs_raise():
             landscape.capture_inputs(f_apply, fv, inputs, train=False, modules=3)
     with pytest.raises(ValueError, match=r"names layers \['Dense_1'\]"):
         landscape.capture_inputs(apply, lv, X, modules="Dense_1")
+    assert list(landscape.capture_inputs(apply, lv, X, modules=["Dense_0"])) == ["Dense_0"]  # by path in linen
+    with pytest.raises(ValueError, match="`axis`"):
+        landscape.input_statistics(X, axis=3)
     with pytest.raises(TypeError, match="as_functional"):
         landscape.capture_inputs(NNXNet(nnx.Rngs(0)), {}, X)
     with pytest.raises(TypeError, match="model with named fields"):

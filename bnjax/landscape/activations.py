@@ -175,7 +175,8 @@ def module_call_order(
 
     Runs ``apply_fn(variables, *args, **kwargs)`` abstractly (``jax.eval_shape``: no computation), recording
     every layer call (see :func:`capture_inputs` for ``apply_fn``: a linen ``apply`` or that of
-    :func:`bnjax.as_functional`). A submodule is first called when it or one of its own submodules is. With
+    :func:`bnjax.as_functional`). A submodule is first called when its ``__call__`` or that of one of its own
+    submodules is (a layer used only through other methods, e.g. ``nn.Embed.attend``, is not seen). With
     ``collection`` (default ``"params"``) only submodules holding variables of that collection are listed
     (top-level keys of ``variables[collection]``: dict keys, or an Equinox model's field names), which is
     what :func:`bnjax.landscape.internal_covariate_shift` needs as ``layers``.
