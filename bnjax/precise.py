@@ -8,10 +8,9 @@ changing. Precise BN replaces them by equal-weight statistics over many batches 
 Scheme (exact, layer by layer). BN layers are visited in the order the model calls them. For layer ``k``
 the model runs in eval mode with every *earlier* layer already holding its precise statistics, and the
 input of layer ``k`` is recorded by a layer tap (:func:`bnjax.taps.run_tapped`; no change to the model is
-needed). The
-per-batch moments of that input are merged with Chan's count-weighted formula
-(:func:`bnjax.statistics.merge_moments`), so the result is the exact mean and variance over all elements of
-all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
+needed). The per-batch moments of that input are merged with Chan's count-weighted formula
+(:func:`bnjax.statistics.merge_moments`), so the result is the exact mean and variance over all elements
+of all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
 only on layers called before it, so each layer's statistics are those of the model whose earlier layers use
 precise statistics: the definition. It costs one pass over the batches per BN layer.
 

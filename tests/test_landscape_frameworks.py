@@ -182,6 +182,7 @@ def test_layers_inside_containers():
     got = landscape.capture_inputs(f.apply, f.variables, x, train=False)
     module = f.rebuild(f.variables)
     assert list(got) == ["layers/0", "layers/1"]
+    assert landscape.module_call_order(f.apply, f.variables, x, train=False) == ("layers",)  # nnx.List untapped
     np.testing.assert_allclose(got["layers/1"], jnp.tanh(module.layers[0](x)), rtol=1e-6)
 
 
