@@ -2,8 +2,6 @@
 internal_covariate_shift) on NNX and Equinox models give the linen path's numbers on twin models with copied
 weights; the layer taps they share with precise BN reach layers in containers; bad selections raise."""
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -121,8 +119,9 @@ def test_captured_inputs_and_statistics_match_linen(framework, mode):
         np.testing.assert_allclose(linen_layout(framework, got[name]), ref[linen_name], rtol=1e-5, atol=1e-6)
     # Default selection (dense and conv layers), under jit, with the batch stacked for Equinox.
     options = dict(bins=8, value_range=(-2.0, 2.0), **kwargs)
-    s_ref = landscape.activation_statistics(apply, lv, X, **options)
-    s = jax.jit(lambda v, x: landscape.activation_statistics(f_apply, v, x, **options))(fv, inputs)
+    stats = lambda fn, v, x: landscape.activation_statistics(fn, v, x, **options)  # noqa: E731
+    s_ref = jax.jit(stats, static_argnums=0)(apply, lv, X)
+    s = jax.jit(stats, static_argnums=0)(f_apply, fv, inputs)
     assert list(s) == ["conv", "linear"]
     for name, linen_name in (("conv", "Conv_0"), ("linear", "Dense_0")):
         for field in ("mean", "std"):
@@ -147,11 +146,9 @@ def test_internal_covariate_shift_matches_linen(framework):
     opt = optax.sgd(0.5, momentum=0.9)
     grads = jax.grad(ref_loss)(params, (X, Y), lv["batch_stats"])
     updates, _ = opt.update(grads, opt.init(params), params)
-    ref = landscape.internal_covariate_shift(
-        ref_loss, params, (X, Y), lv["batch_stats"], updates=updates, layers=linen_layers
-    )
-    ics = jax.jit(functools.partial(landscape.internal_covariate_shift, loss_fn, layers=layers))
-    got = ics(fv["params"], (inputs, Y), fv["batch_stats"], updates=convert(updates))
+    ics = jax.jit(landscape.internal_covariate_shift, static_argnums=0, static_argnames="layers")
+    ref = ics(ref_loss, params, (X, Y), lv["batch_stats"], updates=updates, layers=linen_layers)
+    got = ics(loss_fn, fv["params"], (inputs, Y), fv["batch_stats"], updates=convert(updates), layers=layers)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert float(jnp.min(ref.grad_distance[1:])) > 1e-4  # the earlier layers' step moves the later gradients
