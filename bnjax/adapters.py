@@ -13,9 +13,11 @@ form, so every helper serves all three frameworks through one code path:
   ``eqx.nn.inference_mode`` and maps the per-example model over the batch with ``jax.vmap(...,
   axis_name=axis_name)`` (its BatchNorm layers must use that ``axis_name``).
 
-``apply`` also knows how to find the model's batch-norm layers and read their inputs, which is what
-:func:`bnjax.precise_batch_stats` needs beyond a forward pass (linen's ``intercept_methods`` has no NNX or
-Equinox counterpart).
+``apply`` also taps the model's layers (:func:`bnjax.taps.run_tapped`: it records the inputs of selected
+layers, what linen's ``intercept_methods`` does for linen models), which is what
+:func:`bnjax.precise_batch_stats` and the per-layer landscape helpers (:func:`bnjax.landscape.capture_inputs`,
+:func:`bnjax.landscape.activation_statistics`, :func:`bnjax.landscape.module_call_order`) need beyond a
+forward pass.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import jax
 from flax import nnx
 
 from bnjax import nnx as bnjax_nnx
-from bnjax.batchnorm import batch_moments
-from bnjax.precise import add_bn_layer, write_dict_stats
+from bnjax.precise import write_dict_stats
 from bnjax.statistics import Moments
+from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
 
 PyTree = Any
 NNX_BATCH_NORM_TYPES: tuple[type, ...] = (bnjax_nnx.BatchNorm, nnx.BatchNorm)
@@ -105,7 +107,10 @@ def _set(obj: Any, key: Any, value: Any) -> None:
 
 
 class _NNXApply:
-    """``apply`` of an NNX module (see :class:`Functional`), with the batch-norm taps of precise BN."""
+    """``apply`` of an NNX module (see :class:`Functional`), with layer taps (:func:`bnjax.taps.run_tapped`) and
+    the batch-norm access of precise BN (:class:`bnjax.precise.BNTaps`)."""
+
+    framework = Framework("flax.nnx", nnx.Module, (nnx.Linear, nnx.Conv), -1)
 
     def __init__(self, graphdef, params, stats, rest, call):
         self.graphdef, self.params, self.stats, self.rest = graphdef, params, stats, rest
@@ -127,65 +132,62 @@ class _NNXApply:
         return nnx.merge(self.graphdef, params, stats, self.rest)
 
     def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
+        return self.run_tapped(_select_none, variables, inputs, train=train, mutable=mutable).outputs
+
+    def run_tapped(self, select, variables, inputs, *, train: bool, mutable: Any = False) -> TappedRun:
+        """The forward pass with each callable submodule that ``select(path, layer)`` picks wrapped in a
+        :class:`_Tap` that records its input; the wrappers are removed before the state is read back."""
         model = self.merge(variables)
         if train:
             model.train()
         else:
             model.eval()
-        outputs = self.call(model, inputs)
-        if not mutable:
-            return outputs
-        return outputs, {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
-
-    # Batch-norm taps for bnjax.precise_batch_stats (the model runs in eval mode).
-
-    def _tapped(self, variables, on_input: Callable[[tuple, nnx.Module, Any, dict], None]) -> nnx.Module:
-        """The merged model in eval mode, each BN layer wrapped so that ``on_input(path, layer, x, kwargs)``
-        sees its input."""
-        model = self.merge(variables)
-        model.eval()
-        layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, NNX_BATCH_NORM_TYPES)]
-        for path, layer in layers:
+        nodes = [(p, n) for p, n in nnx.iter_graph(model) if p and isinstance(n, nnx.Module) and callable(n)]
+        calls: list[LayerCall] = []
+        wrapped = []
+        for i in wrapped_order([p for p, _ in nodes]):
+            path, layer = nodes[i]
+            if not select(path, layer):
+                continue
             parent = model
             for key in path[:-1]:
                 parent = _get(parent, key)
-            tap = functools.partial(_call_tap, on_input, path, layer)
-            _set(parent, path[-1], _Tap(cast(nnx.Module, layer), tap))
-        return model
+            record = functools.partial(_record, calls, path, layer)
+            _set(parent, path[-1], _Tap(cast(nnx.Module, layer), record))
+            wrapped.append((parent, path[-1], layer))
+        try:
+            outputs = self.call(model, inputs)
+        finally:
+            for parent, key, layer in reversed(wrapped):
+                _set(parent, key, layer)
+        if mutable:
+            outputs = (outputs, {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))})
+        return TappedRun(outputs, tuple(calls), tuple(p for p, _ in nodes))
 
-    def bn_layers(self, variables, batch) -> tuple[tuple, ...]:
-        """Paths (keys of ``variables["batch_stats"]``) of the BN layers, in call order."""
-        paths: list[tuple] = []
+    # Batch-norm access for bnjax.precise_batch_stats.
 
-        def record(path, layer, x, kwargs):
-            add_bn_layer(paths, path)
+    def is_batch_norm(self, path: tuple, layer: Any) -> bool:
+        return isinstance(layer, NNX_BATCH_NORM_TYPES)
 
-        jax.eval_shape(lambda v, b: self.call(self._tapped(v, record), b), variables, batch)
-        return tuple(paths)
-
-    def bn_input_moments(self, variables, batch, path: tuple) -> Moments:
-        """Moments (``keepdims`` layout) of the input of BN layer ``path`` on ``batch``, the model in eval mode."""
-        captured: list[Moments] = []
-
-        def capture(p, layer, x, kwargs):
-            if p == path:
-                captured.append(batch_moments(x, axis=layer.axis, mask=kwargs.get("mask")))
-
-        self.call(self._tapped(variables, capture), batch)
-        (moments,) = captured
-        return moments
+    def bn_axis(self, layer: Any) -> Any:
+        return layer.axis
 
     def write_bn_stats(self, batch_stats, path: tuple, acc: Moments):
         """A copy of ``batch_stats`` with layer ``path``'s population statistics from ``acc``."""
         return write_dict_stats(batch_stats, path, acc)
 
 
-def _call_tap(on_input: Callable[..., None], path: tuple, layer: Any, x: Any, kwargs: dict) -> None:
-    on_input(path, layer, x, kwargs)
+def _select_none(path: tuple, layer: Any) -> bool:
+    return False
+
+
+def _record(calls: list[LayerCall], path: tuple, layer: Any, x: Any, kwargs: dict) -> None:
+    calls.append(LayerCall(path, layer, x, dict(kwargs)))
 
 
 class _Tap(nnx.Module):
-    """Calls ``on_input(x, kwargs)``, then the wrapped layer (used only on a throwaway merged copy)."""
+    """Calls ``on_input(x, kwargs)``, then the wrapped layer (used only on a throwaway merged copy). Other
+    attributes are the layer's."""
 
     def __init__(self, layer: nnx.Module, on_input: Callable[[Any, dict], None]):
         self.layer = layer
@@ -194,3 +196,8 @@ class _Tap(nnx.Module):
     def __call__(self, x, *args, **kwargs):
         self.on_input(x, kwargs)
         return self.layer(x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("layer", "on_input"):
+            raise AttributeError(name)
+        return getattr(self.layer, name)

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._validate import check_scalar
-from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm
-from bnjax.precise import add_bn_layer
-from bnjax.statistics import Moments, Sync, check_sync, merged_devices
+from bnjax.batchnorm import BatchNormState, batch_norm
+from bnjax.statistics import Moments, Sync, check_sync
+from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
 
 __all__ = ["BatchNorm", "functional"]
 
@@ -227,7 +227,10 @@ def functional(model: eqx.Module, state: eqx.nn.State, *, call=None, axis_name: 
 
 
 class _EquinoxApply:
-    """``apply`` of an Equinox model (see :class:`bnjax.adapters.Functional`), with the BN taps of precise BN."""
+    """``apply`` of an Equinox model (see :class:`bnjax.adapters.Functional`), with layer taps
+    (:func:`bnjax.taps.run_tapped`) and the batch-norm access of precise BN (:class:`bnjax.precise.BNTaps`)."""
+
+    framework = Framework("equinox", eqx.Module, (eqx.nn.Linear, eqx.nn.Conv), 1)
 
     def __init__(self, static, call, axis_name):
         self.static, self.call, self.axis_name = static, call, axis_name
@@ -235,78 +238,59 @@ class _EquinoxApply:
     def rebuild(self, variables):
         return eqx.combine(variables["params"], self.static), variables["batch_stats"]
 
-    def _run(self, model, inputs, state):
-        per_example = lambda x, s: self.call(model, x, s)  # noqa: E731
-        return jax.vmap(per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=(0, None))(inputs, state)
-
     def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
+        return self.run_tapped(_select_none, variables, inputs, train=train, mutable=mutable).outputs
+
+    def run_tapped(self, select, variables, inputs, *, train: bool, mutable: Any = False) -> TappedRun:
+        """The vmapped forward pass with each callable submodule that ``select(path, layer)`` picks wrapped in
+        a :class:`_Tap`. The inputs are recorded per example inside the ``vmap`` and returned by it, stacked."""
         model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static), value=not train)
-        outputs, state = self._run(model, inputs, variables["batch_stats"])
-        return (outputs, {"batch_stats": state}) if mutable else outputs
+        nodes = _submodules(model)
+        found: list[tuple[tuple[str, ...], Any, bool]] = []  # (path, layer, input is an array), in call order
+        per_example_inputs: list[jax.Array] = []
 
-    # Batch-norm taps for bnjax.precise_batch_stats (the model runs in inference mode).
+        def record(path, layer, x):
+            found.append((path, layer, isinstance(x, jax.Array)))
+            if isinstance(x, jax.Array):
+                per_example_inputs.append(x)
 
-    def _layers(self, model) -> dict[tuple[str, ...], tuple[Any, BatchNorm]]:
-        """``{path: (key path, layer)}`` of the model's BatchNorm layers (in pytree order)."""
-        found = jax.tree_util.tree_flatten_with_path(
-            model, is_leaf=lambda n: isinstance(n, (BatchNorm, eqx.nn.BatchNorm))
-        )[0]
-        layers = {}
-        for keypath, node in found:
-            if isinstance(node, eqx.nn.BatchNorm):
-                raise TypeError(
-                    f"precise statistics of an Equinox model need bnjax.equinox.BatchNorm layers; the layer at "
-                    f"{jax.tree_util.keystr(keypath)} is an eqx.nn.BatchNorm (its running averages are "
-                    "debiased with a running batch count, so population statistics cannot be written into it)."
-                )
-            if isinstance(node, BatchNorm):
-                path = tuple(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in keypath)
-                layers[path] = (keypath, node)
-        return layers
+        for i in wrapped_order([path for path, _, _ in nodes]):
+            path, keypath, layer = nodes[i]
+            if select(path, layer):
+                tap_type = _StatefulTap if isinstance(layer, eqx.nn.StatefulLayer) else _Tap
+                tap = tap_type(layer, functools.partial(record, path, layer))
+                model = eqx.tree_at(functools.partial(_at, keypath=keypath), model, tap)
 
-    def _tapped(self, variables, on_output):
-        """The model in inference mode with each BN layer wrapped: ``state = on_output(path, layer, x, state)``
-        runs after the layer, inside the vmap."""
-        model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static))
-        for path, (keypath, layer) in self._layers(model).items():
-            tap = _Tap(layer, functools.partial(on_output, path))
-            model = eqx.tree_at(lambda m, kp=keypath: _at(m, kp), model, tap)
-        return model
+        def per_example(x, state):
+            return self.call(model, x, state), list(per_example_inputs)
 
-    def bn_layers(self, variables, batch) -> tuple[tuple[str, ...], ...]:
-        paths: list[tuple[str, ...]] = []
+        (outputs, state), stacked = jax.vmap(
+            per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=((0, None), 0)
+        )(inputs, variables["batch_stats"])
+        stacked_inputs = iter(stacked)
+        calls = tuple(
+            LayerCall(path, layer, next(stacked_inputs) if is_array else None, {}) for path, layer, is_array in found
+        )
+        if mutable:
+            outputs = (outputs, {"batch_stats": state})
+        return TappedRun(outputs, calls, tuple(path for path, _, _ in nodes))
 
-        def record(path, layer, x, state):
-            add_bn_layer(paths, path)
-            return state
+    # Batch-norm access for bnjax.precise_batch_stats.
 
-        jax.eval_shape(lambda v, b: self._run(self._tapped(v, record), b, v["batch_stats"]), variables, batch)
-        return tuple(paths)
+    def is_batch_norm(self, path: tuple[str, ...], layer: Any) -> bool:
+        if isinstance(layer, eqx.nn.BatchNorm):
+            raise TypeError(
+                f"precise statistics of an Equinox model need bnjax.equinox.BatchNorm layers; the layer at "
+                f"{'/'.join(path)} is an eqx.nn.BatchNorm (its running averages are debiased with a running batch "
+                "count, so population statistics cannot be written into it)."
+            )
+        return isinstance(layer, BatchNorm)
 
-    def bn_input_moments(self, variables, batch, path: tuple[str, ...]) -> Moments:
-        # The input's moments are pooled over the vmap inside it; they leave it through the layer's state slot
-        # (mean, var), the element count (static) through Python.
-        counts: list[int] = []
-
-        def capture(p, layer, x, state):
-            if p != path:
-                return state
-            mom = batch_moments(x[None], axis=1, axis_name=layer.axis_name)
-            counts.append(math.prod(x.shape[1:]) * merged_devices(layer.axis_name))
-            old = state.get(layer.state_index)
-            mean = mom.mean.reshape(old.mean.shape).astype(old.mean.dtype)
-            var = mom.var.reshape(old.var.shape).astype(old.var.dtype)
-            return state.set(layer.state_index, old._replace(mean=mean, var=var))
-
-        _, state = self._run(self._tapped(variables, capture), batch, variables["batch_stats"])
-        (count,) = counts
-        _, layer = self._layers(self.static)[path]
-        got = state.get(layer.state_index)
-        n = jnp.full(got.mean.shape, count, jnp.float32)
-        return Moments(n, got.mean, jnp.zeros_like(got.mean), got.var * n)
+    def bn_axis(self, layer: Any) -> int:
+        return 1  # channels first per example, behind the stacked batch axis
 
     def write_bn_stats(self, state, path: tuple[str, ...], acc: Moments) -> eqx.nn.State:
-        _, layer = self._layers(self.static)[path]
+        (layer,) = [layer for p, _, layer in _submodules(self.static) if p == path]
         state = jax.tree.map(lambda v: v, state)  # a copy: State.set invalidates the state it is called on
         old = state.get(layer.state_index)
         mean = acc.mean.reshape(old.mean.shape).astype(old.mean.dtype)
@@ -314,15 +298,49 @@ class _EquinoxApply:
         return state.set(layer.state_index, old._replace(mean=mean, var=var))
 
 
+def _select_none(path: tuple, layer: Any) -> bool:
+    return False
+
+
+def _submodules(tree: Any, prefix: tuple = ()) -> list[tuple[tuple[str, ...], tuple, Any]]:
+    """``(path, key path, module)`` of every callable ``eqx.Module`` inside ``tree`` (not ``tree`` itself), in
+    pytree order, parents before their children; ``path`` holds the keys as strings."""
+    found: list[tuple[tuple[str, ...], tuple, Any]] = []
+    children = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda n: n is not tree and isinstance(n, eqx.Module))
+    for keypath, node in children[0]:
+        if node is not tree and isinstance(node, eqx.Module):
+            full = prefix + tuple(keypath)
+            if callable(node):
+                found.append((tuple(_key_str(k) for k in full), full, node))
+            found.extend(_submodules(node, full))
+    return found
+
+
+def _key_str(key: Any) -> str:
+    return str(getattr(key, "name", getattr(key, "idx", getattr(key, "key", key))))
+
+
 class _Tap(eqx.Module):
-    """Runs the wrapped BatchNorm, then ``state = on_output(layer, x, state)``."""
+    """Calls ``on_input(x)``, then the wrapped layer; other attributes are the layer's."""
 
-    layer: BatchNorm
-    on_output: Any = eqx.field(static=True)
+    layer: Any
+    on_input: Any = eqx.field(static=True)
 
-    def __call__(self, x, state, *, key=None, inference=None):
-        y, state = self.layer(x, state, key=key, inference=inference)
-        return y, self.on_output(self.layer, x, state)
+    def __call__(self, x, *args, **kwargs):
+        self.on_input(x)
+        return self.layer(x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("layer", "on_input"):
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
+
+class _StatefulTap(_Tap, eqx.nn.StatefulLayer):
+    """A :class:`_Tap` of a stateful layer (``eqx.nn.Sequential`` passes the state to ``StatefulLayer``s)."""
+
+    def is_stateful(self) -> bool:
+        return self.layer.is_stateful()
 
 
 def _at(tree, keypath):

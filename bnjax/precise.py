@@ -7,17 +7,16 @@ changing. Precise BN replaces them by equal-weight statistics over many batches 
 
 Scheme (exact, layer by layer). BN layers are visited in the order the model calls them. For layer ``k``
 the model runs in eval mode with every *earlier* layer already holding its precise statistics, and the
-input of layer ``k`` is captured by a Flax method interceptor (no change to the model is needed). The
-per-batch moments of that input are merged with Chan's count-weighted formula
-(:func:`bnjax.statistics.merge_moments`), so the result is the exact mean and variance over all elements of
-all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
+input of layer ``k`` is recorded by a layer tap (:func:`bnjax.taps.run_tapped`; no change to the model is
+needed). The per-batch moments of that input are merged with Chan's count-weighted formula
+(:func:`bnjax.statistics.merge_moments`), so the result is the exact mean and variance over all elements
+of all batches, whatever the batch sizes (an uneven last batch counts by its size). Layer ``k``'s input depends
 only on layers called before it, so each layer's statistics are those of the model whose earlier layers use
 precise statistics: the definition. It costs one pass over the batches per BN layer.
 
-Frameworks. Only finding the BN layers, reading a layer's input and writing its statistics depend on the
-framework (:class:`BNTaps`); the loop above is shared. Linen models are tapped here with
-``flax.linen.intercept_methods``; NNX and Equinox models through :func:`bnjax.as_functional`, whose ``apply``
-implements :class:`BNTaps`.
+Frameworks. The layer taps serve linen models (``flax.linen.intercept_methods``) and NNX and Equinox models
+(through :func:`bnjax.as_functional`, whose ``apply`` wraps the layers); only which layers are BN layers and
+how their statistics are written depend on the framework (:class:`BNTaps`). The loop above is shared.
 """
 
 from __future__ import annotations
@@ -35,54 +34,38 @@ from tqdm.auto import tqdm
 from bnjax.batchnorm import batch_moments
 from bnjax.module import BatchNorm
 from bnjax.statistics import Moments, merge_moments
+from bnjax.taps import path_name, run_tapped
 
 ApplyFn = Callable[[Any, Any], Any]
 BATCH_NORM_TYPES: tuple[type, ...] = (BatchNorm, nn.BatchNorm)
 
 
 class BNTaps(Protocol):
-    """How :func:`precise_batch_stats` reaches a model's BN layers (the model runs in eval mode throughout).
+    """What :func:`precise_batch_stats` needs of a framework beyond recording layer inputs
+    (:func:`bnjax.taps.run_tapped`, which serves every framework).
 
-    ``bn_layers(variables, batch)``: the layers' paths (tuples naming them) in call order, found by tracing.
-    ``bn_input_moments(variables, batch, path)``: the :class:`~bnjax.statistics.Moments` of layer ``path``'s
-    input on ``batch`` (jittable). ``write_bn_stats(batch_stats, path, acc)``: a new ``batch_stats`` with
-    layer ``path``'s mean and variance set from the merged moments ``acc`` (the input is not modified).
+    ``is_batch_norm(path, layer)``: whether a layer is a BN layer whose statistics can be written (it may
+    raise for an unsupported BN type). ``bn_axis(layer)``: the feature axis (or axes) of a BN layer's recorded
+    input. ``write_bn_stats(batch_stats, path, acc)``: a new ``batch_stats`` with layer ``path``'s mean and
+    variance set from the merged moments ``acc`` (the input is not modified). The ``apply`` of
+    :func:`bnjax.as_functional` implements it for NNX and Equinox; linen models get :class:`_LinenBN`.
     """
 
-    def bn_layers(self, variables: Mapping[str, Any], batch: Any) -> tuple[tuple, ...]: ...
+    def is_batch_norm(self, path: tuple, layer: Any) -> bool: ...
 
-    def bn_input_moments(self, variables: Mapping[str, Any], batch: Any, path: tuple) -> Moments: ...
+    def bn_axis(self, layer: Any) -> Any: ...
 
     def write_bn_stats(self, batch_stats: Any, path: tuple, acc: Moments) -> Any: ...
 
 
-class _LinenTaps:
-    """:class:`BNTaps` of a linen ``apply_fn(variables, batch)``, by method interception."""
+class _LinenBN:
+    """:class:`BNTaps` of a linen model: ``bnjax.BatchNorm`` and ``flax.linen.BatchNorm`` layers."""
 
-    def __init__(self, apply_fn: ApplyFn):
-        self.apply_fn = apply_fn
+    def is_batch_norm(self, path, layer):
+        return isinstance(layer, BATCH_NORM_TYPES)
 
-    def bn_layers(self, variables, batch):
-        return batch_norm_layers(self.apply_fn, variables, batch)
-
-    def bn_input_moments(self, variables, batch, path):
-        captured: list[Moments] = []
-
-        def capture(next_fun, args, kwargs, context):
-            module = context.module
-            if (
-                context.method_name == "__call__"
-                and isinstance(module, BATCH_NORM_TYPES)
-                and tuple(module.scope.path) == path
-            ):
-                x = args[0] if args else kwargs["x"]
-                captured.append(batch_moments(x, axis=module.axis, mask=kwargs.get("mask")))
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(capture):
-            self.apply_fn(variables, batch)
-        (moments,) = captured
-        return moments
+    def bn_axis(self, layer):
+        return layer.axis
 
     def write_bn_stats(self, batch_stats, path, acc):
         return write_dict_stats(batch_stats, path, acc)
@@ -93,31 +76,41 @@ def add_bn_layer(paths: list, path: tuple) -> None:
     layer called more than once per forward pass has no well-defined population statistics."""
     if path in paths:
         raise ValueError(
-            f"The BN layer {'/'.join(map(str, path))} is called more than once per forward pass; precise "
+            f"The BN layer {path_name(path)} is called more than once per forward pass; precise "
             "statistics need each BN layer to see one input per pass. Use separate BN modules."
         )
     paths.append(path)
 
 
-def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple[str, ...], ...]:
-    """Paths (tuples of module names, as in ``variables["batch_stats"]``) of the BN layers, in call order.
+def _bn_access(apply_fn: ApplyFn) -> tuple[BNTaps, dict[str, Any]]:
+    """The :class:`BNTaps` of ``apply_fn`` and the keyword arguments that run it in eval mode."""
+    if hasattr(apply_fn, "write_bn_stats"):  # the apply of bnjax.as_functional
+        return cast(BNTaps, apply_fn), {"train": False}
+    return _LinenBN(), {}
+
+
+def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: Any) -> tuple[tuple, ...]:
+    """Paths (as in ``variables["batch_stats"]``) of the BN layers, in call order.
 
     ``apply_fn(variables, batch)`` is traced once (``jax.eval_shape``; nothing is computed). BN layers are
-    instances of ``bnjax.BatchNorm`` or ``flax.linen.BatchNorm``.
+    instances of ``bnjax.BatchNorm`` or ``flax.linen.BatchNorm`` for a linen model; for the ``apply`` of
+    :func:`bnjax.as_functional`, ``bnjax.nnx.BatchNorm`` and ``flax.nnx.BatchNorm`` (NNX) or
+    ``bnjax.equinox.BatchNorm`` (Equinox).
 
     Raises:
       ValueError: if a BN layer is called more than once per forward pass (its statistics would mix inputs
         computed before and after its own update, so they are not well defined).
     """
-    paths: list[tuple[str, ...]] = []
+    bn, eval_kwargs = _bn_access(apply_fn)
+    paths: list[tuple] = []
 
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, BATCH_NORM_TYPES):
-            add_bn_layer(paths, tuple(context.module.scope.path))
-        return next_fun(*args, **kwargs)
+    def trace(v, b):
+        run = run_tapped(apply_fn, bn.is_batch_norm, v, b, **eval_kwargs)
+        for call in run.calls:
+            add_bn_layer(paths, call.path)
+        return run.outputs
 
-    with nn.intercept_methods(record):
-        jax.eval_shape(apply_fn, variables, batch)
+    jax.eval_shape(trace, variables, batch)
     return tuple(paths)
 
 
@@ -135,7 +128,7 @@ def precise_batch_stats(
       apply_fn: ``apply_fn(variables, batch)`` runs the model in *eval* mode (every BN layer with
         ``use_running_average=True``), e.g. ``lambda v, b: model.apply(v, b["x"], train=False)``. Whatever
         it returns is ignored. It must not request mutable collections. For an NNX or Equinox model, pass
-        the ``apply`` of :func:`bnjax.as_functional` (it taps the BN layers itself, see :class:`BNTaps`);
+        the ``apply`` of :func:`bnjax.as_functional` (it implements :class:`BNTaps`);
         ``batch`` is then what the model is called on.
       variables: the model's variables with ``params`` and ``batch_stats``; not modified.
       batches: the data, iterated once per BN layer: a re-iterable collection (list, tuple) or a
@@ -173,15 +166,15 @@ def precise_batch_stats(
     ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}.")
 
-    taps: BNTaps = cast(BNTaps, apply_fn) if hasattr(apply_fn, "bn_input_moments") else _LinenTaps(apply_fn)
-    layers = taps.bn_layers(variables, first)
+    bn, _ = _bn_access(apply_fn)
+    layers = batch_norm_layers(apply_fn, variables, first)
     stats = variables["batch_stats"]
     bar_total = None if num_batches is None else num_batches * len(layers)
     if bar_total is None and isinstance(batches, Sized):
         bar_total = len(batches) * len(layers)
     with tqdm(total=bar_total, disable=not progress, desc="precise BN", unit="batch") as bar:
         for path in layers:
-            step = jax.jit(_accumulate_step(taps, path))
+            step = jax.jit(_accumulate_step(apply_fn, path))
             acc, finite = None, []
             for i, batch in enumerate(make_iter()):
                 if num_batches is not None and i >= num_batches:
@@ -191,17 +184,17 @@ def precise_batch_stats(
                 bar.update(1)
             if acc is None:
                 raise ValueError(
-                    f"batches yielded no batch for layer {'/'.join(path)}, though the first pass had one: a "
+                    f"batches yielded no batch for layer {path_name(path)}, though the first pass had one: a "
                     "callable must return a fresh iterator over the same batches on every call."
                 )
             _check_finite(path, np.asarray(jnp.stack(finite)), acc)
-            stats = taps.write_bn_stats(stats, path, acc)
+            stats = bn.write_bn_stats(stats, path, acc)
     return stats
 
 
-def _check_finite(path: tuple[str, ...], finite: np.ndarray, acc: Moments) -> None:
+def _check_finite(path: tuple, finite: np.ndarray, acc: Moments) -> None:
     """Raise naming the batches whose statistics at layer ``path`` were non-finite, or an overflow."""
-    layer = "/".join(map(str, path))
+    layer = path_name(path)
     bad = np.flatnonzero(~finite)
     if bad.size:
         raise ValueError(
@@ -237,11 +230,14 @@ def _batch_source(batches) -> Callable[[], Iterable[Any]]:
     return lambda: batches
 
 
-def _accumulate_step(taps: BNTaps, path: tuple):
+def _accumulate_step(apply_fn: ApplyFn, path: tuple):
     """``(acc, variables, batch) -> acc`` merging the moments of layer ``path``'s input into ``acc``."""
+    bn, eval_kwargs = _bn_access(apply_fn)
 
     def step(acc: Moments | None, variables, batch) -> tuple[Moments, jax.Array]:
-        new = taps.bn_input_moments(variables, batch, path)
+        run = run_tapped(apply_fn, lambda p, layer: p == path, variables, batch, **eval_kwargs)
+        (call,) = run.calls
+        new = batch_moments(call.x, axis=bn.bn_axis(call.layer), mask=call.kwargs.get("mask"))
         finite = jnp.all((new.count == 0) | (jnp.isfinite(new.offset) & jnp.isfinite(new.m2)))
         if acc is None:
             return new, finite

@@ -9,10 +9,13 @@ one compilation along training.
 - :func:`smoothness`: loss landscape variation, gradient predictiveness, effective beta-smoothness along
   ``-grad L`` over a grid of step sizes (:func:`step_size_grid`), all step sizes in one vectorized call.
 - :func:`internal_covariate_shift`: per layer ``||G - G'||`` and ``cos(G, G')``, ``G'`` after the earlier
-  layers took the step's update; the layer order is an argument (:func:`module_call_order` finds it for
-  a Flax model).
-- :func:`activation_statistics` / :func:`capture_inputs`: per-layer input means, stds and histograms of a
-  Flax model, captured with ``flax.linen.intercept_methods``.
+  layers took the step's update; the layer order is an argument (:func:`module_call_order` finds it).
+- :func:`activation_statistics` / :func:`capture_inputs`: per-layer input means, stds and histograms,
+  recorded by layer taps (:mod:`bnjax.taps`) from the unmodified model.
+
+The per-layer helpers take a Flax linen ``apply`` and its variables, or for a Flax NNX module or an Equinox
+``(model, state)`` the ``apply`` and ``variables`` of :func:`bnjax.as_functional`: one code path serves the
+three frameworks.
 - :func:`interpolation`, :func:`slice_1d`, :func:`slice_2d`: loss slices; :func:`random_direction` and
   :func:`filter_normalize` give Li et al.'s filter-normalized directions.
 """

@@ -10,9 +10,11 @@ Layers: ``layers`` lists the top-level keys of the ``params`` dict in order, eac
 keys forming one layer (e.g. a Dense and its BatchNorm); every top-level key must belong to exactly one
 layer. The order is an argument because a dict's own order does not survive JAX: ``jax.tree.map``,
 ``optax.apply_updates`` and ``jax.jit`` rebuild dicts with *sorted* keys (``BatchNorm_0, BatchNorm_1,
-Dense_0, ...``). For a Flax model, :func:`bnjax.landscape.module_call_order` gives the order in which the
-top-level submodules are called; ``tuple(model.init(...)["params"])`` (creation order) also works when
-taken straight from ``init``, outside ``jit``.
+Dense_0, ...``). :func:`bnjax.landscape.module_call_order` gives the order in which the top-level submodules
+are called, for a linen ``model.apply`` and for the ``apply`` of :func:`bnjax.as_functional` (NNX and
+Equinox models); for a linen model ``tuple(model.init(...)["params"])`` (creation order) also works when
+taken straight from ``init``, outside ``jit``. ``params`` is a dict keyed by layer (linen, and NNX through
+:func:`bnjax.as_functional`), or an Equinox model's float leaves, whose layers are its fields.
 """
 
 from __future__ import annotations
@@ -46,18 +48,42 @@ class CovariateShiftResult(NamedTuple):
     shifted_grad_norm: jax.Array
 
 
+def layer_keys(params: PyTree) -> list[str]:
+    """The top-level keys of ``params`` that name its layers, in order: a dict's keys, or the names of the
+    fields holding arrays in an object with named fields (an Equinox model, as in ``as_functional``'s
+    ``variables["params"]``).
+
+    Raises:
+      TypeError: ``params`` is neither (e.g. a list or an array).
+    """
+    if isinstance(params, Mapping):
+        return list(params.keys())
+    keys: list[str] = []
+    for keypath, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not keypath or not isinstance(keypath[0], jax.tree_util.GetAttrKey):
+            raise TypeError(
+                "`params` must be keyed by layer name: a dict (e.g. variables['params'] of a Flax model) or a "
+                f"model with named fields (an Equinox model); got {type(params).__name__}."
+            )
+        if keypath[0].name not in keys:
+            keys.append(keypath[0].name)
+    return keys
+
+
+def _key_name(key: Any) -> Any:
+    """The name of a top-level pytree key (a dict key or a field name)."""
+    return key.name if isinstance(key, jax.tree_util.GetAttrKey) else key.key
+
+
 def layer_groups(params: PyTree, layers: Layers) -> tuple[tuple[str, ...], ...]:
     """The layers as tuples of top-level ``params`` keys, in order, validated (see module docstring).
 
     Args:
-      params: a dict of parameters keyed by layer (e.g. ``variables["params"]`` of a Flax model).
+      params: parameters keyed by layer: a dict (e.g. ``variables["params"]`` of a Flax
+        model) or an Equinox model's float leaves (``bnjax.as_functional(model, state).variables["params"]``).
       layers: a sequence whose entries are a key or a sequence of keys forming one layer.
     """
-    if not isinstance(params, Mapping):
-        raise TypeError(
-            f"`params` must be a dict keyed by layer name (e.g. variables['params']); got {type(params).__name__}."
-        )
-    keys = list(params.keys())
+    keys = layer_keys(params)
     if keys == ["params"]:
         raise ValueError(
             "`params` has the single top-level key 'params': pass variables['params'], not the whole "
@@ -66,11 +92,12 @@ def layer_groups(params: PyTree, layers: Layers) -> tuple[tuple[str, ...], ...]:
     if isinstance(layers, str) or not isinstance(layers, Sequence):
         raise TypeError(
             f"`layers` must be a sequence of keys (or of tuples of keys) of `params`, in order; got {layers!r}. "
-            "For a Flax model use bnjax.landscape.module_call_order(model.apply, variables, x)."
+            "For a model use bnjax.landscape.module_call_order(apply, variables, x, train=False) (a linen "
+            "model.apply, or the apply of bnjax.as_functional)."
         )
     groups = tuple((g,) if isinstance(g, str) else tuple(g) for g in layers)
     listed = [k for g in groups for k in g]
-    unknown = [k for k in listed if k not in params]
+    unknown = [k for k in listed if k not in keys]
     repeated = sorted({k for k in listed if listed.count(k) > 1})
     missing = [k for k in keys if k not in listed]
     if unknown or repeated or missing or any(not g for g in groups):
@@ -96,12 +123,14 @@ def internal_covariate_shift(
     Args:
       loss_fn: ``loss_fn(params, batch, *args) -> scalar`` (e.g. ``flax_curvature_fns(...).loss_fn``,
         ``args = (batch_stats,)``; with BN in train mode the batch statistics follow the updated layers).
-      params: the parameters before the step, a dict keyed by layer.
+      params: the parameters before the step, keyed by layer (a dict, or an Equinox
+        model's float leaves).
       batch: the minibatch of the step.
       *args: further arguments of ``loss_fn``, held fixed.
       updates: the step's update, a pytree like ``params`` (from ``optimizer.update(grads, opt_state,
         params)`` in optax; the parameters after the step are ``params + updates``).
-      layers: the layers in order, as top-level keys of ``params`` or tuples of them (see module docstring).
+      layers: the layers in order, as top-level keys of ``params`` or tuples of them (see module docstring;
+        :func:`bnjax.landscape.module_call_order` finds them for linen, NNX and Equinox models).
       chunk_size: evaluate this many layers' shifted gradients at a time; None vectorizes all of them.
 
     Returns:
@@ -110,7 +139,7 @@ def internal_covariate_shift(
     groups = layer_groups(params, layers)
     check_like(updates, params, name="updates")
     layer_of = {k: i for i, g in enumerate(groups) for k in g}
-    index = jax.tree_util.tree_map_with_path(lambda path, _: layer_of[path[0].key], params)
+    index = jax.tree_util.tree_map_with_path(lambda path, _: layer_of[_key_name(path[0])], params)
     num_layers = len(groups)
 
     def per_layer(tree: PyTree) -> jax.Array:
