@@ -197,7 +197,7 @@ def test_tracker_rmsprop_sharpness_matches_eigh_and_schedule_thresholds() -> Non
                 records.append(record)
         d = 1 / np.sqrt(np.asarray(ravel_pytree(cv.rule_preconditioner(rule, opt_state))[0]))
         flat, unravel = ravel_pytree(params)
-        h = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), x, y))(flat))
+        h = np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), x, y)))(flat))
     assert [r["step"] for r in records] == [0, 3, 6]
     for r in records:
         assert r["threshold"] == pytest.approx(2.0 / float(schedule(r["step"])), rel=1e-6)

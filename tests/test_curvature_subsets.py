@@ -30,9 +30,9 @@ def _bn_loss(p, x, y):
 
 
 def test_subset_operators_give_the_blocks_of_the_explicit_hessian() -> None:
-    """Each subset's operator, applied to the subset's basis vectors, is that block of jax.hessian's matrix; the
-    solvers run on subset vectors: Lanczos's top eigenvalue = eigh of the BN block, Hutch++ with rank = size
-    (exact) = the trace of the last layer's block."""
+    """Each subset's operator, applied to the subset's basis vectors, is that block of jax.hessian's matrix (so
+    its trace and diagonal are the block's), and the solvers run on subset vectors: Lanczos's top eigenvalue =
+    eigh of the BN block."""
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(0), 5)
         normal = lambda k, shape: jax.random.normal(k, shape, jnp.float64)
@@ -43,7 +43,7 @@ def test_subset_operators_give_the_blocks_of_the_explicit_hessian() -> None:
         }
         x, y = normal(keys[4], (16, 4)), jnp.linspace(-1, 1, 32).reshape(16, 2)
         flat, unravel = ravel_pytree(params)
-        h = np.asarray(jax.hessian(lambda f: _bn_loss(unravel(f), x, y))(flat))
+        h = np.asarray(jax.jit(jax.hessian(lambda f: _bn_loss(unravel(f), x, y)))(flat))
         hessian = cv.hessian_matvec(_bn_loss)
         bn = cv.param_subset(params, cv.batchnorm_params())
         assert bn.paths == ("BatchNorm_0/bias", "BatchNorm_0/scale") and bn.size == 12
@@ -62,18 +62,12 @@ def test_subset_operators_give_the_blocks_of_the_explicit_hessian() -> None:
         mv_bn = cv.subset_matvec(hessian, bn)
         v0 = bn.restrict(cv.random_like(jax.random.key(1), params))
         top = cv.lanczos_top(mv_bn, v0, params, x, y, tol=1e-10, residual_tol=1e-8, max_iters=12, linearize_budget=0)
-        last = cases["dense_1"]
-        like = last.restrict(params)
-        trace = cv.hutchpp_trace(
-            cv.subset_matvec(hessian, last), jax.random.key(2), like, params, x, y, rank=14, num_samples=2
-        )
     blocks = {name: h[np.ix_(*2 * [_block_indices(params, s)])] for name, s in cases.items()}
     for name in cases:
         np.testing.assert_allclose(dense[name], blocks[name], rtol=1e-10, atol=1e-12, err_msg=name)
     assert bool(top.converged)
     np.testing.assert_allclose(float(top.eigenvalue), np.linalg.eigvalsh(blocks["bn"])[-1], rtol=1e-7)
     assert jax.tree.structure(top.eigenvector) == jax.tree.structure(v0)
-    np.testing.assert_allclose(float(trace.trace), np.trace(blocks["dense_1"]), rtol=1e-9)
     # A block is not the whole: the BN block's top eigenvalue is below the full Hessian's.
     assert float(top.eigenvalue) < np.linalg.eigvalsh(h)[-1] * (1 - 1e-3)
 
@@ -193,16 +187,16 @@ def test_hutchpp_exact_on_low_rank_and_equal_to_matfree_on_the_deflated_part() -
 def test_hutchpp_unbiased_and_beats_hutchinson_at_equal_cost() -> None:
     """Over many keys: Hutch++'s mean is within 4 standard errors of tr(A), its stderr matches its spread, and
     on a decaying spectrum its mean squared error is far below the exact variance of Hutchinson's estimator
-    with the same number of matvecs (30)."""
-    n, trials = 40, 200
+    with the same number of matvecs (2 * 5 + 6 = 16)."""
+    n, trials = 40, 100
     a_np = _symmetric(n, 3, 10.0 / np.arange(1, n + 1) ** 2)
     exact = float(np.trace(a_np))
-    hutchinson_var = 2 * (np.sum(a_np**2) - np.sum(np.diag(a_np) ** 2)) / 30
+    hutchinson_var = 2 * (np.sum(a_np**2) - np.sum(np.diag(a_np) ** 2)) / 16
     with jax.enable_x64(True):
         a, like = jnp.asarray(a_np), jnp.zeros(n)
-        keys = jax.random.split(jax.random.key(9), trials)
-        pp = jax.vmap(lambda k: cv.hutchpp_trace(_matvec, k, like, a, rank=10, num_samples=10))(keys)
-    pp_est = np.asarray(pp.trace)
+        # The shapes of the test above: one compiled program serves both.
+        runs = [cv.hutchpp_trace(_matvec, jax.random.key(i), like, a, rank=5, num_samples=6) for i in range(trials)]
+    pp_est = np.array([float(r.trace) for r in runs])
     assert abs(pp_est.mean() - exact) < 4 * pp_est.std(ddof=1) / np.sqrt(trials)
-    np.testing.assert_allclose(np.mean(np.asarray(pp.stderr)), pp_est.std(), rtol=0.5)
+    np.testing.assert_allclose(np.mean([float(r.stderr) for r in runs]), pp_est.std(), rtol=0.5)
     assert np.mean((pp_est - exact) ** 2) < 0.1 * hutchinson_var

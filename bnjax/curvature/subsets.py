@@ -14,9 +14,9 @@ spectral density of that block, with no change to the solvers:
 ...           "bias": jnp.zeros(4)}, "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
 >>> x = jax.random.normal(jax.random.key(0), (8, 3))
 >>> def loss_fn(p, x):
-...     h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
-...     h = jnp.tanh(h * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"])
-...     return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]) ** 2)
+...     h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None]
+...     h = jnp.tanh(h * p["BatchNorm_0"]["scale"][None] + p["BatchNorm_0"]["bias"][None])
+...     return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"][None]) ** 2)
 >>> bn = cv.param_subset(params, cv.batchnorm_params())
 >>> bn.size, bn.paths
 (8, ('BatchNorm_0/bias', 'BatchNorm_0/scale'))
