@@ -1,5 +1,5 @@
 """Curvature toolkit: Hessian/GGN-vector products, chunked data-set operators, eigen-solvers, trace and
-spectral density, and an edge-of-stability tracker.
+spectral density, parameter-subset (per-layer) operators, and an edge-of-stability tracker.
 
 All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vectors (matfree's convention:
 parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
@@ -10,7 +10,15 @@ tracker take ``shards`` for data sharded over devices (data-parallel chunks; :fu
 :func:`data_shards`).
 """
 
-from bnjax.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, slq_density
+from bnjax.curvature.density import (
+    DiagonalEstimate,
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    slq_density,
+)
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     EigenResult,
@@ -30,12 +38,16 @@ from bnjax.curvature.eos import (
     TrackerState,
     adam_preconditioner,
     adam_rule,
+    adamw_rule,
     gd_rule,
     heavy_ball_rule,
     load_records,
+    nesterov_rule,
     plot_records,
     preconditioned_matvec,
     records_to_arrays,
+    rmsprop_rule,
+    rule_preconditioner,
     save_records,
 )
 from bnjax.curvature.hvp import Matvec, ggn_matvec, gnvp, hessian_matvec, hvp
@@ -51,8 +63,27 @@ from bnjax.curvature.operators import (
     dataset_value_and_grad,
     flax_curvature_fns,
 )
+from bnjax.curvature.subsets import (
+    ParamSubset,
+    batchnorm_params,
+    everything_but,
+    layer,
+    param_subset,
+    path_names,
+    subset_matvec,
+)
 
 __all__ = [
+    "DiagonalEstimate",
+    "ParamSubset",
+    "batchnorm_params",
+    "everything_but",
+    "hutchinson_diagonal",
+    "hutchpp_trace",
+    "layer",
+    "param_subset",
+    "path_names",
+    "subset_matvec",
     "DEFAULT_LINEARIZE_BUDGET",
     "EigenResult",
     "EoSTracker",
@@ -60,12 +91,16 @@ __all__ = [
     "TrackerState",
     "adam_preconditioner",
     "adam_rule",
+    "adamw_rule",
     "gd_rule",
     "heavy_ball_rule",
     "load_records",
+    "nesterov_rule",
     "plot_records",
     "preconditioned_matvec",
     "records_to_arrays",
+    "rmsprop_rule",
+    "rule_preconditioner",
     "save_records",
     "FlaxCurvatureFns",
     "LanczosDecomposition",

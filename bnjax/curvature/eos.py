@@ -1,12 +1,18 @@
 """Edge-of-stability tracking: sharpness vs the optimizer's stability threshold along any training loop.
 
-Thresholds (Cohen et al. 2021, 2022), for learning rate ``eta``:
+Thresholds (Cohen et al. 2021, 2022; each rule's docstring derives its own from the optimizer's update on a
+quadratic), for learning rate ``eta``:
 
 * gradient descent: ``2 / eta``;
-* heavy-ball momentum ``beta``: ``(2 + 2 beta) / eta``;
-* Adam (``beta1``): the *preconditioned* sharpness, top eigenvalue of ``P^{-1/2} H P^{-1/2}`` with
-  ``P = diag(sqrt(v_hat) + eps)`` from Adam's state, against ``(2 + 2 beta1) / ((1 - beta1) eta)``
-  (``38 / eta`` for ``beta1 = 0.9``).
+* heavy-ball momentum ``beta``: ``(2 + 2 beta) / eta``; Nesterov momentum: ``(2 + 2 beta) / ((1 + 2 beta) eta)``;
+* RMSProp: the *preconditioned* sharpness, top eigenvalue of ``P^{-1/2} H P^{-1/2}`` with RMSProp's
+  ``P = diag(sqrt(nu + eps))``, against ``2 / eta``;
+* Adam (``beta1``): the preconditioned sharpness with ``P = diag(sqrt(v_hat) + eps)`` from Adam's state,
+  against ``(2 + 2 beta1) / ((1 - beta1) eta)`` (``38 / eta`` for ``beta1 = 0.9``); AdamW with decoupled
+  weight decay ``wd``: the same, lowered by ``wd (1 + beta1) / (1 - beta1)``.
+
+``eta`` (and AdamW's ``wd``) may be optax schedules: each record's threshold is the one at its step
+(:meth:`StabilityRule.threshold_at`).
 
 Usage (any loop; ``loss_fn(params, *args) -> scalar`` is the *full-batch* training loss), here on a tiny
 model with full-batch gradient descent:
@@ -68,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -75,7 +82,6 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bnjax import loops
 from bnjax._validate import check_bool, check_like, check_positive_int
@@ -97,64 +103,320 @@ from bnjax.curvature.operators import data_shards, dataset_hessian_matvec, datas
 PyTree = Any
 
 
-class StabilityRule(NamedTuple):
-    """Which sharpness to measure for an optimizer, and its stability threshold."""
-
-    name: str  # "gd" | "heavy_ball" | "adam"
-    threshold: float  # the sharpness at which the optimizer's quadratic model becomes unstable
-    preconditioned: bool  # True: sharpness of P^{-1/2} H P^{-1/2} with Adam's P (needs opt_state)
-    b2: float = 0.999  # Adam's beta2 (bias correction of nu)
-    eps: float = 1e-8  # Adam's eps (added to sqrt(v_hat))
+Schedule = Callable[[Any], Any]  # an optax schedule: step (int) -> learning rate (scalar)
 
 
-def _check_lr(lr: float) -> float:
-    if not isinstance(lr, (int, float, np.integer, np.floating)) or not lr > 0:
-        raise ValueError(f"The learning rate must be a positive number (a schedule is not supported); got {lr!r}.")
+@dataclasses.dataclass(frozen=True)
+class StabilityRule:
+    """Which sharpness to measure for an optimizer, and its stability threshold at each step.
+
+    The threshold at step ``t`` is ``coefficient / lr(t) - decay_coefficient * weight_decay(t)``, where ``lr``
+    and ``weight_decay`` are constants or optax schedules (``step -> value``). Build rules with
+    :func:`gd_rule`, :func:`heavy_ball_rule`, :func:`nesterov_rule`, :func:`rmsprop_rule`, :func:`adam_rule`
+    or :func:`adamw_rule`, whose docstrings derive each threshold; the tracker records
+    :meth:`threshold_at` of every checkpoint's step.
+    """
+
+    name: str  # "gd" | "heavy_ball" | "nesterov" | "rmsprop" | "adam" | "adamw"
+    learning_rate: float | Schedule  # constant, or an optax schedule step -> lr
+    coefficient: float  # c in c / lr: the threshold at weight decay 0 times the learning rate
+    preconditioner: str | None = None  # None (plain sharpness) | "adam" | "rms": whose P to read from opt_state
+    b2: float = 0.999  # decay of the second moment (Adam's b2, RMSProp's decay): bias correction of nu
+    eps: float = 1e-8  # Adam: added to sqrt(nu_hat); RMSProp: added inside or outside the root (eps_in_sqrt)
+    eps_root: float = 0.0  # Adam only: added to nu_hat inside the square root
+    eps_in_sqrt: bool = True  # RMSProp only: P = sqrt(nu_hat + eps) (True, optax's default) or sqrt(nu_hat) + eps
+    weight_decay: float | Schedule = 0.0  # decoupled weight decay (AdamW), constant or schedule
+    decay_coefficient: float = 0.0  # d: how much one unit of weight decay lowers the threshold
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the rule measures the preconditioned sharpness ``P^{-1/2} H P^{-1/2}`` (needs ``opt_state``)."""
+        return self.preconditioner is not None
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate or the weight decay is a schedule (then the threshold depends on the step)."""
+        return callable(self.learning_rate) or callable(self.weight_decay)
+
+    def threshold_at(self, step: int) -> float:
+        """The stability threshold at ``step``, using that step's learning rate (and weight decay).
+
+        ``step`` is the count the optax schedule is called with for the update being analysed: the loop index
+        of the tracker's examples (``optax.sgd(schedule)`` uses ``schedule(step)`` in its ``step``-th update,
+        counting from 0). A learning rate of 0 gives ``inf`` (every curvature is stable).
+        """
+        lr = _value_at(self.learning_rate, step, "learning_rate")
+        wd = _value_at(self.weight_decay, step, "weight_decay")
+        if lr == 0:
+            return math.inf
+        return self.coefficient / lr - self.decay_coefficient * wd
+
+    @property
+    def threshold(self) -> float:
+        """The threshold of a constant learning rate and weight decay (for a schedule use :meth:`threshold_at`)."""
+        if self.scheduled:
+            raise TypeError(
+                f"The {self.name!r} rule has a schedule, so its threshold depends on the step: call "
+                "`rule.threshold_at(step)` instead of `rule.threshold`."
+            )
+        return self.threshold_at(0)
+
+
+def _value_at(value: float | Schedule, step: int, name: str) -> float:
+    """A constant or a schedule's value at ``step``, checked to be a finite number >= 0."""
+    out = value(step) if callable(value) else value
+    try:
+        out = float(np.asarray(out))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"The {name} schedule must return a scalar; at step {step} it returned {out!r}.") from e
+    if not (math.isfinite(out) and out >= 0):
+        raise ValueError(f"The {name} at step {step} must be a finite number >= 0; got {out!r}.")
+    return out
+
+
+def _check_lr(lr: Any, name: str = "lr") -> float | Schedule:
+    """A positive number as a float, or a schedule (callable ``step -> value``), checked at step 0."""
+    if callable(lr):
+        _value_at(lr, 0, name)
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not lr > 0:
+        raise ValueError(
+            f"The learning rate `{name}` must be a positive number or an optax schedule (a callable step -> lr); "
+            f"got {lr!r}."
+        )
     return float(lr)
 
 
-def gd_rule(lr: float) -> StabilityRule:
-    """Full-batch gradient descent: threshold ``2 / lr``."""
-    return StabilityRule("gd", 2.0 / _check_lr(lr), False)
+def _check_beta(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be in [0, 1); got {value!r}.")
+    return float(value)
 
 
-def heavy_ball_rule(lr: float, beta: float) -> StabilityRule:
-    """Heavy-ball momentum (``optax.sgd(lr, momentum=beta)``): threshold ``(2 + 2 beta) / lr``."""
-    if not 0 <= beta < 1:
-        raise ValueError(f"`beta` must be in [0, 1); got {beta!r}.")
-    return StabilityRule("heavy_ball", (2.0 + 2.0 * beta) / _check_lr(lr), False)
+def _check_eps(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
+        raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
+    return float(value)
 
 
-def adam_rule(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> StabilityRule:
-    """Adam: preconditioned sharpness against ``(2 + 2 b1) / ((1 - b1) lr)`` (``38 / lr`` for ``b1 = 0.9``)."""
-    if not 0 <= b1 < 1 or not 0 <= b2 < 1:
-        raise ValueError(f"`b1` and `b2` must be in [0, 1); got b1={b1!r}, b2={b2!r}.")
-    return StabilityRule("adam", (2.0 + 2.0 * b1) / ((1.0 - b1) * _check_lr(lr)), True, float(b2), float(eps))
+def _momentum_coefficient(momentum: float | None, nesterov: bool, name: str = "momentum") -> float:
+    """``c`` of the threshold ``c / lr`` of (preconditioned) GD with optax's ``trace(momentum, nesterov)``."""
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"`nesterov` must be a bool; got {nesterov!r}.")
+    if momentum is None:
+        if nesterov:
+            raise ValueError("`nesterov=True` needs a `momentum` (as in optax).")
+        return 2.0
+    beta = _check_beta(momentum, name)
+    return (2.0 + 2.0 * beta) / (1.0 + 2.0 * beta) if nesterov else 2.0 + 2.0 * beta
 
 
-def adam_preconditioner(opt_state: Any, b2: float = 0.999, eps: float = 1e-8) -> PyTree:
-    """Adam's diagonal preconditioner ``P = sqrt(nu / (1 - b2**count)) + eps`` from an optax state.
+def gd_rule(lr: float | Schedule) -> StabilityRule:
+    """Full-batch gradient descent (``optax.sgd(lr)``): sharpness against ``2 / lr``.
 
-    Finds the ``ScaleByAdamState`` inside ``opt_state`` (``optax.adam``, ``optax.adamw``, chains). ``P`` is the
-    one used by the most recent update. Before the first update ``nu = 0`` and ``P = eps``: measure after at
-    least one step. Returns a pytree like the parameters.
+    Derivation (Cohen et al. 2021, §2): on the quadratic model ``L(x) = x^T H x / 2`` gradient descent is
+    ``x <- (I - lr H) x``; along an eigenvector of ``H`` with eigenvalue ``a`` the factor is ``1 - lr a``,
+    whose modulus exceeds 1 (divergence) exactly when ``a > 2 / lr``. ``lr`` may be an optax schedule: the
+    threshold at a step uses that step's learning rate (:meth:`StabilityRule.threshold_at`).
     """
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, "nu")
-    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
-    if len(found) != 1 or not counts:
+    return StabilityRule("gd", _check_lr(lr), 2.0)
+
+
+def heavy_ball_rule(lr: float | Schedule, beta: float) -> StabilityRule:
+    """Heavy-ball momentum (``optax.sgd(lr, momentum=beta)``): sharpness against ``(2 + 2 beta) / lr``.
+
+    Derivation (Cohen et al. 2021, Appendix on momentum): optax's update is ``m <- beta m + g``,
+    ``x <- x - lr m``. With ``g = a x`` along an eigenvector of ``H`` the pair ``(x, m)`` follows a linear
+    recurrence with characteristic polynomial ``p(z) = z^2 - (1 + beta - lr a) z + beta``. Its roots leave the
+    unit disc through ``z = -1`` when ``p(-1) = 2 + 2 beta - lr a`` turns negative (the other Jury conditions,
+    ``p(1) = lr a > 0`` and ``beta < 1``, hold), i.e. when ``a > (2 + 2 beta) / lr``.
+    """
+    return StabilityRule("heavy_ball", _check_lr(lr), _momentum_coefficient(beta, False, "beta"))
+
+
+def nesterov_rule(lr: float | Schedule, beta: float) -> StabilityRule:
+    """Nesterov momentum (``optax.sgd(lr, momentum=beta, nesterov=True)``): ``(2 + 2 beta) / ((1 + 2 beta) lr)``.
+
+    Derivation (the value Cohen et al. 2021 give for Nesterov momentum in their appendix on momentum): optax's
+    update is ``m <- g + beta m``, ``x <- x - lr (g + beta m)`` (the new ``m``). With ``g = a x`` the pair
+    ``(x, m)`` has the recurrence matrix ``[[1 - lr a (1 + beta), -lr beta^2], [a, beta]]`` and characteristic
+    polynomial ``p(z) = z^2 - (1 + beta)(1 - lr a) z + beta (1 - lr a)``. ``p(1) = lr a > 0``, and the constant
+    term ``beta (1 - lr a)`` has modulus below 1 up to ``lr a = 1 + 1 / beta``; the first condition to fail is
+    ``p(-1) = 1 + (1 + 2 beta)(1 - lr a) > 0``, at ``a = (2 + 2 beta) / ((1 + 2 beta) lr)`` (``1.357 / lr`` for
+    ``beta = 0.9``, against ``3.8 / lr`` for heavy ball: the look-ahead makes the method less tolerant of
+    curvature). ``beta = 0`` gives gradient descent's ``2 / lr``.
+    """
+    return StabilityRule("nesterov", _check_lr(lr), _momentum_coefficient(beta, True, "beta"))
+
+
+def rmsprop_rule(
+    lr: float | Schedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    *,
+    eps_in_sqrt: bool = True,
+    momentum: float | None = None,
+    nesterov: bool = False,
+) -> StabilityRule:
+    """RMSProp (``optax.rmsprop``, same arguments): preconditioned sharpness against ``2 / lr`` (no momentum).
+
+    The preconditioner is RMSProp's ``P = sqrt(nu_hat + eps)`` (``eps_in_sqrt=True``, optax's default) or
+    ``sqrt(nu_hat) + eps``, with ``nu_hat = nu`` (optax.rmsprop does no bias correction by default) or
+    ``nu / (1 - decay**count)`` with ``bias_correction=True`` (read from the state, which then has a count);
+    ``centered=True`` uses ``nu_hat - mu_hat**2``. See :func:`adam_preconditioner`.
+
+    Derivation (Cohen et al. 2022, §3, who treat RMSProp as Adam with ``b1 = 0``): over the few steps in which
+    ``P`` barely changes, RMSProp on the quadratic model is ``x <- x - lr P^{-1} H x``, i.e. gradient descent
+    on ``y = P^{1/2} x`` with the matrix ``P^{-1/2} H P^{-1/2}``; it is stable while that matrix's top
+    eigenvalue (the preconditioned sharpness) is below ``2 / lr``. With ``momentum`` optax applies
+    ``trace(momentum, nesterov)`` after the preconditioning and the learning rate, so the recurrence is heavy
+    ball (``(2 + 2 momentum) / lr``) or Nesterov (``(2 + 2 momentum) / ((1 + 2 momentum) lr)``) on ``y``; see
+    :func:`heavy_ball_rule` and :func:`nesterov_rule`.
+    """
+    if not isinstance(eps_in_sqrt, bool):
+        raise TypeError(f"`eps_in_sqrt` must be a bool; got {eps_in_sqrt!r}.")
+    coefficient = _momentum_coefficient(momentum, nesterov)
+    return StabilityRule(
+        "rmsprop", _check_lr(lr), coefficient, "rms", _check_beta(decay, "decay"), _check_eps(eps, "eps"),
+        eps_in_sqrt=eps_in_sqrt,
+    )  # fmt: skip
+
+
+def adam_rule(
+    lr: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0
+) -> StabilityRule:
+    """Adam (``optax.adam``): preconditioned sharpness against ``(2 + 2 b1) / ((1 - b1) lr)`` (``38 / lr`` at 0.9).
+
+    Derivation (Cohen et al. 2022, §3): with the preconditioner ``P = sqrt(nu_hat + eps_root) + eps`` held
+    fixed, Adam on the quadratic model is ``m <- b1 m + (1 - b1) H x``, ``x <- x - lr P^{-1} m_hat``; the bias
+    correction ``m_hat = m / (1 - b1**t)`` tends to ``m``, so for large ``t`` this is heavy-ball momentum
+    ``b1`` with learning rate ``(1 - b1) lr`` on ``y = P^{1/2} x`` and the matrix ``P^{-1/2} H P^{-1/2}``
+    (rescale ``m``), whose threshold (:func:`heavy_ball_rule`) is ``(2 + 2 b1) / ((1 - b1) lr)``.
+    """
+    b1, b2 = _check_beta(b1, "b1"), _check_beta(b2, "b2")
+    coefficient = (2.0 + 2.0 * b1) / (1.0 - b1)
+    return StabilityRule(
+        "adam", _check_lr(lr), coefficient, "adam", b2, _check_eps(eps, "eps"), _check_eps(eps_root, "eps_root")
+    )
+
+
+def adamw_rule(
+    lr: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float | Schedule = 1e-4,
+    eps_root: float = 0.0,
+) -> StabilityRule:
+    """AdamW (``optax.adamw``, same arguments and defaults): against ``(1 + b1)(2 - lr wd) / ((1 - b1) lr)``.
+
+    The measured quantity is Adam's preconditioned sharpness (the top eigenvalue of ``P^{-1/2} H P^{-1/2}``,
+    the weight decay not included); the decay lowers the threshold by ``wd (1 + b1) / (1 - b1)``:
+    ``threshold = (2 + 2 b1) / ((1 - b1) lr) - wd (1 + b1) / (1 - b1)`` (``38 / lr - 19 wd`` at ``b1 = 0.9``).
+
+    Derivation (Adam's quadratic model of Cohen et al. 2022, §3, with Loshchilov & Hutter's decoupled decay):
+    optax's AdamW update is ``x <- x - lr (m_hat / P + wd x)``: the decay acts on ``x`` at every step, outside
+    the momentum average. With ``P`` fixed and ``y = P^{1/2} x``, along an eigenvector of
+    ``P^{-1/2} H P^{-1/2}`` with eigenvalue ``a`` (the decay term ``wd y`` shares the eigenvectors):
+    ``m <- b1 m + (1 - b1) a y``, ``y <- (1 - lr wd) y - lr m``. The characteristic polynomial is
+    ``z^2 - (1 + b1 - lr wd - lr (1 - b1) a) z + b1 (1 - lr wd)``; ``p(1) = lr (1 - b1)(a + wd) > 0`` and the
+    constant term is below 1, so stability ends at ``p(-1) = (1 + b1)(2 - lr wd) - lr (1 - b1) a = 0``. So it
+    is *not* the effective operator ``P^{-1/2} H P^{-1/2} + wd I`` against Adam's threshold (true only for
+    ``b1 = 0``): it is ``P^{-1/2} H P^{-1/2} + wd (1 + b1) / (1 - b1) I``, because the gradient enters each step
+    with weight ``1 - b1`` and the decay with weight 1. ``lr wd >= 2`` is unstable at any curvature (threshold
+    <= 0). The rule assumes the decay applies to every parameter (no ``mask``); ``weight_decay`` may be a
+    schedule, like ``lr``.
+    """
+    b1, b2 = _check_beta(b1, "b1"), _check_beta(b2, "b2")
+    wd = weight_decay if callable(weight_decay) else _check_eps(weight_decay, "weight_decay")
+    if callable(wd):
+        _value_at(wd, 0, "weight_decay")
+    coefficient = (2.0 + 2.0 * b1) / (1.0 - b1)
+    return StabilityRule(
+        "adamw", _check_lr(lr), coefficient, "adam", b2, _check_eps(eps, "eps"), _check_eps(eps_root, "eps_root"),
+        weight_decay=wd, decay_coefficient=(1.0 + b1) / (1.0 - b1),
+    )  # fmt: skip
+
+
+# Second-moment states of optax, by class name (stable across optax releases; the *WithCount* variants are
+# those of ``bias_correction=True``): which preconditioner each one defines.
+_ADAM_STATES = ("ScaleByAdamState",)
+_RMS_STATES = ("ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRStdDevState", "ScaleByRStdDevWithCountState")
+
+
+def _second_moment_states(opt_state: Any) -> list[Any]:
+    names = _ADAM_STATES + _RMS_STATES
+    is_state = lambda x: type(x).__name__ in names
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def adam_preconditioner(
+    opt_state: Any,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    eps_root: float = 0.0,
+    eps_in_sqrt: bool = True,
+    kind: str | None = None,
+) -> PyTree:
+    """The diagonal preconditioner ``P`` of the most recent update of Adam, AdamW or RMSProp, from an optax state.
+
+    Finds the one second-moment state inside ``opt_state`` (``optax.adam``, ``optax.adamw``, ``optax.rmsprop``,
+    ``optax.scale_by_rms`` / ``scale_by_stddev``, inside chains, ``inject_hyperparams`` and the like):
+
+    * Adam (``ScaleByAdamState``): ``P = sqrt(nu / (1 - b2**count) + eps_root) + eps``.
+    * RMSProp (``ScaleByRmsState``; optax.rmsprop does *no* bias correction by default, and its state then has
+      no ``count``): ``P = sqrt(nu_hat + eps)`` with ``eps_in_sqrt=True`` (optax's default) or
+      ``sqrt(nu_hat) + eps``, where ``nu_hat = nu``, or ``nu / (1 - b2**count)`` for the state of
+      ``bias_correction=True`` (``ScaleByRmsWithCountState``); ``b2`` is RMSProp's ``decay``. The centered
+      variant (``ScaleByRStdDevState``) uses ``nu_hat - mu_hat**2`` in place of ``nu_hat``.
+
+    ``P`` is the one used by the most recent update. Before the first Adam update ``nu = 0`` and ``P = eps``:
+    measure after at least one step. ``kind`` (``"adam"`` or ``"rms"``) requires that kind of state (the rules
+    pass it). Returns a pytree like the parameters.
+    """
+    if kind not in (None, "adam", "rms"):
+        raise ValueError(f"`kind` must be None, 'adam' or 'rms'; got {kind!r}.")
+    found = _second_moment_states(opt_state)
+    wanted = {"adam": "Adam state (optax.adam / adamw)", "rms": "RMSProp state (optax.rmsprop / scale_by_rms)"}
+    if kind is not None:
+        names = _ADAM_STATES if kind == "adam" else _RMS_STATES
+        found = [x for x in found if type(x).__name__ in names]
+    if len(found) != 1:
+        what = wanted[kind] if kind else "Adam or RMSProp second-moment state"
+        seen = sorted({type(x).__name__ for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "_fields"))})
         raise ValueError(
-            "Expected exactly one Adam state (a `nu` field, as in optax.scale_by_adam) in `opt_state`; found "
-            f"{len(found)}. The preconditioned rule needs the state of optax.adam / optax.adamw."
+            f"Expected exactly one {what} in `opt_state`; found {len(found)}. The state holds {seen or 'no states'}. "
+            "Pass the state of the optimizer that the rule describes (its `opt_state` after at least one update)."
         )
-    nu = found[0][1]
-    count = counts[0][1]
-    steps = jnp.maximum(count, 1)
+    state = found[0]
+    count = state.count if "count" in state._fields else None  # (a NamedTuple's own `count` is tuple.count)
 
-    def precond(n: jax.Array) -> jax.Array:
-        correction = 1 - jnp.asarray(b2, n.dtype) ** steps.astype(n.dtype)
-        return jnp.sqrt(n / correction) + jnp.asarray(eps, n.dtype)
+    def nu_hat(n: jax.Array) -> jax.Array:
+        if count is None:
+            return n
+        correction = 1 - jnp.asarray(b2, n.dtype) ** jnp.maximum(count, 1).astype(n.dtype)
+        return n / correction
 
-    return jax.tree.map(precond, nu)
+    if type(state).__name__ in _ADAM_STATES:
+        return jax.tree.map(lambda n: jnp.sqrt(nu_hat(n) + eps_root) + jnp.asarray(eps, n.dtype), state.nu)
+    if "mu" in state._fields:  # centered RMSProp: the variance of the past gradients
+        second = jax.tree.map(lambda m, n: nu_hat(n) - jnp.abs(nu_hat(m)) ** 2, state.mu, state.nu)
+    else:
+        second = jax.tree.map(nu_hat, state.nu)
+    if eps_in_sqrt:
+        return jax.tree.map(lambda v: jnp.sqrt(v + jnp.asarray(eps, v.dtype)), second)
+    return jax.tree.map(lambda v: jnp.sqrt(v) + jnp.asarray(eps, v.dtype), second)
+
+
+def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
+    """The preconditioner ``P`` that a preconditioned ``rule`` measures with, from ``opt_state``."""
+    if not rule.preconditioned:
+        raise ValueError(f"The {rule.name!r} rule measures plain sharpness; it has no preconditioner.")
+    return adam_preconditioner(
+        opt_state, rule.b2, rule.eps, eps_root=rule.eps_root, eps_in_sqrt=rule.eps_in_sqrt, kind=rule.preconditioner
+    )
 
 
 def preconditioned_matvec(matvec: Matvec) -> Matvec:
@@ -209,7 +471,9 @@ class EoSTracker:
         example axis) and ``loss_fn(params, chunk, *rest)`` is the mean loss of a chunk (see
         :func:`dataset_loss`). For Flax models with ``batch_stats`` use ``flax_curvature_fns(...,
         bn_mode=...).loss_fn`` and pass the stats.
-      rule: :func:`gd_rule`, :func:`heavy_ball_rule` or :func:`adam_rule`.
+      rule: :func:`gd_rule`, :func:`heavy_ball_rule`, :func:`nesterov_rule`, :func:`rmsprop_rule`,
+        :func:`adam_rule` or :func:`adamw_rule`; with a learning-rate schedule each record's ``threshold`` is
+        :meth:`StabilityRule.threshold_at` its step.
       every: measure when ``step % every == 0``.
       chunk_size: evaluate loss, gradient and HVPs over the data set in chunks of this size (``None``: one
         call).
@@ -277,7 +541,7 @@ class EoSTracker:
         if self.method not in ("lanczos", "power"):
             raise ValueError(f"`method` must be 'lanczos' or 'power'; got {self.method!r}.")
         if not isinstance(self.rule, StabilityRule):
-            raise TypeError(f"`rule` must be a StabilityRule (gd_rule, heavy_ball_rule, adam_rule); got {self.rule!r}.")
+            raise TypeError(f"`rule` must be a StabilityRule (gd_rule, adam_rule, ...); got {self.rule!r}.")
         if not isinstance(self.has_aux, bool):
             raise TypeError(f"`has_aux` must be a bool; got {self.has_aux!r}.")
         _check_tolerance(self.tol, "tol")
@@ -382,12 +646,14 @@ class EoSTracker:
 
     # -- public entry points ---------------------------------------------------------------------------
 
-    def _preconditioner(self, opt_state: Any) -> PyTree | None:
+    def _preconditioner(self, opt_state: Any, params: PyTree) -> PyTree | None:
         if not self.rule.preconditioned:
             return None
         if opt_state is None:
-            raise ValueError("The Adam rule measures preconditioned sharpness: pass `opt_state=`.")
-        return adam_preconditioner(opt_state, self.rule.b2, self.rule.eps)
+            raise ValueError(f"The {self.rule.name!r} rule measures preconditioned sharpness: pass `opt_state=`.")
+        precond = rule_preconditioner(self.rule, opt_state)
+        check_like(precond, params, name="the preconditioner (the optimizer state's second moment)")
+        return precond
 
     def _record(self, step: int, loss: jax.Array, pair: _TopPair) -> dict[str, Any]:
         if not np.isfinite(float(loss)):
@@ -396,7 +662,7 @@ class EoSTracker:
             "step": int(step),
             "loss": float(loss),
             "sharpness": float(pair.eigenvalue),
-            "threshold": float(self.rule.threshold),
+            "threshold": float(self.rule.threshold_at(step)),
             "hvps": int(pair.iterations),
             "residual": float(pair.residual),
             "converged": bool(pair.converged),
@@ -408,11 +674,12 @@ class EoSTracker:
     ) -> tuple[dict[str, Any], TrackerState]:
         """Measure now (regardless of ``every``); returns ``(record, new_state)``.
 
-        ``record`` is a dict of Python scalars: ``step``, ``loss``, ``sharpness`` (preconditioned for Adam),
-        ``threshold``, ``hvps`` (Hessian-vector products used), ``residual`` (relative, of the reported
-        eigenpair), ``converged`` (the stopping rule held within ``max_iters``) and ``preconditioned``.
+        ``record`` is a dict of Python scalars: ``step``, ``loss``, ``sharpness`` (preconditioned for Adam,
+        AdamW, RMSProp), ``threshold`` (the rule's :meth:`~StabilityRule.threshold_at` ``step``), ``hvps``
+        (Hessian-vector products used), ``residual`` (relative, of the reported eigenpair), ``converged`` (the
+        stopping rule held within ``max_iters``) and ``preconditioned``.
         """
-        value, _, pair = self._measure(state, params, args, self._preconditioner(opt_state))
+        value, _, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
         loss = value[0] if self.has_aux else value
         return self._record(step, loss, pair), self._next_state(params, pair)
 
@@ -441,13 +708,13 @@ class EoSTracker:
         it at due steps and keep your own fused train step at the others, as in the example of
         :mod:`bnjax.curvature.eos` (which runs as a doctest).
 
-        For Adam pass ``opt_state`` as it is *before* this step's update: the preconditioner is the one its
-        most recent update used (as with :meth:`update` after the step, one step earlier).
+        For the preconditioned rules pass ``opt_state`` as it is *before* this step's update: the preconditioner
+        is the one its most recent update used (as with :meth:`update` after the step, one step earlier).
         """
         if not self.due(step):
             self._check_shards(args)
             return self._value_and_grad(params, args), None, state
-        value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state))
+        value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
         loss = value[0] if self.has_aux else value
         return (value, grads), self._record(step, loss, pair), self._next_state(params, pair)
 
