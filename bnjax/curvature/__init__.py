@@ -1,5 +1,5 @@
 """Curvature toolkit: Hessian/GGN-vector products, chunked data-set operators, eigen-solvers, trace and
-spectral density, and an edge-of-stability tracker.
+spectral density, an edge-of-stability tracker, and mini-batch curvature for SGD (batch sharpness).
 
 All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vectors (matfree's convention:
 parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
@@ -10,6 +10,7 @@ tracker take ``shards`` for data sharded over devices (data-parallel chunks; :fu
 :func:`data_shards`).
 """
 
+from bnjax.curvature.batch_sharpness import BatchLambdaMax, BatchSharpness, batch_lambda_max, batch_sharpness
 from bnjax.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, slq_density
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
@@ -53,6 +54,10 @@ from bnjax.curvature.operators import (
 )
 
 __all__ = [
+    "BatchLambdaMax",
+    "BatchSharpness",
+    "batch_lambda_max",
+    "batch_sharpness",
     "DEFAULT_LINEARIZE_BUDGET",
     "EigenResult",
     "EoSTracker",
