@@ -53,8 +53,9 @@ def reference(bn: bool, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(curv), np.array(sq), np.array(top)
 
 
-@pytest.mark.parametrize("bn", [False, True])
-def test_batch_sharpness_and_lambda_max_match_explicit_hessians(bn: bool) -> None:
+def test_batch_sharpness_and_lambda_max_match_explicit_hessians() -> None:
+    # BN in train mode: each batch is normalized with its own statistics (the batches are coupled).
+    bn = True
     p, loss, data = problem(bn)
     key = jax.random.key(3)
     with jax.enable_x64(True):
