@@ -42,8 +42,8 @@ class Config:
     """Edge of stochastic stability (Andreyev & Beneventano, arXiv 2412.20553).
 
     Command: ``python -m experiments eoss`` (full) or ``python -m experiments eoss --quick``.
-    Expected runtime on 2 shared CPU cores (2026-12-04, load ~5-8 from other jobs): quick ~4 min, full ~25 min
-    (see docs/guides/experiments.md for the measured figures).
+    Expected runtime on 2 shared CPU cores (2026-12-04, load ~6-11 from other jobs): quick ~4 min, full ~20 min
+    (measured figures in docs/guides/experiments.md).
     Expected result (the paper's claim): batch sharpness of every run hovers at ``2/eta`` once training is at
     the edge, while the full-batch ``lambda_max`` is below ``2/eta`` for mini-batch runs and lower for smaller
     batches; the full-batch run (``batch_size = n_train``) is GD, at ``2/eta`` in both.
@@ -77,8 +77,8 @@ class Config:
     norms: tuple[str, ...] = ("none", "bn")
     lr: float = 0.05
     batch_sizes: tuple[int, ...] = (32, 128, 1000)
-    steps: int = 8000
-    track_every: int = 200
+    steps: int = 16000
+    track_every: int = 400
     sharpness_batches: int = 16
     solver_iters: int = 20
     solver_tol: float = 1e-3
@@ -180,6 +180,19 @@ def tail_mean(ratios: np.ndarray, window: float) -> np.ndarray:
     ratios = np.asarray(ratios, np.float64)
     count = max(1, math.ceil(window * ratios.shape[0]))
     return ratios[-count:].mean(axis=0)
+
+
+def tail_slope(steps: np.ndarray, ratios: np.ndarray, window: float) -> np.ndarray:
+    """Per seed, the least-squares slope of ``ratios[C, S]`` against the step (per 1000 steps) over the last
+    ``ceil(window * C)`` checkpoints (at least 2); float[S]. Reported to show whether a curvature still drifts."""
+    ratios = np.asarray(ratios, np.float64)
+    count = min(ratios.shape[0], max(2, math.ceil(window * ratios.shape[0])))
+    t = np.asarray(steps[-count:], np.float64) / 1000
+    if count < 2:
+        return np.full(ratios.shape[1], np.nan)
+    t = t - t.mean()
+    tail = ratios[-count:]
+    return (t @ (tail - tail.mean(axis=0))) / (t @ t)
 
 
 VERDICT_RULE = (
@@ -321,6 +334,7 @@ def _summaries(config: Config, records: dict[Setting, SettingRecord]) -> list[di
         lam_stat = np.where(keep, tail_mean(rec.lambda_max / threshold, config.verdict_window), np.nan)
         bs_mean, bs_lo, bs_hi = t_interval(bs_stat)
         lam_mean, lam_lo, lam_hi = t_interval(lam_stat)
+        trend = np.where(keep, tail_slope(rec.steps, rec.batch_sharpness / threshold, config.verdict_window), np.nan)
         rows.append(
             {
                 "batch_size": setting.batch_size,
@@ -330,6 +344,7 @@ def _summaries(config: Config, records: dict[Setting, SettingRecord]) -> list[di
                 "lambda_max_ratio_per_seed": lam_stat,
                 "batch_sharpness_ratio": [bs_mean, bs_lo, bs_hi],
                 "lambda_max_ratio": [lam_mean, lam_lo, lam_hi],
+                "batch_sharpness_trend_per_1000_steps": list(t_interval(trend)),
                 "batch_sharpness_verdict": interval_verdict(bs_lo, bs_hi, config.band_low, config.band_high)
                 if np.isfinite(bs_mean)
                 else "inconclusive",
@@ -373,7 +388,7 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
     )
     # 2. lambda_max below 2/eta for mini-batches.
     mini = [r for r in rows if not r["full_batch"]]
-    lam_verdicts = []
+    lam_verdicts: list[str] = []
     for r in mini:
         _, lo, hi = r["lambda_max_ratio"]
         r["lambda_below_verdict"] = interval_verdict(lo, hi, -math.inf, config.band_low) if lo <= hi else "inconclusive"
@@ -392,7 +407,8 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
         )
     )
     # 3. lambda_max lower for smaller batches (paired by seed).
-    order_verdicts, order_text = [], []
+    order_verdicts: list[str] = []
+    order_text: list[str] = []
     for norm in config.norms:
         mine = sorted((r for r in rows if r["norm"] == norm), key=lambda r: r["batch_size"])
         for small, large in zip(mine, mine[1:]):
@@ -417,6 +433,52 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
     return claims
 
 
+def _name(r: dict) -> str:
+    return f"b={r['batch_size']} {'BN' if r['norm'] == 'bn' else 'no BN'}"
+
+
+def _reading(config: Config, rows: list[dict], claims: list[report.Claim]) -> str:
+    """The one-paragraph reading of the run, written from its numbers and verdicts."""
+    full = [r for r in rows if r["full_batch"]]
+    mini = [r for r in rows if not r["full_batch"]]
+    parts = ["Reading:"]
+    if full:
+        parts.append(
+            "with the full batch (GD) batch sharpness and lambda_max end at "
+            + ", ".join(
+                f"{r['batch_sharpness_ratio'][0]:.2f} and {r['lambda_max_ratio'][0]:.2f} x 2/eta ({_name(r)})"
+                for r in full
+            )
+            + ", GD's edge of stability."
+        )
+    if mini:
+        parts.append(
+            "With mini-batches, batch sharpness / (2/eta) over the last "
+            f"{config.verdict_window:.0%} of {config.steps} steps is "
+            + ", ".join(f"{r['batch_sharpness_ratio'][0]:.2f} ({_name(r)})" for r in mini)
+            + " and lambda_max / (2/eta) "
+            + ", ".join(f"{r['lambda_max_ratio'][0]:.2f}" for r in mini)
+            + " in the same order."
+        )
+        below = [r for r in mini if r["batch_sharpness_ratio"][0] < r["lambda_max_ratio"][0]]
+        if below:
+            parts.append(
+                f"In {len(below)} of {len(mini)} mini-batch settings batch sharpness is below lambda_max, the "
+                "opposite of the paper's ordering (lambda_max below batch sharpness)."
+            )
+        rising = [_name(r) for r in mini if r["batch_sharpness_trend_per_1000_steps"][1] > 0]
+        falling = [_name(r) for r in mini if r["batch_sharpness_trend_per_1000_steps"][2] < 0]
+        if rising:
+            parts.append(
+                f"Batch sharpness was still rising at the end in {', '.join(rising)}: longer runs may get closer."
+            )
+        if falling:
+            parts.append(f"It was falling at the end in {', '.join(falling)}.")
+    verdicts = {c.claim.split(": ", 1)[1].split(" (")[0]: c.verdict for c in claims}
+    parts.append("Verdicts: " + "; ".join(f"{k}: {v}" for k, v in verdicts.items()) + ".")
+    return " ".join(parts)
+
+
 def _outcome(
     config: Config, records: dict[Setting, SettingRecord], seconds: dict[Setting, float], out: pathlib.Path
 ) -> report.Outcome:
@@ -429,6 +491,7 @@ def _outcome(
             "batch size",
             "batch sharpness / (2/eta), seed mean [95% CI]",
             "lambda_max / (2/eta), seed mean [95% CI]",
+            f"batch sharpness / (2/eta) trend per 1000 steps, last {config.verdict_window:.0%} [95% CI]",
             "final train loss",
             "diverged seeds",
             "Lanczos HVPs / checkpoint",
@@ -440,6 +503,7 @@ def _outcome(
                 r["batch_size"],
                 _fmt_interval(r["batch_sharpness_ratio"]),
                 _fmt_interval(r["lambda_max_ratio"]),
+                _fmt_interval(r["batch_sharpness_trend_per_1000_steps"]),
                 r["final_loss"],
                 ",".join(map(str, r["diverged_seeds"])) or "-",
                 r["mean_lanczos_hvps"],
@@ -452,6 +516,7 @@ def _outcome(
         window=config.verdict_window, seeds=len(config.seeds), low=config.band_low, high=config.band_high
     )
     notes = [
+        _reading(config, rows, claims),
         f"Setting: tanh MLP {'-'.join(map(str, config.hidden))} (init scale {config.init_scale} x LeCun), "
         f"{config.dataset} (first {config.n_train} training examples), {config.loss} loss, plain SGD at lr "
         f"{config.lr:g} (2/eta = {threshold:g}), {config.steps} steps, batch sizes {list(config.batch_sizes)} "

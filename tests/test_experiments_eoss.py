@@ -44,6 +44,9 @@ def test_interval_verdict_rejects_an_empty_interval_and_combine_rules() -> None:
     assert eoss.combine(["held", "inconclusive", "not held"]) == "not held"
     assert eoss.combine([]) == "inconclusive"
     np.testing.assert_allclose(eoss.tail_mean(np.arange(8.0).reshape(4, 2), 0.5), [5.0, 6.0])
+    # Slope per 1000 steps over the last half: seed 0 rises 0.2 per checkpoint of 500 steps, seed 1 is flat.
+    ratios = np.stack([0.2 * np.arange(6.0), np.ones(6)], axis=1)
+    np.testing.assert_allclose(eoss.tail_slope(500 * np.arange(1, 7), ratios, 0.5), [0.4, 0.0], atol=1e-12)
 
 
 CONFIG = dataclasses.replace(eoss.Config(), n_train=1000, batch_sizes=(32, 128, 1000), norms=("none",), lr=0.1)
