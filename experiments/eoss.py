@@ -42,11 +42,15 @@ class Config:
     """Edge of stochastic stability (Andreyev & Beneventano, arXiv 2412.20553).
 
     Command: ``python -m experiments eoss`` (full) or ``python -m experiments eoss --quick``.
-    Expected runtime on 2 shared CPU cores (2026-12-04, load ~6-11 from other jobs): quick ~4 min, full ~20 min
-    (measured figures in docs/guides/experiments.md).
+    Expected runtime on 2 CPU cores shared with other jobs (2026-12-04, load average 7-11): quick 195 s, full
+    753 s (both measured on this code).
     Expected result (the paper's claim): batch sharpness of every run hovers at ``2/eta`` once training is at
     the edge, while the full-batch ``lambda_max`` is below ``2/eta`` for mini-batch runs and lower for smaller
-    batches; the full-batch run (``batch_size = n_train``) is GD, at ``2/eta`` in both.
+    batches; the full-batch run (``batch_size = n_train``) is GD, at ``2/eta`` in both. Measured in the full run
+    of 2026-12-04 (``experiments/results/eoss-full/``): GD at ``2/eta`` in both curvatures; SGD's batch
+    sharpness stayed below ``2/eta`` (0.45-0.88 of it) and below ``lambda_max`` ("not held" here);
+    ``lambda_max`` lower for smaller batches in 3 of 4 pairs ("inconclusive"). The quick form is too short for
+    the no-BN nets to reach the edge (GD still sharpening at step 1500).
 
     Setting: a tanh MLP (``hidden``) on the first ``n_train`` MNIST-1D training examples, ``loss`` (square loss
     ``0.5 ||f - onehot||^2`` as in the paper's main experiments), plain SGD at learning rate ``lr`` (no momentum,
