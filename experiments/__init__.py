@@ -8,6 +8,10 @@ minutes on a CPU; ``smoke``: seconds, for tests) and ``run(config, out) -> repor
 # name -> (module, one-line summary); modules are imported only when their experiment runs.
 EXPERIMENTS = {
     "eos": ("experiments.eos", "edge of stability (flagship): sharpness of GD/momentum/Adam vs 2/eta, BN vs no BN"),
+    "eoss": (
+        "experiments.eoss",
+        "edge of stochastic stability: SGD batch sharpness vs 2/eta over batch sizes, BN vs none",
+    ),
     "smoothness": ("experiments.smoothness", "STIM18 smoothness: loss variation, gradient predictiveness, beta"),
     "covariate_shift": ("experiments.covariate_shift", "STIM18 covariate shift: activation drift, ICS, noisy BN"),
     "robustness": ("experiments.robustness", "final loss/accuracy over learning rates x init scales, BN vs none"),

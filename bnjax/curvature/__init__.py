@@ -1,5 +1,6 @@
 """Curvature toolkit: Hessian/GGN-vector products, chunked data-set operators, eigen-solvers, trace and
-spectral density, parameter-subset (per-layer) operators, and an edge-of-stability tracker.
+spectral density, parameter-subset (per-layer) operators, an edge-of-stability tracker, and mini-batch
+curvature for SGD (batch sharpness).
 
 All solvers take a *matvec* ``matvec(vector, *params) -> vector`` on pytree vectors (matfree's convention:
 parameters explicit, not closed over); build one with :func:`hessian_matvec`, :func:`ggn_matvec`,
@@ -10,6 +11,7 @@ tracker take ``shards`` for data sharded over devices (data-parallel chunks; :fu
 :func:`data_shards`).
 """
 
+from bnjax.curvature.batch_sharpness import BatchLambdaMax, BatchSharpness, batch_lambda_max, batch_sharpness
 from bnjax.curvature.density import (
     DiagonalEstimate,
     SpectralDensity,
@@ -84,6 +86,10 @@ __all__ = [
     "param_subset",
     "path_names",
     "subset_matvec",
+    "BatchLambdaMax",
+    "BatchSharpness",
+    "batch_lambda_max",
+    "batch_sharpness",
     "DEFAULT_LINEARIZE_BUDGET",
     "EigenResult",
     "EoSTracker",
