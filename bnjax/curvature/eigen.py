@@ -497,6 +497,146 @@ class _TopSolve:
         return EigenResult(r.eigenvalue, self.op.layout.unravel(r.vector), r.iterations, r.residual, r.converged)
 
 
+# -- block Lanczos for the top k pairs, one product per step (warm-started from a block) ---------------------
+
+
+class _BlockState(NamedTuple):
+    j: jax.Array  # int32[]: products absorbed (= columns of `coef` filled)
+    basis: jax.Array  # (m + k, n) orthonormal rows: the k start vectors, then row k + i from A @ basis[i]
+    coef: jax.Array  # (m + k, m): column i holds the coefficients of A @ basis[i] on the basis (rows <= k + i)
+    values: jax.Array  # (k,) top Ritz values, descending (before the block is full: the warm-start values)
+    res: jax.Array  # (k,) Ritz residuals ||A y - theta y|| / |theta|
+    change: jax.Array  # (k,) relative change of each Ritz value in the last step
+    query: jax.Array  # (n,) basis[j], the next vector to multiply
+    done: jax.Array  # bool[]
+    tol: jax.Array  # ()
+    residual_tol: jax.Array  # ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockInit:
+    """The start block (``(k, n)``, rows nonzero) orthonormalized by Gram-Schmidt, so that row 0 stays
+    ``unit(x0[0])``: the vector the caller's fused first product multiplies."""
+
+    num_iters: int  # m: the product budget (columns of `coef`)
+
+    def __call__(self, x0: jax.Array, eigenvalues0: Any, tol: Any, residual_tol: Any) -> _BlockState:
+        (k, n), m, dtype = x0.shape, self.num_iters, x0.dtype
+        basis = jnp.zeros((m + k, n), dtype)
+        for i in range(k):  # k is small and static
+            basis = basis.at[i].set(_unit(_project_out(basis, x0[i])))
+        inf = jnp.full(k, jnp.inf, dtype)
+        scalar = functools.partial(jnp.asarray, dtype=dtype)
+        return _BlockState(
+            jnp.int32(0), basis, jnp.zeros((m + k, m), dtype), jnp.broadcast_to(scalar(eigenvalues0), (k,)), inf,
+            inf, basis[0], jnp.asarray(False), scalar(tol), scalar(residual_tol),
+        )  # fmt: skip
+
+
+def _block_ritz(j: jax.Array, coef: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top ``k`` Ritz pairs (descending) of the leading ``(j+1) x (j+1)`` block of the projected matrix
+    ``coef[:m, :m]`` (symmetrized), padded to ``(m, m)`` as in :func:`_top_ritz`; vectors as ``(m, k)``."""
+    m = coef.shape[1]
+    live = jnp.arange(m) <= j
+    block = jnp.where(live[:, None] & live[None, :], 0.5 * (coef[:m] + coef[:m].T), 0)
+    diag = jnp.diagonal(block)
+    floor = jnp.min(jnp.where(live, diag, jnp.inf)) - jnp.sum(jnp.abs(block))
+    block = block + jnp.diag(jnp.where(live, 0, floor - 1))
+    theta, s = jnp.linalg.eigh(block)
+    return theta[::-1][:k], s[:, ::-1][:, :k]
+
+
+def _block_absorb(s: _BlockState, w: jax.Array) -> _BlockState:
+    """Step ``j`` given ``w = A @ basis[j]``: the new basis row ``k + j``, the coefficients of ``w``, the top
+    ``k`` Ritz pairs of the multiplied columns and the stopping rule (every pair: change <= tol and
+    residual <= residual_tol, as for the single pair)."""
+    (rows, n), m = s.basis.shape, s.coef.shape[1]
+    k, dtype, j = rows - m, s.basis.dtype, s.j
+    c = s.basis @ w  # exact coefficients on the rows so far (later rows are zero)
+    w = _project_out(s.basis, w)
+    beta = jnp.linalg.norm(w)
+    breakdown = beta <= 100 * jnp.finfo(dtype).eps * jnp.maximum(jnp.linalg.norm(c), jnp.finfo(dtype).tiny)
+
+    def fresh(_: None) -> jax.Array:
+        # Invariant subspace found: continue with a fresh direction orthogonal to the basis (see Lanczos).
+        r = _project_out(s.basis, jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (n,), dtype))
+        return r / jnp.linalg.norm(r)
+
+    nxt = lax.cond(breakdown, fresh, lambda _: w / jnp.where(breakdown, 1, beta), None)
+    beta = jnp.where(breakdown, 0, beta)
+    row = k + j
+    last = j + 1 >= m  # the last step only records the coefficients; no further row is multiplied
+    basis = s.basis.at[row].set(jnp.where(last, s.basis[row], nxt))
+    coef = s.coef.at[:, j].set(c.at[row].set(beta))
+    theta, vec = _block_ritz(j, coef, k)
+    # A y - theta y in the orthonormal basis: coef @ s - theta [s; 0] (exact in exact arithmetic).
+    padded = jnp.concatenate([vec, jnp.zeros((k, k), dtype)])
+    inf = jnp.asarray(jnp.inf, dtype)
+    res = jnp.where(
+        theta == 0, inf, _safe_div(jnp.linalg.norm(coef @ vec - theta[None, :] * padded, axis=0), jnp.abs(theta))
+    )
+    change = jnp.where(jnp.isfinite(s.values), _safe_div(jnp.abs(theta - s.values), jnp.abs(theta)), inf)
+    full = j + 1 >= k  # every pair has a Ritz value only once the whole start block has been multiplied
+    theta, res, change = (
+        jnp.where(full, new, old) for new, old in ((theta, s.values), (res, s.res), (change, s.change))
+    )
+    done = last | ~jnp.all(jnp.isfinite(c)) | (full & jnp.all(_converged(change, res, s.tol, s.residual_tol, theta)))
+    return _BlockState(j + 1, basis, coef, theta, res, change, basis[jnp.minimum(j + 1, rows - 1)], done, s.tol,
+                       s.residual_tol)  # fmt: skip
+
+
+class _TopBlock(NamedTuple):
+    """The top ``k`` pairs; its properties read like :class:`_TopPair`'s fields for the top pair."""
+
+    eigenvalues: jax.Array  # (k,) descending
+    vectors: jax.Array  # (k, n) unit Ritz vectors (the warm start of the next solve)
+    iterations: jax.Array  # () products used
+    residuals: jax.Array  # (k,)
+    pairs_converged: jax.Array  # (k,) bool: each pair's stopping rule held
+
+    @property
+    def eigenvalue(self) -> jax.Array:
+        return self.eigenvalues[0]
+
+    @property
+    def residual(self) -> jax.Array:
+        return self.residuals[0]
+
+    @property
+    def converged(self) -> jax.Array:
+        return jnp.all(self.pairs_converged)
+
+
+def _top_block_result(s: _BlockState) -> _TopBlock:
+    m = s.coef.shape[1]
+    k = s.basis.shape[0] - m
+    _, vec = _block_ritz(s.j - 1, s.coef, k)
+    vectors = vec.T @ s.basis[:m]  # padding components of vec are zero, and rows >= j are unused
+    vectors = _safe_div(vectors, jnp.linalg.norm(vectors, axis=1, keepdims=True))
+    ok = _converged(s.change, s.res, s.tol, s.residual_tol, s.values) & (s.j >= k) & _started(s.basis)
+    return _TopBlock(s.values, vectors, s.j, s.res, ok)
+
+
+def _top_block(
+    d: loops.Driver,
+    op: _Operator,
+    x0: jax.Array,
+    eigenvalues0: Any,
+    tol: Any,
+    residual_tol: Any,
+    max_iters: int,
+    *,
+    operands: Any,
+    first: jax.Array | None = None,
+) -> _TopBlock:
+    """The top ``k = x0.shape[0]`` eigenpairs by block Lanczos from the block ``x0`` (``(k, n)``; e.g. the
+    previous Ritz vectors), at most ``max_iters`` products; ``operands`` prepared by the caller with optional
+    ``first = A @ unit(x0[0])``. Warm-started from converged vectors with ``eigenvalues0`` it stops after ``k``
+    products."""
+    state = d.call(_BlockInit(max_iters), x0, eigenvalues0, tol, residual_tol)
+    return d.call(_top_block_result, _iterate_from(d, _block_absorb, op, operands, state, first))
+
+
 # -- public solvers -----------------------------------------------------------------------------------------
 
 _PLACEMENT_DOC = """placement: ``"auto"`` (default), ``"device"`` or ``"host"``: where the solver's loop runs (see
