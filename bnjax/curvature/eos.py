@@ -44,7 +44,9 @@ model with full-batch gradient descent:
 
 Each measurement is the loss and a warm-started :func:`~bnjax.curvature.lanczos_top` (default) or
 :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue, so a converged
-warm start costs a single Hessian-vector product. The training loss is linearized once per measurement
+warm start costs a single Hessian-vector product. With ``EoSTracker(..., k=k)`` it tracks the top ``k``
+eigenvalues by block Lanczos started from the previous ``k`` Ritz vectors (records gain ``eigenvalues``,
+``residuals`` and ``pairs_converged``). The training loss is linearized once per measurement
 (``jax.linearize`` of its value and gradient, when the stored residuals fit ``linearize_budget``): the loss and
 the gradient come out of that one pass, and every Hessian-vector product after it runs only the tangent pass.
 With ``placement`` the solver loop runs inside one compiled program or is driven from Python (the default
@@ -243,6 +245,18 @@ class EoSTracker:
       linearize_budget: linearize the training loss once per measurement when the stored residuals take at
         most this many bytes (about the activations of one forward and backward pass over the data set);
         ``0`` never (every product recomputes the forward and backward pass), ``None`` always.
+      k: number of top eigenvalues tracked (a positive int; ``1``, the default, tracks the sharpness alone).
+        With ``k > 1`` each measurement runs block Lanczos (``method="lanczos"`` only) started from the
+        previous ``k`` Ritz vectors, one Hessian-vector product per step (the first fused with the
+        linearization, as for ``k = 1``; both placements): the start block and the residual of each
+        product span the basis, and the top ``k`` Ritz pairs of the multiplied vectors are extracted at
+        every step. It stops when *every* pair meets ``tol`` and ``residual_tol`` (so a converged warm start
+        costs ``k`` products) or after ``max_iters`` products (which must be at least ``k``; the cold start
+        ``3 * max_iters``). Records gain ``eigenvalues``, ``residuals`` and ``pairs_converged`` (lists,
+        descending); ``sharpness`` and ``residual`` are the top pair's and ``converged`` says that all pairs
+        converged. :class:`TrackerState` then stacks the ``k`` vectors on a leading axis. Why block Lanczos
+        rather than ``jax.experimental.sparse.linalg.lobpcg_standard``: see the top-k section of the
+        curvature guide (``experiments/bench_topk.py`` measures both).
     """
 
     loss_fn: Callable[..., Any]
