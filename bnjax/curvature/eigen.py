@@ -355,24 +355,39 @@ class _LanczosInit:
         )  # fmt: skip
 
 
-def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Top eigenpair of the leading ``(j+1) x (j+1)`` block of ``T``, padded to ``(m, m)``: the padding rows are
-    decoupled and set below every Ritz value of the block (which is ``>= max(alphas[:j+1])``)."""
+def _ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigen-decomposition (ascending) of the leading ``(j+1) x (j+1)`` block of ``T``, padded to ``(m, m)``: the
+    padding rows are decoupled and set below the top Ritz value of the block (which is ``>= max(alphas[:j+1])``),
+    so ``[-1]`` is the top Ritz pair; ``theta[-2]`` (``j >= 1``) is the second Ritz value or a padding value
+    above it."""
     m = alphas.shape[0]
     live = jnp.arange(m) <= j
     floor = jnp.min(jnp.where(live, alphas, jnp.inf))
     diag = jnp.where(live, alphas, floor - 1 - jnp.abs(floor))
     off = jnp.where(jnp.arange(m - 1) < j, betas[:-1], 0)
-    theta, s = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
+    return jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
+
+
+def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top eigenpair of the leading ``(j+1) x (j+1)`` block of ``T`` (see :func:`_ritz`)."""
+    theta, s = _ritz(j, alphas, betas)
     return theta[-1], s[:, -1]
 
 
 @dataclasses.dataclass(frozen=True)
 class _LanczosAbsorb:
     """Lanczos step ``j`` given ``w = A @ basis[j]``: fills ``alphas[j]``, ``betas[j]``, ``basis[j+1]``; with
-    ``track_top`` also the top Ritz pair and the stopping rule (else it stops after ``m`` steps)."""
+    ``track_top`` also the top Ritz pair and the stopping rule (else it stops after ``m`` steps).
+
+    ``gap_test``: the stopping rule also accepts a step whose *error estimate* ``res**2 |theta| / (theta -
+    theta_2)`` (relative; ``theta_2`` the second Ritz value) is at most ``tol``, in place of the change test:
+    for a Ritz pair with residual norm ``rho`` separated by ``delta`` from the rest of the spectrum the error is
+    at most ``rho**2 / delta`` (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, 1998, Sec. 11.7),
+    with the Ritz gap standing in for ``delta``. ``change`` then holds the smaller of the two.
+    """
 
     track_top: bool
+    gap_test: bool = False
 
     def __call__(self, s: _LanczosState, w: jax.Array) -> _LanczosState:
         m, n = s.basis.shape
@@ -401,17 +416,28 @@ class _LanczosAbsorb:
         theta, res, change = s.theta, s.res, s.change
         if self.track_top:
             inf = jnp.asarray(jnp.inf, dtype)
-            theta, vec = _top_ritz(j, alphas, betas)
+            thetas, vecs = _ritz(j, alphas, betas)
+            theta, vec = thetas[-1], vecs[:, -1]
             res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * vec[j]), jnp.abs(theta)))
             change = jnp.where(jnp.isfinite(s.theta), _safe_div(jnp.abs(theta - s.theta), jnp.abs(theta)), inf)
+            if self.gap_test:
+                gap = theta - thetas[-2]
+                estimate = jnp.where((j >= 1) & (gap > 0), _safe_div(res**2 * jnp.abs(theta), gap), inf)
+                change = jnp.minimum(change, estimate)
             done = done | _converged(change, res, s.tol, s.residual_tol, theta)
         return _LanczosState(j + 1, basis, alphas, betas, theta, res, change, basis[row], done, s.tol, s.residual_tol)
 
 
 def _lanczos_solve(
-    d: loops.Driver, op: _Operator, operands: Any, state: _LanczosState, track_top: bool, first: jax.Array | None = None
+    d: loops.Driver,
+    op: _Operator,
+    operands: Any,
+    state: _LanczosState,
+    track_top: bool,
+    first: jax.Array | None = None,
+    gap_test: bool = False,
 ) -> _LanczosState:
-    return _iterate_from(d, _LanczosAbsorb(track_top), op, operands, state, first)
+    return _iterate_from(d, _LanczosAbsorb(track_top, gap_test), op, operands, state, first)
 
 
 def _lanczos_top_vector(s: _LanczosState) -> jax.Array:
@@ -464,11 +490,12 @@ def _top_pair(
     params: tuple = (),
     operands: Any = None,
     first: jax.Array | None = None,
+    gap_test: bool = False,
 ) -> _TopPair:
     """The top eigenpair from ``x0`` by ``method`` ("power": largest magnitude; "lanczos": largest).
 
     Either ``params`` (the operator is prepared here, at the unit start vector) or ``operands`` already prepared
-    by the caller with optional ``first = A @ unit(x0)``.
+    by the caller with optional ``first = A @ unit(x0)``. ``gap_test``: Lanczos only, see :class:`_LanczosAbsorb`.
     """
     if method == "lanczos":
         state = d.call(_LanczosInit(max_iters), x0, eigenvalue0, tol, residual_tol)
@@ -478,7 +505,7 @@ def _top_pair(
     if operands is None:
         operands, first = d.call(_Prepare(op), state.query, params)
     if method == "lanczos":
-        return d.call(_top_pair_lanczos, _lanczos_solve(d, op, operands, state, True, first))
+        return d.call(_top_pair_lanczos, _lanczos_solve(d, op, operands, state, True, first, gap_test))
     return d.call(_top_pair_power, _power_solve(d, op, operands, state, first))
 
 

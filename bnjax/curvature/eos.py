@@ -245,6 +245,11 @@ class EoSTracker:
       linearize_budget: linearize the training loss once per measurement when the stored residuals take at
         most this many bytes (about the activations of one forward and backward pass over the data set);
         ``0`` never (every product recomputes the forward and backward pass), ``None`` always.
+      stopping: ``"change"`` (default): the solver stops when the top Ritz value changed by at most ``tol``
+        (relative) in the last step and its residual is at most ``residual_tol``; ``"gap"`` (Lanczos, ``k = 1``)
+        also stops at a step whose error estimate ``residual**2 * sharpness / (theta_1 - theta_2)`` (relative,
+        ``theta_2`` the second Ritz value; Kato-Temple) is at most ``tol``, without waiting for the value to
+        settle. ``experiments/bench_warmstart.py`` measures both (HVPs against the oracle count, accuracy).
       k: number of top eigenvalues tracked (a positive int; ``1``, the default, tracks the sharpness alone).
         With ``k > 1`` each measurement runs block Lanczos (``method="lanczos"`` only) started from the
         previous ``k`` Ritz vectors, one Hessian-vector product per step (the first fused with the
@@ -273,6 +278,7 @@ class EoSTracker:
     placement: loops.Placement = "auto"
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET
     k: int = 1
+    stopping: Literal["change", "gap"] = "change"
     # Built in __post_init__ (set with object.__setattr__: the dataclass is frozen); not compared or shown.
     _scalar_loss: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
     _hessian: Matvec = dataclasses.field(init=False, repr=False, compare=False)
@@ -286,6 +292,10 @@ class EoSTracker:
         check_positive_int(self.every, "every")
         check_positive_int(self.max_iters, "max_iters")
         self._check_k()
+        if self.stopping not in ("change", "gap"):
+            raise ValueError(f"`stopping` must be 'change' or 'gap'; got {self.stopping!r}.")
+        if self.stopping == "gap" and (self.method != "lanczos" or self.k != 1):
+            raise ValueError("stopping='gap' is a test on the top Lanczos pair: use method='lanczos' and k=1.")
         if self.chunk_size is not None:
             check_positive_int(self.chunk_size, "chunk_size")
         check_bool(self.per_example, "per_example")
@@ -565,7 +575,17 @@ class _Measurement:
         x0 = self.op.layout.ravel(state.vector)
         eigenvalue0 = state.eigenvalue.astype(x0.dtype)
         pair = _top_pair(
-            d, t.method, self.op, x0, eigenvalue0, t.tol, t.residual_tol, self.max_iters, operands=operands, first=first
+            d,
+            t.method,
+            self.op,
+            x0,
+            eigenvalue0,
+            t.tol,
+            t.residual_tol,
+            self.max_iters,
+            operands=operands,
+            first=first,
+            gap_test=t.stopping == "gap",
         )
         return value, grads, pair
 
