@@ -200,6 +200,8 @@ class RunRecord(NamedTuple):
         else 1: the sharpness).
       hvps: int[checkpoints] Hessian-vector products each solve used.
       residual: float32[checkpoints] relative residual of each solve.
+      converged: bool[checkpoints] each solve's stopping rule held (for every pair with ``k > 1``) within
+        ``solver_iters`` HVPs.
       checkpoint_losses: float32[checkpoints] full-batch loss at each checkpoint's parameters.
       diverged: the error message if the loss became non-finite, else "".
     """
@@ -210,6 +212,7 @@ class RunRecord(NamedTuple):
     eigenvalues: np.ndarray
     hvps: np.ndarray
     residual: np.ndarray
+    converged: np.ndarray
     checkpoint_losses: np.ndarray
     diverged: str
 
@@ -259,7 +262,8 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
             break
         records.append(record)
         bar.update(1)
-    arrays = {k: np.asarray([r[k] for r in records]) for k in ("step", "sharpness", "hvps", "residual", "loss")}
+    fields = ("step", "sharpness", "hvps", "residual", "converged", "loss")
+    arrays = {k: np.asarray([r[k] for r in records]) for k in fields}
     eigenvalues = np.asarray([r.get("eigenvalues", [r["sharpness"]]) for r in records], np.float32)
     return RunRecord(
         np.concatenate(losses) if losses else np.zeros(0, np.float32),
@@ -268,6 +272,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         eigenvalues.reshape(len(records), -1),
         arrays["hvps"],
         arrays["residual"].astype(np.float32),
+        arrays["converged"].astype(bool),
         arrays["loss"].astype(np.float32),
         diverged,
     )
@@ -413,6 +418,7 @@ def _topk_table(config: Config, topk: list[tuple[RunSpec, RunRecord]]) -> str:
                 " / ".join(f"{r:.3f}" for r in ratios[-1]),
                 " / ".join(f"{np.mean(t >= config.band_low):.0%}" for t in tail.T),
                 float(rec.hvps[1:].mean()) if rec.hvps.size > 1 else float("nan"),
+                f"{np.mean(rec.converged):.0%}" if rec.converged.size else "n/a",
             ]
         )
     k = topk[0][1].eigenvalues.shape[1]
@@ -423,6 +429,7 @@ def _topk_table(config: Config, topk: list[tuple[RunSpec, RunRecord]]) -> str:
             f"final lambda_1..{k} / threshold",
             f"last {config.verdict_window:.0%} at >= {config.band_low} x threshold (each)",
             "mean HVPs / checkpoint",
+            f"solves converged (all {k} pairs, within solver_iters HVPs)",
         ],
         rows,
     )
