@@ -47,7 +47,10 @@ class Config:
     Sharpness: :class:`bnjax.curvature.EoSTracker` on the Hessian of the full-batch training loss with BN in
     train mode (the function GD optimizes; ``chunk_size`` < ``n_train`` gives ghost batches as in CKLKT21's
     code), ``solver`` (``lanczos`` or ``power``) warm-started from the previous eigenvector, at most
-    ``solver_iters`` HVPs per checkpoint, relative tolerance ``solver_tol``.
+    ``solver_iters`` HVPs per checkpoint, relative tolerance ``solver_tol``. GD runs track the top ``topk``
+    eigenvalues (``EoSTracker(..., k=topk)``, block Lanczos warm-started from the previous ``topk`` Ritz
+    vectors; ``topk=1`` tracks the sharpness alone, as the other optimizers' runs do); the figure's last column
+    shows them against ``2/eta`` and the report tabulates them.
     Devices: ``devices > 1`` shards the training set over that many devices along the example axis and lets
     ``jax.jit`` partition training and HVPs (the sharded-jit data-parallel path; BN statistics stay those of
     the full batch), so the same command scales to an accelerator host. The tracker runs data-parallel
@@ -79,6 +82,7 @@ class Config:
     solver: str = "lanczos"
     solver_iters: int = 20
     solver_tol: float = 1e-3
+    topk: int = 3
     chunk_size: int = 1000
     devices: int = 1
     verdict_window: float = 0.25
@@ -165,6 +169,10 @@ def _check(config: Config) -> None:
             raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
     if config.solver not in ("lanczos", "power"):
         raise ValueError(f"solver must be 'lanczos' or 'power', got {config.solver!r}.")
+    if config.solver == "power" and config.topk > 1:
+        raise ValueError(f"topk={config.topk} tracks with block Lanczos: use solver='lanczos' or topk=1.")
+    if not 1 <= config.topk <= config.solver_iters:
+        raise ValueError(f"need 1 <= topk <= solver_iters, got topk={config.topk}, solver_iters={config.solver_iters}.")
     if config.steps < config.track_every or config.track_every < 1:
         raise ValueError(f"need 1 <= track_every <= steps, got track_every={config.track_every}, steps={config.steps}.")
     if not 1 <= config.devices <= jax.device_count() or config.n_train % config.devices:
@@ -188,8 +196,12 @@ class RunRecord(NamedTuple):
       losses: float32[steps_done] full-batch training loss before each step.
       steps: int[checkpoints] step after which each sharpness was measured (``track_every``, 2x, ...).
       sharpness: float32[checkpoints] top Hessian eigenvalue (preconditioned for Adam).
+      eigenvalues: float32[checkpoints, k] the top ``k`` eigenvalues, descending (``k = topk`` for GD runs,
+        else 1: the sharpness).
       hvps: int[checkpoints] Hessian-vector products each solve used.
       residual: float32[checkpoints] relative residual of each solve.
+      converged: bool[checkpoints] each solve's stopping rule held (for every pair with ``k > 1``) within
+        ``solver_iters`` HVPs.
       checkpoint_losses: float32[checkpoints] full-batch loss at each checkpoint's parameters.
       diverged: the error message if the loss became non-finite, else "".
     """
@@ -197,8 +209,10 @@ class RunRecord(NamedTuple):
     losses: np.ndarray
     steps: np.ndarray
     sharpness: np.ndarray
+    eigenvalues: np.ndarray
     hvps: np.ndarray
     residual: np.ndarray
+    converged: np.ndarray
     checkpoint_losses: np.ndarray
     diverged: str
 
@@ -227,6 +241,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         method=config.solver,
         tol=config.solver_tol,
         max_iters=config.solver_iters,
+        k=config.topk if spec.optimizer == "gd" else 1,
     )
     # Sharpness is first measured after `track_every` steps: Adam's preconditioner needs a step.
     tracker_state = tracker.init(state.params, jax.random.PRNGKey(config.seed + 1))
@@ -247,13 +262,17 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
             break
         records.append(record)
         bar.update(1)
-    arrays = {k: np.asarray([r[k] for r in records]) for k in ("step", "sharpness", "hvps", "residual", "loss")}
+    fields = ("step", "sharpness", "hvps", "residual", "converged", "loss")
+    arrays = {k: np.asarray([r[k] for r in records]) for k in fields}
+    eigenvalues = np.asarray([r.get("eigenvalues", [r["sharpness"]]) for r in records], np.float32)
     return RunRecord(
         np.concatenate(losses) if losses else np.zeros(0, np.float32),
         arrays["step"],
         arrays["sharpness"].astype(np.float32),
+        eigenvalues.reshape(len(records), -1),
         arrays["hvps"],
         arrays["residual"].astype(np.float32),
+        arrays["converged"].astype(bool),
         arrays["loss"].astype(np.float32),
         diverged,
     )
@@ -316,6 +335,8 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
             "diverged": rec.diverged,
             "steps": rec.steps,
             "sharpness": rec.sharpness,
+            "eigenvalues": rec.eigenvalues,
+            "final_eigenvalues": rec.eigenvalues[-1] if rec.eigenvalues.size else [],
             "loss_at_checkpoints": rec.checkpoint_losses,
         }
         runs.append(entry)
@@ -350,6 +371,10 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         ],
         rows,
     )
+    tables = [table]
+    topk = [(spec, rec) for spec, rec in records.items() if rec.eigenvalues.ndim == 2 and rec.eigenvalues.shape[1] > 1]
+    if topk:
+        tables.append(_topk_table(config, topk))
     claims = [_claim(config, runs, opt) for opt in OPTIMIZER_TITLES if any(r["optimizer"] == opt for r in runs)]
     claims.append(_loss_claim(runs))
     figures = [_plot(config, records, out)]
@@ -369,7 +394,45 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
             "so runs that reached the threshold may end below it and read 'failed'."
         )
     results = {"runs": runs, "n_train": config.n_train, "dataset": config.dataset}
-    return report.Outcome(results, claims, [table], figures, notes)
+    if topk:
+        notes.append(
+            f"Top-{config.topk} eigenvalues of the GD runs: EoSTracker(k={config.topk}), block Lanczos warm-started "
+            "from the previous Ritz vectors (same tolerance; each pair's own stopping rule). Second table: the "
+            "final eigenvalues over the threshold and how many of the last checkpoints (same window as the "
+            "verdict) have each eigenvalue at or above band_low x threshold."
+        )
+    return report.Outcome(results, claims, tables, figures, notes)
+
+
+def _topk_table(config: Config, topk: list[tuple[RunSpec, RunRecord]]) -> str:
+    """Final top-k eigenvalues / threshold and the fraction of the final window at the threshold, per GD run."""
+    rows = []
+    for spec, rec in topk:
+        thr = stability_rule(spec, config).threshold
+        ratios = rec.eigenvalues / thr
+        tail = ratios[-max(1, math.ceil(config.verdict_window * len(ratios))) :]
+        rows.append(
+            [
+                spec.label,
+                thr,
+                " / ".join(f"{r:.3f}" for r in ratios[-1]),
+                " / ".join(f"{np.mean(t >= config.band_low):.0%}" for t in tail.T),
+                float(rec.hvps[1:].mean()) if rec.hvps.size > 1 else float("nan"),
+                f"{np.mean(rec.converged):.0%}" if rec.converged.size else "n/a",
+            ]
+        )
+    k = topk[0][1].eigenvalues.shape[1]
+    return report.markdown_table(
+        [
+            "GD run",
+            "threshold 2/eta",
+            f"final lambda_1..{k} / threshold",
+            f"last {config.verdict_window:.0%} at >= {config.band_low} x threshold (each)",
+            "mean HVPs / checkpoint",
+            f"solves converged (all {k} pairs, within solver_iters HVPs)",
+        ],
+        rows,
+    )
 
 
 def _claim_verdict(verdicts: list[str]) -> str:
@@ -418,9 +481,11 @@ def _loss_claim(runs: list[dict]) -> report.Claim:
 
 def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> str:
     optimizers = [o for o in OPTIMIZER_TITLES if any(s.optimizer == o for s in records)]
-    fig, axes = report.figure(ncols=len(optimizers), nrows=2)
+    topk = [(s, r) for s, r in records.items() if r.eigenvalues.ndim == 2 and r.eigenvalues.shape[1] > 1]
+    ncols = len(optimizers) + bool(topk)
+    fig, axes = report.figure(ncols=ncols, nrows=2)
     for col, opt in enumerate(optimizers):
-        ax_s, ax_l = axes[col], axes[len(optimizers) + col]
+        ax_s, ax_l = axes[col], axes[ncols + col]
         for i, (spec, rec) in enumerate((s, r) for s, r in records.items() if s.optimizer == opt):
             color = f"C{i}"
             ax_s.plot(rec.steps, rec.sharpness, color=color, label=spec.label)
@@ -431,4 +496,25 @@ def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) 
         ax_l.set(xlabel="step", ylabel=f"train loss ({config.loss})", yscale="log")
         ax_s.legend(fontsize=7)
         ax_l.legend(fontsize=7)
+    if topk:
+        _plot_topk(config, topk, axes[len(optimizers)], axes[ncols + len(optimizers)])
     return report.save_figure(fig, out, "sharpness_and_loss.png")
+
+
+def _plot_topk(config: Config, topk: list[tuple[RunSpec, RunRecord]], ax_values, ax_ratio) -> None:
+    """Top panel: the top-k eigenvalues of each GD run (solid: lambda_1, fainter: the next) with 2/eta;
+    bottom panel: lambda_i / threshold."""
+    for i, (spec, rec) in enumerate(topk):
+        thr = stability_rule(spec, config).threshold
+        for j in range(rec.eigenvalues.shape[1]):
+            style = {"color": f"C{i}", "alpha": 1.0 - 0.3 * j, "linewidth": 1.2 if j == 0 else 0.8}
+            label = f"{spec.label}" if j == 0 else None
+            ax_values.plot(rec.steps, rec.eigenvalues[:, j], label=label, **style)
+            ax_ratio.plot(rec.steps, rec.eigenvalues[:, j] / thr, label=f"{spec.label}: lambda_{j + 1}", **style)
+        ax_values.axhline(thr, color=f"C{i}", linestyle="--", linewidth=1)
+    k = topk[0][1].eigenvalues.shape[1]
+    ax_values.set(title=f"GD: top-{k} eigenvalues (fainter: lambda_2, ...)", xlabel="step", ylabel="eigenvalue")
+    ax_ratio.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    ax_ratio.set(xlabel="step", ylabel="eigenvalue / threshold")
+    ax_values.legend(fontsize=7)
+    ax_ratio.legend(fontsize=6)

@@ -163,15 +163,16 @@ def _train_step(opt):
     return train_step
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
-def test_eos_tracker_resumes_from_an_orbax_checkpoint(tmp_path, rule):
+@pytest.mark.parametrize(("rule", "k"), [*((r, 1) for r in sorted(RULES)), ("heavy_ball", 3)])
+def test_eos_tracker_resumes_from_an_orbax_checkpoint(tmp_path, rule, k):
     opt, stability = RULES[rule]
     params, x, y = _problem()
     steps, stop = range(6), 2
 
     def fresh():
-        # Host-driven solver without linearization: the cheapest to compile for a test this small.
-        tracker = eos.EoSTracker(_mlp_loss, stability, every=2, max_iters=6, placement="host", linearize_budget=0)
+        # Host-driven solver without linearization: the cheapest to compile for a test this small. With k=3 the
+        # state holds the top-3 Ritz vectors (leaves (3, ...)) and values.
+        tracker = eos.EoSTracker(_mlp_loss, stability, every=2, max_iters=6, placement="host", linearize_budget=0, k=k)
         return tracker, opt.init(params), tracker.init(params, jax.random.key(3))
 
     # The uninterrupted run, checkpointed (params, optimizer state, tracker state) at `stop` on the way.
@@ -184,7 +185,7 @@ def test_eos_tracker_resumes_from_an_orbax_checkpoint(tmp_path, rule):
     # A resumed run: new objects (as in a new process), state restored from the checkpoint.
     tracker, opt_state, tstate = fresh()
     restored = _restore(tmp_path / "ckpt", {"params": params, "opt_state": opt_state, "tracker": tstate})
-    assert isinstance(restored["tracker"], eos.TrackerState) and np.isfinite(restored["tracker"].eigenvalue)
+    assert isinstance(restored["tracker"], eos.TrackerState) and np.all(np.isfinite(restored["tracker"].eigenvalue))
     resumed, _ = _run(opt, tracker, restored["params"], restored["opt_state"], restored["tracker"], steps[stop:], x, y)
 
     assert [r["step"] for r in first + rest] == [0, 2, 4]

@@ -400,15 +400,22 @@ class _LanczosInit:
         )  # fmt: skip
 
 
-def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Top eigenpair of the leading ``(j+1) x (j+1)`` block of ``T``, padded to ``(m, m)``: the padding rows are
-    decoupled and set below every Ritz value of the block (which is ``>= max(alphas[:j+1])``)."""
+def _ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigen-decomposition (ascending) of the leading ``(j+1) x (j+1)`` block of ``T``, padded to ``(m, m)``: the
+    padding rows are decoupled and set below the top Ritz value of the block (which is ``>= max(alphas[:j+1])``),
+    so ``[-1]`` is the top Ritz pair; ``theta[-2]`` (``j >= 1``) is the second Ritz value or a padding value
+    above it."""
     m = alphas.shape[0]
     live = jnp.arange(m) <= j
     floor = jnp.min(jnp.where(live, alphas, jnp.inf))
     diag = jnp.where(live, alphas, floor - 1 - jnp.abs(floor))
     off = jnp.where(jnp.arange(m - 1) < j, betas[:-1], 0)
-    theta, s = jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
+    return jnp.linalg.eigh(jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1))
+
+
+def _top_ritz(j: jax.Array, alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top eigenpair of the leading ``(j+1) x (j+1)`` block of ``T`` (see :func:`_ritz`)."""
+    theta, s = _ritz(j, alphas, betas)
     return theta[-1], s[:, -1]
 
 
@@ -437,9 +444,17 @@ def _omega_next(s: _LanczosState, alpha: jax.Array, beta: jax.Array, n: int) -> 
 @dataclasses.dataclass(frozen=True)
 class _LanczosAbsorb:
     """Lanczos step ``j`` given ``w = A @ basis[j]``: fills ``alphas[j]``, ``betas[j]``, ``basis[j+1]``; with
-    ``track_top`` also the top Ritz pair and the stopping rule (else it stops after ``m`` steps)."""
+    ``track_top`` also the top Ritz pair and the stopping rule (else it stops after ``m`` steps).
+
+    ``gap_test``: the stopping rule also accepts a step whose *error estimate* ``res**2 |theta| / (theta -
+    theta_2)`` (relative; ``theta_2`` the second Ritz value) is at most ``tol``, in place of the change test:
+    for a Ritz pair with residual norm ``rho`` separated by ``delta`` from the rest of the spectrum the error is
+    at most ``rho**2 / delta`` (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, 1998, Sec. 11.7),
+    with the Ritz gap standing in for ``delta``. ``change`` then holds the smaller of the two.
+    """
 
     track_top: bool
+    gap_test: bool = False
 
     def __call__(self, s: _LanczosState, w: jax.Array) -> _LanczosState:
         m, n = s.basis.shape
@@ -475,9 +490,14 @@ class _LanczosAbsorb:
         theta, res, change = s.theta, s.res, s.change
         if self.track_top:
             inf = jnp.asarray(jnp.inf, dtype)
-            theta, vec = _top_ritz(j, alphas, betas)
+            thetas, vecs = _ritz(j, alphas, betas)
+            theta, vec = thetas[-1], vecs[:, -1]
             res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * vec[j]), jnp.abs(theta)))
             change = jnp.where(jnp.isfinite(s.theta), _safe_div(jnp.abs(theta - s.theta), jnp.abs(theta)), inf)
+            if self.gap_test:
+                gap = theta - thetas[-2]
+                estimate = jnp.where((j >= 1) & (gap > 0), _safe_div(res**2 * jnp.abs(theta), gap), inf)
+                change = jnp.minimum(change, estimate)
             done = done | _converged(change, res, s.tol, s.residual_tol, theta)
         # After a reorthogonalization (or a fresh direction) the new vector is orthogonal to rounding level.
         eps = jnp.finfo(dtype).eps
@@ -492,9 +512,15 @@ class _LanczosAbsorb:
 
 
 def _lanczos_solve(
-    d: loops.Driver, op: _Operator, operands: Any, state: _LanczosState, track_top: bool, first: jax.Array | None = None
+    d: loops.Driver,
+    op: _Operator,
+    operands: Any,
+    state: _LanczosState,
+    track_top: bool,
+    first: jax.Array | None = None,
+    gap_test: bool = False,
 ) -> _LanczosState:
-    return _iterate_from(d, _LanczosAbsorb(track_top), op, operands, state, first)
+    return _iterate_from(d, _LanczosAbsorb(track_top, gap_test), op, operands, state, first)
 
 
 def _lanczos_top_vector(s: _LanczosState) -> jax.Array:
@@ -547,11 +573,12 @@ def _top_pair(
     params: tuple = (),
     operands: Any = None,
     first: jax.Array | None = None,
+    gap_test: bool = False,
 ) -> _TopPair:
     """The top eigenpair from ``x0`` by ``method`` ("power": largest magnitude; "lanczos": largest).
 
     Either ``params`` (the operator is prepared here, at the unit start vector) or ``operands`` already prepared
-    by the caller with optional ``first = A @ unit(x0)``.
+    by the caller with optional ``first = A @ unit(x0)``. ``gap_test``: Lanczos only, see :class:`_LanczosAbsorb`.
     """
     if method == "lanczos":
         state = d.call(_LanczosInit(max_iters), x0, eigenvalue0, tol, residual_tol)
@@ -561,7 +588,7 @@ def _top_pair(
     if operands is None:
         operands, first = d.call(_Prepare(op), state.query, params)
     if method == "lanczos":
-        return d.call(_top_pair_lanczos, _lanczos_solve(d, op, operands, state, True, first))
+        return d.call(_top_pair_lanczos, _lanczos_solve(d, op, operands, state, True, first, gap_test))
     return d.call(_top_pair_power, _power_solve(d, op, operands, state, first))
 
 
@@ -578,6 +605,146 @@ class _TopSolve:
         m = max_iters if self.max_iters is None else self.max_iters
         r = _top_pair(self.driver, self.method, self.op, x0, eigenvalue0, tol, residual_tol, m, params=params)
         return EigenResult(r.eigenvalue, self.op.layout.unravel(r.vector), r.iterations, r.residual, r.converged)
+
+
+# -- block Lanczos for the top k pairs, one product per step (warm-started from a block) ---------------------
+
+
+class _BlockState(NamedTuple):
+    j: jax.Array  # int32[]: products absorbed (= columns of `coef` filled)
+    basis: jax.Array  # (m + k, n) orthonormal rows: the k start vectors, then row k + i from A @ basis[i]
+    coef: jax.Array  # (m + k, m): column i holds the coefficients of A @ basis[i] on the basis (rows <= k + i)
+    values: jax.Array  # (k,) top Ritz values, descending (before the block is full: the warm-start values)
+    res: jax.Array  # (k,) Ritz residuals ||A y - theta y|| / |theta|
+    change: jax.Array  # (k,) relative change of each Ritz value in the last step
+    query: jax.Array  # (n,) basis[j], the next vector to multiply
+    done: jax.Array  # bool[]
+    tol: jax.Array  # ()
+    residual_tol: jax.Array  # ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockInit:
+    """The start block (``(k, n)``, rows nonzero) orthonormalized by Gram-Schmidt, so that row 0 stays
+    ``unit(x0[0])``: the vector the caller's fused first product multiplies."""
+
+    num_iters: int  # m: the product budget (columns of `coef`)
+
+    def __call__(self, x0: jax.Array, eigenvalues0: Any, tol: Any, residual_tol: Any) -> _BlockState:
+        (k, n), m, dtype = x0.shape, self.num_iters, x0.dtype
+        basis = jnp.zeros((m + k, n), dtype)
+        for i in range(k):  # k is small and static
+            basis = basis.at[i].set(_unit(_project_out(basis, x0[i])))
+        inf = jnp.full(k, jnp.inf, dtype)
+        scalar = functools.partial(jnp.asarray, dtype=dtype)
+        return _BlockState(
+            jnp.int32(0), basis, jnp.zeros((m + k, m), dtype), jnp.broadcast_to(scalar(eigenvalues0), (k,)), inf,
+            inf, basis[0], jnp.asarray(False), scalar(tol), scalar(residual_tol),
+        )  # fmt: skip
+
+
+def _block_ritz(j: jax.Array, coef: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top ``k`` Ritz pairs (descending) of the leading ``(j+1) x (j+1)`` block of the projected matrix
+    ``coef[:m, :m]`` (symmetrized), padded to ``(m, m)`` as in :func:`_top_ritz`; vectors as ``(m, k)``."""
+    m = coef.shape[1]
+    live = jnp.arange(m) <= j
+    block = jnp.where(live[:, None] & live[None, :], 0.5 * (coef[:m] + coef[:m].T), 0)
+    diag = jnp.diagonal(block)
+    floor = jnp.min(jnp.where(live, diag, jnp.inf)) - jnp.sum(jnp.abs(block))
+    block = block + jnp.diag(jnp.where(live, 0, floor - 1))
+    theta, s = jnp.linalg.eigh(block)
+    return theta[::-1][:k], s[:, ::-1][:, :k]
+
+
+def _block_absorb(s: _BlockState, w: jax.Array) -> _BlockState:
+    """Step ``j`` given ``w = A @ basis[j]``: the new basis row ``k + j``, the coefficients of ``w``, the top
+    ``k`` Ritz pairs of the multiplied columns and the stopping rule (every pair: change <= tol and
+    residual <= residual_tol, as for the single pair)."""
+    (rows, n), m = s.basis.shape, s.coef.shape[1]
+    k, dtype, j = rows - m, s.basis.dtype, s.j
+    c = s.basis @ w  # exact coefficients on the rows so far (later rows are zero)
+    w = _project_out(s.basis, w)
+    beta = jnp.linalg.norm(w)
+    breakdown = beta <= 100 * jnp.finfo(dtype).eps * jnp.maximum(jnp.linalg.norm(c), jnp.finfo(dtype).tiny)
+
+    def fresh(_: None) -> jax.Array:
+        # Invariant subspace found: continue with a fresh direction orthogonal to the basis (see Lanczos).
+        r = _project_out(s.basis, jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (n,), dtype))
+        return r / jnp.linalg.norm(r)
+
+    nxt = lax.cond(breakdown, fresh, lambda _: w / jnp.where(breakdown, 1, beta), None)
+    beta = jnp.where(breakdown, 0, beta)
+    row = k + j
+    last = j + 1 >= m  # the last step only records the coefficients; no further row is multiplied
+    basis = s.basis.at[row].set(jnp.where(last, s.basis[row], nxt))
+    coef = s.coef.at[:, j].set(c.at[row].set(beta))
+    theta, vec = _block_ritz(j, coef, k)
+    # A y - theta y in the orthonormal basis: coef @ s - theta [s; 0] (exact in exact arithmetic).
+    padded = jnp.concatenate([vec, jnp.zeros((k, k), dtype)])
+    inf = jnp.asarray(jnp.inf, dtype)
+    res = jnp.where(
+        theta == 0, inf, _safe_div(jnp.linalg.norm(coef @ vec - theta[None, :] * padded, axis=0), jnp.abs(theta))
+    )
+    change = jnp.where(jnp.isfinite(s.values), _safe_div(jnp.abs(theta - s.values), jnp.abs(theta)), inf)
+    full = j + 1 >= k  # every pair has a Ritz value only once the whole start block has been multiplied
+    theta, res, change = (
+        jnp.where(full, new, old) for new, old in ((theta, s.values), (res, s.res), (change, s.change))
+    )
+    done = last | ~jnp.all(jnp.isfinite(c)) | (full & jnp.all(_converged(change, res, s.tol, s.residual_tol, theta)))
+    return _BlockState(j + 1, basis, coef, theta, res, change, basis[jnp.minimum(j + 1, rows - 1)], done, s.tol,
+                       s.residual_tol)  # fmt: skip
+
+
+class _TopBlock(NamedTuple):
+    """The top ``k`` pairs; its properties read like :class:`_TopPair`'s fields for the top pair."""
+
+    eigenvalues: jax.Array  # (k,) descending
+    vectors: jax.Array  # (k, n) unit Ritz vectors (the warm start of the next solve)
+    iterations: jax.Array  # () products used
+    residuals: jax.Array  # (k,)
+    pairs_converged: jax.Array  # (k,) bool: each pair's stopping rule held
+
+    @property
+    def eigenvalue(self) -> jax.Array:
+        return self.eigenvalues[0]
+
+    @property
+    def residual(self) -> jax.Array:
+        return self.residuals[0]
+
+    @property
+    def converged(self) -> jax.Array:
+        return jnp.all(self.pairs_converged)
+
+
+def _top_block_result(s: _BlockState) -> _TopBlock:
+    m = s.coef.shape[1]
+    k = s.basis.shape[0] - m
+    _, vec = _block_ritz(s.j - 1, s.coef, k)
+    vectors = vec.T @ s.basis[:m]  # padding components of vec are zero, and rows >= j are unused
+    vectors = _safe_div(vectors, jnp.linalg.norm(vectors, axis=1, keepdims=True))
+    ok = _converged(s.change, s.res, s.tol, s.residual_tol, s.values) & (s.j >= k) & _started(s.basis)
+    return _TopBlock(s.values, vectors, s.j, s.res, ok)
+
+
+def _top_block(
+    d: loops.Driver,
+    op: _Operator,
+    x0: jax.Array,
+    eigenvalues0: Any,
+    tol: Any,
+    residual_tol: Any,
+    max_iters: int,
+    *,
+    operands: Any,
+    first: jax.Array | None = None,
+) -> _TopBlock:
+    """The top ``k = x0.shape[0]`` eigenpairs by block Lanczos from the block ``x0`` (``(k, n)``; e.g. the
+    previous Ritz vectors), at most ``max_iters`` products; ``operands`` prepared by the caller with optional
+    ``first = A @ unit(x0[0])``. Warm-started from converged vectors with ``eigenvalues0`` it stops after ``k``
+    products."""
+    state = d.call(_BlockInit(max_iters), x0, eigenvalues0, tol, residual_tol)
+    return d.call(_top_block_result, _iterate_from(d, _block_absorb, op, operands, state, first))
 
 
 # -- public solvers -----------------------------------------------------------------------------------------

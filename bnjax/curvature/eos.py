@@ -50,7 +50,9 @@ model with full-batch gradient descent:
 
 Each measurement is the loss and a warm-started :func:`~bnjax.curvature.lanczos_top` (default) or
 :func:`~bnjax.curvature.power_iteration`, started from the previous eigenvector and eigenvalue, so a converged
-warm start costs a single Hessian-vector product. The training loss is linearized once per measurement
+warm start costs a single Hessian-vector product. With ``EoSTracker(..., k=k)`` it tracks the top ``k``
+eigenvalues by block Lanczos started from the previous ``k`` Ritz vectors (records gain ``eigenvalues``,
+``residuals`` and ``pairs_converged``). The training loss is linearized once per measurement
 (``jax.linearize`` of its value and gradient, when the stored residuals fit ``linearize_budget``): the loss and
 the gradient come out of that one pass, and every Hessian-vector product after it runs only the tangent pass.
 With ``placement`` the solver loop runs inside one compiled program or is driven from Python (the default
@@ -90,7 +92,9 @@ from bnjax.curvature.eigen import (
     _check_tolerance,
     _Layout,
     _Operator,
+    _top_block,
     _top_pair,
+    _TopBlock,
     _TopPair,
     _unit,
     check_linearize_budget,
@@ -447,8 +451,9 @@ class TrackerState(NamedTuple):
     records as an uninterrupted one (``tests/test_checkpoint.py``).
     """
 
-    vector: PyTree  # like params: the previous top eigenvector (or the random start)
-    eigenvalue: jax.Array  # () previous sharpness estimate; inf before the first measurement
+    vector: PyTree  # like params: the previous top eigenvector (or the random start); with k > 1 the previous
+    # top-k Ritz vectors, stacked on a leading axis (leaves (k, *leaf_shape))
+    eigenvalue: jax.Array  # () previous sharpness estimate ((k,) descending with k > 1); inf before the first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +509,23 @@ class EoSTracker:
       linearize_budget: linearize the training loss once per measurement when the stored residuals take at
         most this many bytes (about the activations of one forward and backward pass over the data set);
         ``0`` never (every product recomputes the forward and backward pass), ``None`` always.
+      stopping: ``"change"`` (default): the solver stops when the top Ritz value changed by at most ``tol``
+        (relative) in the last step and its residual is at most ``residual_tol``; ``"gap"`` (Lanczos, ``k = 1``)
+        also stops at a step whose error estimate ``residual**2 * sharpness / (theta_1 - theta_2)`` (relative,
+        ``theta_2`` the second Ritz value; Kato-Temple) is at most ``tol``, without waiting for the value to
+        settle. ``experiments/bench_warmstart.py`` measures both (HVPs against the oracle count, accuracy).
+      k: number of top eigenvalues tracked (a positive int; ``1``, the default, tracks the sharpness alone).
+        With ``k > 1`` each measurement runs block Lanczos (``method="lanczos"`` only) started from the
+        previous ``k`` Ritz vectors, one Hessian-vector product per step (the first fused with the
+        linearization, as for ``k = 1``; both placements): the start block and the residual of each
+        product span the basis, and the top ``k`` Ritz pairs of the multiplied vectors are extracted at
+        every step. It stops when *every* pair meets ``tol`` and ``residual_tol`` (so a converged warm start
+        costs ``k`` products) or after ``max_iters`` products (which must be at least ``k``; the cold start
+        ``3 * max_iters``). Records gain ``eigenvalues``, ``residuals`` and ``pairs_converged`` (lists,
+        descending); ``sharpness`` and ``residual`` are the top pair's and ``converged`` says that all pairs
+        converged. :class:`TrackerState` then stacks the ``k`` vectors on a leading axis. Why block Lanczos
+        rather than ``jax.experimental.sparse.linalg.lobpcg_standard``: see the top-k section of the
+        curvature guide (``experiments/bench_topk.py`` measures both).
     """
 
     loss_fn: Callable[..., Any]
@@ -519,6 +541,8 @@ class EoSTracker:
     has_aux: bool = False
     placement: loops.Placement = "auto"
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET
+    k: int = 1
+    stopping: Literal["change", "gap"] = "change"
     # Built in __post_init__ (set with object.__setattr__: the dataclass is frozen); not compared or shown.
     _scalar_loss: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
     _hessian: Matvec = dataclasses.field(init=False, repr=False, compare=False)
@@ -531,6 +555,11 @@ class EoSTracker:
     def __post_init__(self) -> None:
         check_positive_int(self.every, "every")
         check_positive_int(self.max_iters, "max_iters")
+        self._check_k()
+        if self.stopping not in ("change", "gap"):
+            raise ValueError(f"`stopping` must be 'change' or 'gap'; got {self.stopping!r}.")
+        if self.stopping == "gap" and (self.method != "lanczos" or self.k != 1):
+            raise ValueError("stopping='gap' is a test on the top Lanczos pair: use method='lanczos' and k=1.")
         if self.chunk_size is not None:
             check_positive_int(self.chunk_size, "chunk_size")
         check_bool(self.per_example, "per_example")
@@ -562,10 +591,24 @@ class EoSTracker:
         object.__setattr__(self, "_lin_bytes", {})
         object.__setattr__(self, "_value_and_grad", jax.jit(lambda params, args: self._value_and_grad_fn(args)(params)))
 
+    def _check_k(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ValueError(f"`k` (the number of top eigenvalues tracked) must be a positive int; got {self.k!r}.")
+        if self.k > 1 and self.method != "lanczos":
+            raise ValueError(f"Tracking k={self.k} eigenvalues uses block Lanczos; pass method='lanczos'.")
+        if self.k > self.max_iters:
+            raise ValueError(
+                f"`max_iters`={self.max_iters} must be at least `k`={self.k}: a warm start multiplies each of the "
+                f"k previous vectors once. Use e.g. max_iters={max(20, 2 * self.k)}."
+            )
+
     def init(self, params: PyTree, key: jax.Array) -> TrackerState:
-        """Random start vector like ``params``."""
-        vector = random_like(key, params)
-        return TrackerState(vector, jnp.asarray(jnp.inf, jax.tree.leaves(vector)[0].dtype))
+        """Random start vector like ``params`` (``k`` of them stacked on a leading axis with ``k > 1``)."""
+        if self.k == 1:
+            vector = random_like(key, params)
+            return TrackerState(vector, jnp.asarray(jnp.inf, jax.tree.leaves(vector)[0].dtype))
+        vector = random_like(key, params, num=int(self.k))
+        return TrackerState(vector, jnp.full(int(self.k), jnp.inf, jax.tree.leaves(vector)[0].dtype))
 
     def due(self, step: int) -> bool:
         """Whether :meth:`update` and :meth:`value_and_grad` measure at ``step``."""
@@ -629,16 +672,36 @@ class EoSTracker:
 
     def _measurement(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
         """``(driver, plan)`` of one measurement at ``params``: the plan's call returns ``(value, grads, pair)``."""
-        check_like(state.vector, params, name="state.vector")
+        self._check_state(state, params)
         self._check_shards(args)
         driver = loops.driver_for(self.placement, self._scalar_loss, params, *args)
-        cold = not bool(jnp.isfinite(state.eigenvalue))
+        cold = not bool(jnp.all(jnp.isfinite(state.eigenvalue)))
         max_iters = 3 * self.max_iters if cold else self.max_iters
         if self.method == "lanczos":
-            max_iters = min(max_iters, sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+            # A Krylov basis has at most n vectors; the block one holds k start vectors besides the products.
+            max_iters = min(max_iters, sum(int(np.size(x)) for x in jax.tree.leaves(params)) - int(self.k) + 1)
         linearized = self._linearizes(params, args)
         op = self._operator(params, linearized, precond is not None)
         return driver, _Measurement(self, driver, op, linearized, max_iters)
+
+    def _check_state(self, state: TrackerState, params: PyTree) -> None:
+        if self.k == 1:
+            check_like(state.vector, params, name="state.vector")
+            return
+        k, n = int(self.k), sum(int(np.size(x)) for x in jax.tree.leaves(params))
+        if 2 * k > n + 1:
+            raise ValueError(
+                f"`k`={k} is too large for {n} parameters: block tracking keeps k start vectors and at least k "
+                f"products in a basis of at most n vectors, so it needs k <= {(n + 1) // 2}."
+            )
+        leading = {jnp.shape(x)[:1] for x in jax.tree.leaves(state.vector)}
+        if leading != {(k,)} or jnp.shape(state.eigenvalue) != (k,):
+            raise ValueError(
+                f"With k={k}, `state.vector` stacks k vectors like `params` on a leading axis and "
+                f"`state.eigenvalue` has shape ({k},); got leading axes {sorted(leading)} and eigenvalue shape "
+                f"{jnp.shape(state.eigenvalue)}. Build the state with `tracker.init(params, key)`."
+            )
+        check_like(jax.tree.map(lambda x: x[0], state.vector), params, name="state.vector[i]")
 
     def _measure(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
         driver, plan = self._measurement(state, params, args, precond)
@@ -681,10 +744,22 @@ class EoSTracker:
         """
         value, _, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
         loss = value[0] if self.has_aux else value
-        return self._record(step, loss, pair), self._next_state(params, pair)
+        return self._record_all(step, loss, pair), self._next_state(params, pair)
 
-    def _next_state(self, params: PyTree, pair: _TopPair) -> TrackerState:
-        return TrackerState(_Layout.of(params, "params").unravel(pair.warm), pair.eigenvalue)
+    def _record_all(self, step: int, loss: jax.Array, pair: _TopPair | _TopBlock) -> dict[str, Any]:
+        """:meth:`_record` of the top pair, plus with ``k > 1`` every pair's value, residual and convergence."""
+        record = self._record(step, loss, pair)  # type: ignore[arg-type]  # _TopBlock reads like a _TopPair
+        if isinstance(pair, _TopBlock):
+            record["eigenvalues"] = [float(x) for x in np.asarray(pair.eigenvalues)]
+            record["residuals"] = [float(x) for x in np.asarray(pair.residuals)]
+            record["pairs_converged"] = [bool(x) for x in np.asarray(pair.pairs_converged)]
+        return record
+
+    def _next_state(self, params: PyTree, pair: _TopPair | _TopBlock) -> TrackerState:
+        layout = _Layout.of(params, "params")
+        if isinstance(pair, _TopBlock):
+            return TrackerState(jax.vmap(layout.unravel)(pair.vectors), pair.eigenvalues)
+        return TrackerState(layout.unravel(pair.warm), pair.eigenvalue)
 
     def update(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
@@ -716,7 +791,7 @@ class EoSTracker:
             return self._value_and_grad(params, args), None, state
         value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
         loss = value[0] if self.has_aux else value
-        return (value, grads), self._record(step, loss, pair), self._next_state(params, pair)
+        return (value, grads), self._record_all(step, loss, pair), self._next_state(params, pair)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -754,11 +829,30 @@ class _Measurement:
 
     def __call__(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
         d, t = self.driver, self.tracker
+        if t.k > 1:  # block Lanczos from the previous k Ritz vectors; the fused product is along the first
+            first_vector = jax.tree.map(lambda x: x[0], state.vector)
+            value, grads, operands, first = d.call(_Prepare(self), first_vector, params, args, precond)
+            x0 = jax.vmap(self.op.layout.ravel)(state.vector)
+            eigenvalues0 = state.eigenvalue.astype(x0.dtype)
+            block = _top_block(
+                d, self.op, x0, eigenvalues0, t.tol, t.residual_tol, self.max_iters, operands=operands, first=first
+            )
+            return value, grads, block
         value, grads, operands, first = d.call(_Prepare(self), state.vector, params, args, precond)
         x0 = self.op.layout.ravel(state.vector)
         eigenvalue0 = state.eigenvalue.astype(x0.dtype)
         pair = _top_pair(
-            d, t.method, self.op, x0, eigenvalue0, t.tol, t.residual_tol, self.max_iters, operands=operands, first=first
+            d,
+            t.method,
+            self.op,
+            x0,
+            eigenvalue0,
+            t.tol,
+            t.residual_tol,
+            self.max_iters,
+            operands=operands,
+            first=first,
+            gap_test=t.stopping == "gap",
         )
         return value, grads, pair
 
@@ -798,11 +892,16 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         return json.loads(path.read_text())
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
-    return [{k: v[i].item() for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))]
+    # tolist(): a Python scalar from a scalar field, a list from a per-pair field (k > 1)
+    return [{k: v[i].tolist() for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))]
 
 
 def plot_records(records: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Plot loss (log scale) and sharpness vs step with the stability threshold; writes a PNG at ``path``."""
+    """Plot loss (log scale) and sharpness vs step with the stability threshold; writes a PNG at ``path``.
+
+    Records of a top-k tracker (``EoSTracker(..., k=k)``, an ``eigenvalues`` field) also show the other
+    ``k - 1`` eigenvalues as thinner lines.
+    """
     import matplotlib  # lazily: plotting is optional
 
     matplotlib.use("Agg")
@@ -814,6 +913,16 @@ def plot_records(records: list[dict[str, Any]], path: str | Path, title: str | N
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
     label = "preconditioned sharpness" if bool(a["preconditioned"][0]) else "sharpness"
     ax_sharp.plot(a["step"], a["sharpness"], label=label)
+    if "eigenvalues" in a:
+        for i in range(1, a["eigenvalues"].shape[1]):
+            ax_sharp.plot(
+                a["step"],
+                a["eigenvalues"][:, i],
+                linewidth=0.8,
+                color="C0",
+                alpha=1 - 0.6 * i / len(a["eigenvalues"][0]),
+                label=f"eigenvalue {i + 1}",
+            )
     ax_sharp.plot(a["step"], a["threshold"], "--", color="k", label="stability threshold")
     ax_sharp.set(xlabel="step", ylabel=label)
     ax_sharp.legend()
