@@ -57,9 +57,17 @@ class Config:
     (``EoSTracker(..., shards=devices)``: every device reads only its rows, no data set is gathered); with
     ``chunk_size < n_train`` a chunk (ghost batch) is then the ``c``-th slice of ``chunk_size / devices`` rows
     of every device's shard, so ``chunk_size`` must be a multiple of ``devices``.
+    Schedule: ``schedule_lrs = (lr0, lr1)`` adds GD runs (each norm) whose learning rate steps from ``lr0`` to
+    ``lr1`` at mid-run (``optax.piecewise_constant_schedule``); their threshold at each checkpoint is that
+    step's ``2/eta`` (``StabilityRule.threshold_at``), and the claim is that the sharpness follows it to the new
+    threshold. ``()`` leaves them out.
     Verdict per run: over the last ``verdict_window`` of the checkpoints, "held" when at least
     ``min_in_band`` of them lie within ``[band_low, band_high]`` times the threshold, "not reached" when the
-    sharpness never reached ``band_low`` times it, "failed" otherwise.
+    sharpness never reached ``band_low`` times it, "not held" otherwise; "diverged" when the loss became
+    non-finite (left out of the claim). ``short_run`` (set by the quick and smoke presets): the runs are too
+    short to refute (a run still sharpening at step 1000 may hover at the threshold by step 5000), so a run
+    that did not hold reads "too short" and its claim "too short to judge" instead of "not held" or
+    "inconclusive"; only "held" is a verdict there.
     """
 
     dataset: str = "mnist1d"
@@ -75,6 +83,7 @@ class Config:
     momentum: float = 0.9
     momentum_lrs: tuple[float, ...] = (0.03, 0.1)
     adam_lrs: tuple[float, ...] = (0.001,)
+    schedule_lrs: tuple[float, ...] = (0.1, 0.2)
     adam_beta2: float = 0.999
     adam_eps: float = 1e-7
     steps: int = 5000
@@ -89,11 +98,12 @@ class Config:
     band_low: float = 0.95
     band_high: float = 1.10
     min_in_band: float = 0.9
+    short_run: bool = False
 
 
 PRESETS = {
     "quick": dataclasses.replace(
-        Config(), gd_lrs=(0.1,), momentum_lrs=(0.03,), adam_lrs=(0.001,), steps=1000, track_every=20
+        Config(), gd_lrs=(0.1,), momentum_lrs=(0.03,), adam_lrs=(0.001,), steps=1000, track_every=20, short_run=True
     ),
     "smoke": dataclasses.replace(
         Config(),
@@ -107,6 +117,7 @@ PRESETS = {
         track_every=10,
         solver_iters=5,
         chunk_size=200,
+        short_run=True,
     ),
 }
 
@@ -115,22 +126,31 @@ ADAM_B1 = 0.9
 
 
 class RunSpec(NamedTuple):
-    """One training run: optimizer (``"gd"``, ``"momentum"``, ``"adam"``), learning rate and normalization."""
+    """One training run: optimizer (``"gd"``, ``"momentum"``, ``"adam"``, or ``"gd-schedule"``: GD whose
+    learning rate steps from ``lr`` to ``lr_after`` at mid-run), learning rate and normalization."""
 
     optimizer: str
     lr: float
     norm: str
+    lr_after: float | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.optimizer} lr={self.lr:g} {'BN' if self.norm == 'bn' else 'no BN'}"
+        lr = f"{self.lr:g}" if self.lr_after is None else f"{self.lr:g}->{self.lr_after:g}"
+        return f"{self.optimizer} lr={lr} {'BN' if self.norm == 'bn' else 'no BN'}"
+
+
+def _learning_rate(spec: RunSpec, config: Config) -> float | optax.Schedule:
+    if spec.lr_after is None:
+        return spec.lr
+    return optax.piecewise_constant_schedule(spec.lr, {config.steps // 2: spec.lr_after / spec.lr})
 
 
 def stability_rule(spec: RunSpec, config: Config) -> curvature.StabilityRule:
     """The run's :class:`bnjax.curvature.StabilityRule`: GD ``2/eta``, heavy ball ``(2+2 beta)/eta``, Adam
     preconditioned ``(2+2 b1)/((1-b1) eta)``."""
-    if spec.optimizer == "gd":
-        return curvature.gd_rule(spec.lr)
+    if spec.optimizer in ("gd", "gd-schedule"):
+        return curvature.gd_rule(_learning_rate(spec, config))
     if spec.optimizer == "momentum":
         return curvature.heavy_ball_rule(spec.lr, config.momentum)
     return curvature.adam_rule(spec.lr, b1=ADAM_B1, b2=config.adam_beta2, eps=config.adam_eps)
@@ -145,12 +165,19 @@ def run_verdict(ratios: np.ndarray, config: Config) -> tuple[str, float]:
     in_band = float(np.mean((tail >= config.band_low) & (tail <= config.band_high)))
     if not np.any(ratios >= config.band_low):
         return "not reached", in_band
-    return ("held" if in_band >= config.min_in_band else "failed"), in_band
+    return ("held" if in_band >= config.min_in_band else "not held"), in_band
+
+
+def judged(verdict: str, config: Config) -> str:
+    """A run's verdict as reported: in the quick form a run that did not hold is "too short" (it cannot refute)."""
+    if config.short_run and verdict in ("not held", "not reached"):
+        return "too short"
+    return verdict
 
 
 def _optimizer(spec: RunSpec, config: Config) -> optax.GradientTransformation:
-    if spec.optimizer == "gd":
-        return optax.sgd(spec.lr)
+    if spec.optimizer in ("gd", "gd-schedule"):
+        return optax.sgd(_learning_rate(spec, config))
     if spec.optimizer == "momentum":
         return optax.sgd(spec.lr, momentum=config.momentum)
     return optax.adam(spec.lr, b1=ADAM_B1, b2=config.adam_beta2, eps=config.adam_eps)
@@ -158,7 +185,11 @@ def _optimizer(spec: RunSpec, config: Config) -> optax.GradientTransformation:
 
 def _specs(config: Config) -> list[RunSpec]:
     groups = (("gd", config.gd_lrs), ("momentum", config.momentum_lrs), ("adam", config.adam_lrs))
-    return [RunSpec(opt, lr, norm) for opt, lrs in groups for lr in lrs for norm in config.norms]
+    specs = [RunSpec(opt, lr, norm) for opt, lrs in groups for lr in lrs for norm in config.norms]
+    if config.schedule_lrs:
+        lr0, lr1 = config.schedule_lrs
+        specs += [RunSpec("gd-schedule", lr0, norm, lr1) for norm in config.norms]
+    return specs
 
 
 def _check(config: Config) -> None:
@@ -185,6 +216,10 @@ def _check(config: Config) -> None:
             f"chunk_size={config.chunk_size} must be a multiple of devices={config.devices} (every chunk takes "
             "the same number of rows from each device's shard)."
         )
+    if len(config.schedule_lrs) not in (0, 2) or not all(lr > 0 for lr in config.schedule_lrs):
+        raise ValueError(
+            f"schedule_lrs must be () or two positive learning rates (lr0, lr1), got {config.schedule_lrs!r}."
+        )
     if not 0 < config.band_low < 1 < config.band_high:
         raise ValueError(f"need 0 < band_low < 1 < band_high, got {config.band_low}, {config.band_high}.")
 
@@ -198,6 +233,7 @@ class RunRecord(NamedTuple):
       sharpness: float32[checkpoints] top Hessian eigenvalue (preconditioned for Adam).
       eigenvalues: float32[checkpoints, k] the top ``k`` eigenvalues, descending (``k = topk`` for GD runs,
         else 1: the sharpness).
+      thresholds: float32[checkpoints] the stability threshold at each checkpoint (that step's learning rate).
       hvps: int[checkpoints] Hessian-vector products each solve used.
       residual: float32[checkpoints] relative residual of each solve.
       converged: bool[checkpoints] each solve's stopping rule held (for every pair with ``k > 1``) within
@@ -210,6 +246,7 @@ class RunRecord(NamedTuple):
     steps: np.ndarray
     sharpness: np.ndarray
     eigenvalues: np.ndarray
+    thresholds: np.ndarray
     hvps: np.ndarray
     residual: np.ndarray
     converged: np.ndarray
@@ -262,7 +299,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
             break
         records.append(record)
         bar.update(1)
-    fields = ("step", "sharpness", "hvps", "residual", "converged", "loss")
+    fields = ("step", "sharpness", "threshold", "hvps", "residual", "converged", "loss")
     arrays = {k: np.asarray([r[k] for r in records]) for k in fields}
     eigenvalues = np.asarray([r.get("eigenvalues", [r["sharpness"]]) for r in records], np.float32)
     return RunRecord(
@@ -270,6 +307,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         arrays["step"],
         arrays["sharpness"].astype(np.float32),
         eigenvalues.reshape(len(records), -1),
+        arrays["threshold"].astype(np.float32),
         arrays["hvps"],
         arrays["residual"].astype(np.float32),
         arrays["converged"].astype(bool),
@@ -299,6 +337,7 @@ OPTIMIZER_TITLES = {
     "gd": "GD: threshold 2/eta",
     "momentum": "heavy-ball momentum: (2+2 beta)/eta",
     "adam": "Adam: preconditioned, 38/eta",
+    "gd-schedule": "GD, step schedule: 2/eta_t",
 }
 
 
@@ -309,16 +348,18 @@ def _last(values: np.ndarray) -> float:
 def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> report.Outcome:
     rows, runs = [], []
     for spec, rec in records.items():
-        thr = stability_rule(spec, config).threshold
-        ratios = rec.sharpness / thr
+        # The threshold at each checkpoint (constant unless the learning rate follows a schedule); the table
+        # shows the one at the end of the run.
+        thr = stability_rule(spec, config).threshold_at(config.steps)
+        ratios = rec.sharpness / rec.thresholds
         verdict, in_band = run_verdict(ratios, config)
-        if rec.diverged:
-            verdict = "failed"
+        verdict = "diverged" if rec.diverged else judged(verdict, config)
         reached = np.flatnonzero(ratios >= config.band_low)
         first = int(rec.steps[reached[0]]) if reached.size else None
         entry = {
             "optimizer": spec.optimizer,
             "lr": spec.lr,
+            "lr_after": spec.lr_after,
             "norm": spec.norm,
             "threshold": thr,
             "first_sharpness": float(rec.sharpness[0]) if rec.sharpness.size else float("nan"),
@@ -343,7 +384,7 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         rows.append(
             [
                 spec.optimizer,
-                spec.lr,
+                f"{spec.lr:g}" if spec.lr_after is None else f"{spec.lr:g} -> {spec.lr_after:g}",
                 "BN" if spec.norm == "bn" else "none",
                 thr,
                 entry["first_sharpness"],
@@ -352,7 +393,7 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
                 in_band,
                 first,
                 entry["final_loss"],
-                f"{verdict} (diverged)" if rec.diverged else verdict,
+                verdict,
             ]
         )
     table = report.markdown_table(
@@ -376,7 +417,7 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
     if topk:
         tables.append(_topk_table(config, topk))
     claims = [_claim(config, runs, opt) for opt in OPTIMIZER_TITLES if any(r["optimizer"] == opt for r in runs)]
-    claims.append(_loss_claim(runs))
+    claims.append(_loss_claim(runs, config.short_run))
     figures = [_plot(config, records, out)]
     notes = [
         f"Sharpness: bnjax.curvature.EoSTracker ({config.solver}) warm-started from the previous eigenvector "
@@ -384,14 +425,17 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         + ", ".join(f"{r['mean_hvps_per_checkpoint']:.1f}" for r in runs)
         + "). BN in train mode with the full batch: the Hessian of the function GD optimizes.",
         f"Verdict per run: 'held' when at least {config.min_in_band:.0%} of the checkpoints in the last "
-        f"{config.verdict_window:.0%} of the run lie within {config.band_low}-{config.band_high} x threshold; "
-        "'not reached' when the sharpness never reached the band; 'failed' otherwise. A run whose loss became "
-        "non-finite is 'failed' and is left out of its claim's verdict (EoS describes runs that train).",
+        f"{config.verdict_window:.0%} of the run lie within {config.band_low}-{config.band_high} x the threshold "
+        "of their step; 'not reached' when the sharpness never reached the band; 'not held' otherwise; "
+        "'diverged' when the loss became non-finite (reported, left out of its claim: EoS describes runs that "
+        "train)."
+        + (" Quick form: a run that did not hold reads 'too short' (it cannot refute)." if config.short_run else ""),
+        "Verdict per claim: " + CLAIM_RULE,
     ]
     if config.loss == "cross_entropy":
         notes.append(
             "Cross-entropy: the sharpness decreases late in training as the margins grow (CKLKT21 Appendix), "
-            "so runs that reached the threshold may end below it and read 'failed'."
+            "so runs that reached the threshold may end below it and read 'not held'."
         )
     results = {"runs": runs, "n_train": config.n_train, "dataset": config.dataset}
     if topk:
@@ -435,10 +479,21 @@ def _topk_table(config: Config, topk: list[tuple[RunSpec, RunRecord]]) -> str:
     )
 
 
-def _claim_verdict(verdicts: list[str]) -> str:
-    if "failed" in verdicts:
-        return "not held"
-    return "held" if verdicts and all(v == "held" for v in verdicts) else "inconclusive"
+CLAIM_RULE = (
+    "'held' when every run of the claim that trained held; otherwise, in the full form, 'not held' when a run "
+    "ended outside the band and 'inconclusive' when runs only failed to reach it (or every run diverged); in the "
+    "quick form 'too short to judge' (a short run cannot refute a claim about long-run behaviour)."
+)
+
+
+def claim_verdict(verdicts: list[str], quick: bool) -> str:
+    """Combine the runs' verdicts into the claim's (see :data:`CLAIM_RULE`; diverged runs are left out)."""
+    trained = [v for v in verdicts if v != "diverged"]
+    if trained and all(v == "held" for v in trained):
+        return "held"
+    if quick:
+        return "too short to judge"
+    return "not held" if "not held" in trained else "inconclusive"
 
 
 def _claim(config: Config, runs: list[dict], optimizer: str) -> report.Claim:
@@ -447,9 +502,15 @@ def _claim(config: Config, runs: list[dict], optimizer: str) -> report.Claim:
         "gd": "CKLKT21: under full-batch GD the sharpness rises to 2/eta and hovers there, with and without BN",
         "momentum": f"CKLKT21: with heavy-ball momentum (beta={config.momentum}) it hovers at (2+2 beta)/eta",
         "adam": "Cohen et al. 2022: Adam's preconditioned sharpness hovers at 38/eta",
+        "gd-schedule": (
+            f"The threshold follows the learning rate: when GD's lr steps from {config.schedule_lrs[0]:g} to "
+            f"{config.schedule_lrs[-1]:g} at step {config.steps // 2}, the sharpness moves to the new 2/eta"
+            if config.schedule_lrs
+            else ""
+        ),
     }[optimizer]
     measured = "; ".join(
-        f"lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: "
+        f"lr={_lr_text(r)} {'BN' if r['norm'] == 'bn' else 'no BN'}: "
         + (
             "diverged (excluded)"
             if r["diverged"]
@@ -458,25 +519,30 @@ def _claim(config: Config, runs: list[dict], optimizer: str) -> report.Claim:
         for r in mine
     )
     # The claim is about runs that train; a run that diverged outright is reported, not counted.
-    return report.Claim(text, measured, _claim_verdict([r["verdict"] for r in mine if not r["diverged"]]))
+    return report.Claim(text, measured, claim_verdict([r["verdict"] for r in mine], config.short_run))
 
 
-def _loss_claim(runs: list[dict]) -> report.Claim:
+def _lr_text(run: dict) -> str:
+    return f"{run['lr']:g}" if run["lr_after"] is None else f"{run['lr']:g}->{run['lr_after']:g}"
+
+
+def _loss_claim(runs: list[dict], quick: bool) -> report.Claim:
     """At the edge of stability the loss keeps decreasing, non-monotonically."""
     text = "CKLKT21: at the edge of stability the loss keeps decreasing over long times, non-monotonically"
     at_eos = [r for r in runs if r["verdict"] == "held"]
     if not at_eos:
-        return report.Claim(text, "no run held at the threshold", "inconclusive")
+        return report.Claim(text, "no run held at the threshold", "too short to judge" if quick else "inconclusive")
     decreasing, measured = [], []
     for r in at_eos:
         arrival = int(np.searchsorted(np.asarray(r["steps"]), r["first_step_at_threshold"]))
         loss_at_arrival = float(np.asarray(r["loss_at_checkpoints"])[arrival])
         decreasing.append(r["final_loss"] < loss_at_arrival and r["loss_increases"] > 0)
         measured.append(
-            f"{r['optimizer']} lr={r['lr']:g} {'BN' if r['norm'] == 'bn' else 'no BN'}: loss {loss_at_arrival:.3g}"
+            f"{r['optimizer']} lr={_lr_text(r)} {'BN' if r['norm'] == 'bn' else 'no BN'}: loss {loss_at_arrival:.3g}"
             f" at arrival -> {r['final_loss']:.3g}, {r['loss_increases']} step-to-step increases"
         )
-    return report.Claim(text, "; ".join(measured), "held" if all(decreasing) else "not held")
+    verdict = "held" if all(decreasing) else ("too short to judge" if quick else "not held")
+    return report.Claim(text, "; ".join(measured), verdict)
 
 
 def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> str:
@@ -489,8 +555,22 @@ def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) 
         for i, (spec, rec) in enumerate((s, r) for s, r in records.items() if s.optimizer == opt):
             color = f"C{i}"
             ax_s.plot(rec.steps, rec.sharpness, color=color, label=spec.label)
-            ax_s.axhline(stability_rule(spec, config).threshold, color=color, linestyle="--", linewidth=1)
+            if opt != "gd-schedule":
+                ax_s.axhline(stability_rule(spec, config).threshold, color=color, linestyle="--", linewidth=1)
             ax_l.plot(np.arange(rec.losses.size), rec.losses, color=color, linewidth=0.8, label=spec.label)
+        if opt == "gd-schedule":  # every run of the panel has the same schedule: one threshold line, in black
+            spec = next(s for s in records if s.optimizer == opt)
+            steps = np.arange(config.track_every, config.steps + 1, config.track_every)
+            rule = stability_rule(spec, config)
+            ax_s.step(
+                steps,
+                [rule.threshold_at(int(t)) for t in steps],
+                where="post",
+                color="k",
+                linestyle="--",
+                linewidth=1,
+                label=f"2/eta_t: {rule.threshold_at(0):g} -> {rule.threshold_at(config.steps):g}",
+            )
         ylabel = "preconditioned sharpness" if opt == "adam" else "sharpness"
         ax_s.set(title=OPTIMIZER_TITLES[opt], xlabel="step", ylabel=ylabel)
         ax_l.set(xlabel="step", ylabel=f"train loss ({config.loss})", yscale="log")

@@ -1,7 +1,8 @@
 """Output of an experiment: one folder with ``config.json``, ``results.json``, PNG plots and ``report.md``.
 
 The folder defaults to ``runs/<name>-<timestamp>/``. ``report.md`` states each claim tested, the numbers
-measured, and whether the claim held (``held`` / ``not held`` / ``inconclusive``), followed by the figures.
+measured, and whether the claim held (``held`` / ``not held`` / ``inconclusive`` / ``too short to judge``),
+followed by the figures.
 
 Run status: ``results.json`` has ``"status"`` and ``report.md`` a ``Status:`` line from the moment the run
 starts (``running``), replaced at the end by ``complete``, ``failed`` (with the error) or ``interrupted``. A
@@ -33,7 +34,8 @@ class Claim(NamedTuple):
     Fields:
       claim: the statement tested, with its source (e.g. "CKLKT21: sharpness hovers at 2/eta").
       measured: the numbers, in words.
-      verdict: ``"held"``, ``"not held"`` or ``"inconclusive"`` (e.g. a quick run too short to tell).
+      verdict: ``"held"``, ``"not held"``, ``"inconclusive"``, or ``"too short to judge"`` (a quick run that
+        could not have shown the claim: it may only confirm, never refute).
     """
 
     claim: str
@@ -41,7 +43,7 @@ class Claim(NamedTuple):
     verdict: str
 
 
-VERDICTS = ("held", "not held", "inconclusive")
+VERDICTS = ("held", "not held", "inconclusive", "too short to judge")
 
 
 RUN_FILES = ("config.json", "results.json", "report.md")

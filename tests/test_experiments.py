@@ -165,12 +165,46 @@ def test_divergence_stops_with_clear_error():
     [
         ([0.2, 0.5, 0.8, 0.9], ("not reached", 0.0)),
         ([0.5, 1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 1.08], ("held", 1.0)),
-        ([0.5, 1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 0.5], ("failed", 0.5)),  # window = last 2 of 8
-        ([0.5, 1.2, 1.3, 1.25], ("failed", 0.0)),
+        ([0.5, 1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 0.5], ("not held", 0.5)),  # window = last 2 of 8
+        ([0.5, 1.2, 1.3, 1.25], ("not held", 0.0)),
     ],
 )
 def test_eos_verdict(ratios, expected):
     assert eos.run_verdict(np.array(ratios), eos.Config()) == expected
+
+
+@pytest.mark.parametrize(
+    "verdicts, full, quick",
+    [
+        (["held", "held"], "held", "held"),
+        (["held", "diverged"], "held", "held"),  # a diverged run is reported, not counted
+        (["held", "not held"], "not held", "too short to judge"),
+        (["held", "not reached"], "inconclusive", "too short to judge"),
+        (["not reached", "not held"], "not held", "too short to judge"),
+        (["diverged"], "inconclusive", "too short to judge"),
+    ],
+)
+def test_eos_claim_verdict_quick_form_never_refutes(verdicts, full, quick):
+    """The rule printed in the report: the quick form confirms ("held") or says "too short to judge", never
+    "not held" or "inconclusive" (the main job's quick run must not refute what the full run confirms)."""
+    assert eos.claim_verdict(verdicts, quick=False) == full
+    assert eos.claim_verdict([eos.judged(v, eos.PRESETS["quick"]) for v in verdicts], quick=True) == quick
+    assert {eos.judged(v, eos.PRESETS["quick"]) for v in ("not held", "not reached")} == {"too short"}
+    assert eos.judged("not held", eos.Config()) == "not held"
+
+
+def test_eos_smoke_report_uses_the_quick_rule_and_the_schedule_threshold(tmp_path):
+    """The smoke form (short, like --quick) reports only held / too short to judge, and its step-schedule run
+    records the threshold of each checkpoint's learning rate (2/0.1 before mid-run, 2/0.2 after)."""
+    config = eos.PRESETS["smoke"]
+    outcome = eos.run(config, tmp_path)
+    assert {c.verdict for c in outcome.claims} <= {"held", "too short to judge"}
+    sched = [r for r in outcome.results["runs"] if r["optimizer"] == "gd-schedule"]
+    assert [r["lr_after"] for r in sched] == [0.2]
+    rule = eos.stability_rule(eos.RunSpec("gd-schedule", 0.1, "bn", 0.2), config)
+    assert rule.threshold_at(config.steps // 2 - 1) == pytest.approx(20.0)
+    assert rule.threshold_at(config.steps // 2) == pytest.approx(10.0)
+    assert sched[0]["threshold"] == pytest.approx(10.0)
 
 
 def test_eos_thresholds():
