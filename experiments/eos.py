@@ -83,7 +83,7 @@ class Config:
     momentum: float = 0.9
     momentum_lrs: tuple[float, ...] = (0.03, 0.1)
     adam_lrs: tuple[float, ...] = (0.001,)
-    schedule_lrs: tuple[float, ...] = (0.1, 0.2)
+    schedule_lrs: tuple[float, ...] = (0.05, 0.1)
     adam_beta2: float = 0.999
     adam_eps: float = 1e-7
     steps: int = 5000

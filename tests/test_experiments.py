@@ -195,16 +195,16 @@ def test_eos_claim_verdict_quick_form_never_refutes(verdicts, full, quick):
 
 def test_eos_smoke_report_uses_the_quick_rule_and_the_schedule_threshold(tmp_path):
     """The smoke form (short, like --quick) reports only held / too short to judge, and its step-schedule run
-    records the threshold of each checkpoint's learning rate (2/0.1 before mid-run, 2/0.2 after)."""
+    records the threshold of each checkpoint's learning rate (2/0.05 before mid-run, 2/0.1 after)."""
     config = eos.PRESETS["smoke"]
     outcome = eos.run(config, tmp_path)
     assert {c.verdict for c in outcome.claims} <= {"held", "too short to judge"}
     sched = [r for r in outcome.results["runs"] if r["optimizer"] == "gd-schedule"]
-    assert [r["lr_after"] for r in sched] == [0.2]
-    rule = eos.stability_rule(eos.RunSpec("gd-schedule", 0.1, "bn", 0.2), config)
-    assert rule.threshold_at(config.steps // 2 - 1) == pytest.approx(20.0)
-    assert rule.threshold_at(config.steps // 2) == pytest.approx(10.0)
-    assert sched[0]["threshold"] == pytest.approx(10.0)
+    assert [(r["lr"], r["lr_after"]) for r in sched] == [(0.05, 0.1)]
+    rule = eos.stability_rule(eos.RunSpec("gd-schedule", 0.05, "bn", 0.1), config)
+    assert rule.threshold_at(config.steps // 2 - 1) == pytest.approx(40.0)
+    assert rule.threshold_at(config.steps // 2) == pytest.approx(20.0)
+    assert sched[0]["threshold"] == pytest.approx(20.0)
 
 
 def test_eos_thresholds():
