@@ -31,7 +31,8 @@ class Config:
     """Edge of stability (CKLKT21), the flagship.
 
     Command: ``python -m experiments eos`` (full) or ``python -m experiments eos --quick``.
-    Expected runtime on 2 shared CPU cores (2026-11-25): quick 1.6 min, full 10 min (both measured).
+    Expected runtime on 2 shared CPU cores (2026-11-25): quick 1.6 min, full 10 min (both measured); with the
+    top-3 tracking of the GD runs the quick form took 3.5 min at load ~7 (2026-12-04; 3.2 min at load ~4 before).
     Expected result: with square loss, GD runs with and without BN reach ``2/eta`` (BN nets start there:
     their sharpness at initialization is already above it) and stay within 0.95-1.10 of it ("held") while
     the loss keeps decreasing non-monotonically; momentum and Adam runs hover at ``(2+2 beta)/eta`` and at a
