@@ -2,7 +2,8 @@
 ``jax.experimental.sparse.linalg.lobpcg_standard`` warm-started from the previous eigenvectors, along a short
 full-batch GD run on MNIST-1D (the two models of ``experiments/bench_warmstart.py``).
 
-Command: ``PYTHONPATH=. python experiments/bench_topk.py [--quick]`` (~5 min, quick ~2 min on 2 CPU cores).
+Command: ``PYTHONPATH=. python experiments/bench_topk.py [--quick]`` (quick: 498 s on 2 CPU cores shared with other
+jobs at load ~6, 2026-12-04; the full form runs twice the GD steps).
 Writes ``experiments/results/bench_topk.json`` and prints a markdown table.
 
 Per checkpoint (every ``every`` steps; the first, cold, is left out of the means) each method starts from its

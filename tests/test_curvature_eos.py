@@ -216,7 +216,7 @@ def test_topk_tracking_matches_eigh_along_gd(placement: str) -> None:
         problem, loss_fn, batch = _problem()
         stats, params = problem["stats"], problem["params"]
         tracker = cv.EoSTracker(
-            loss_fn, cv.gd_rule(0.5), every=2, tol=1e-10, residual_tol=1e-5, max_iters=60, k=3, placement=placement
+            loss_fn, cv.gd_rule(0.5), every=2, tol=1e-8, residual_tol=1e-4, max_iters=60, k=3, placement=placement
         )
         state = tracker.init(params, jax.random.key(5))
         assert jnp.shape(state.eigenvalue) == (3,)
@@ -227,9 +227,9 @@ def test_topk_tracking_matches_eigh_along_gd(placement: str) -> None:
             if tracker.due(step):
                 (_, grads), record, state = tracker.value_and_grad(state, step, params, batch, stats)
                 top = np.linalg.eigvalsh(explicit_hessian({**problem, "params": params}, "train"))[::-1][:3]
-                np.testing.assert_allclose(record["eigenvalues"], top, rtol=1e-7)
+                np.testing.assert_allclose(record["eigenvalues"], top, rtol=1e-6)
                 assert record["sharpness"] == record["eigenvalues"][0]
-                assert record["residual"] == record["residuals"][0] and max(record["residuals"]) <= 1e-5
+                assert record["residual"] == record["residuals"][0] and max(record["residuals"]) <= 1e-4
                 assert record["converged"] and record["pairs_converged"] == [True, True, True]
                 checked += 1
             else:
@@ -240,7 +240,7 @@ def test_topk_tracking_matches_eigh_along_gd(placement: str) -> None:
         again, _ = tracker.measure(state, 3, params, batch, stats)
         top = np.linalg.eigvalsh(explicit_hessian({**problem, "params": params}, "train"))[::-1][:3]
     assert checked == 2 and again["hvps"] == 3 < record["hvps"]
-    np.testing.assert_allclose(again["eigenvalues"], top, rtol=1e-7)
+    np.testing.assert_allclose(again["eigenvalues"], top, rtol=1e-6)
 
 
 def test_gap_stopping_rule_on_a_quadratic() -> None:

@@ -454,6 +454,7 @@ class TrackerState(NamedTuple):
     vector: PyTree  # like params: the previous top eigenvector (or the random start); with k > 1 the previous
     # top-k Ritz vectors, stacked on a leading axis (leaves (k, *leaf_shape))
     eigenvalue: jax.Array  # () previous sharpness estimate ((k,) descending with k > 1); inf before the first
+    # measurement
 
 
 @dataclasses.dataclass(frozen=True)
