@@ -310,7 +310,7 @@ def _train_one(spec: RunSpec, config: Config, x: jax.Array, y: jax.Array, num_cl
         np.concatenate(losses) if losses else np.zeros(0, np.float32),
         arrays["step"],
         arrays["sharpness"].astype(np.float32),
-        eigenvalues.reshape(len(records), -1),
+        eigenvalues.reshape(len(records), k),  # (0, k) when the run diverged before its first checkpoint
         arrays["threshold"].astype(np.float32),
         arrays["hvps"],
         arrays["residual"].astype(np.float32),
@@ -417,7 +417,7 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
         rows,
     )
     tables = [table]
-    topk = [(spec, rec) for spec, rec in records.items() if rec.eigenvalues.ndim == 2 and rec.eigenvalues.shape[1] > 1]
+    topk = _topk_runs(records)
     if topk:
         tables.append(_topk_table(config, topk))
     claims = [_claim(config, runs, opt) for opt in OPTIMIZER_TITLES if any(r["optimizer"] == opt for r in runs)]
@@ -451,6 +451,12 @@ def _outcome(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Pat
             "verdict) have each eigenvalue at or above band_low x threshold."
         )
     return report.Outcome(results, claims, tables, figures, notes)
+
+
+def _topk_runs(records: dict[RunSpec, RunRecord]) -> list[tuple[RunSpec, RunRecord]]:
+    """The runs that tracked more than one eigenvalue and reached at least one checkpoint (a run that diverged
+    in its first segment has none)."""
+    return [(s, r) for s, r in records.items() if r.eigenvalues.shape[1] > 1 and r.eigenvalues.shape[0] > 0]
 
 
 def _topk_table(config: Config, topk: list[tuple[RunSpec, RunRecord]]) -> str:
@@ -552,7 +558,7 @@ def _loss_claim(runs: list[dict], quick: bool) -> report.Claim:
 
 def _plot(config: Config, records: dict[RunSpec, RunRecord], out: pathlib.Path) -> str:
     optimizers = [o for o in OPTIMIZER_TITLES if any(s.optimizer == o for s in records)]
-    topk = [(s, r) for s, r in records.items() if r.eigenvalues.ndim == 2 and r.eigenvalues.shape[1] > 1]
+    topk = _topk_runs(records)
     ncols = len(optimizers) + bool(topk)
     fig, axes = report.figure(ncols=ncols, nrows=2)
     for col, opt in enumerate(optimizers):

@@ -193,6 +193,15 @@ def test_eos_claim_verdict_quick_form_never_refutes(verdicts, full, quick):
     assert eos.judged("not held", eos.Config()) == "not held"
 
 
+def test_eos_reports_a_top_k_run_that_diverged_before_its_first_checkpoint(tmp_path):
+    """GD at lr 0.2 with BN diverges within the first segment of the full flagship: its top-k record is empty,
+    and the report must say "diverged" for it (not fail on the empty record)."""
+    config = dataclasses.replace(eos.PRESETS["smoke"], gd_lrs=(0.1, 1e3), adam_lrs=(), schedule_lrs=(), steps=20)
+    outcome = eos.run(config, tmp_path)
+    verdicts = {r["lr"]: r["verdict"] for r in outcome.results["runs"]}
+    assert verdicts[1e3] == "diverged" and verdicts[0.1] != "diverged"
+
+
 def test_eos_smoke_report_uses_the_quick_rule_and_the_schedule_threshold(tmp_path):
     """The smoke form (short, like --quick) reports only held / too short to judge, and its step-schedule run
     records the threshold of each checkpoint's learning rate (2/0.05 before mid-run, 2/0.1 after)."""
