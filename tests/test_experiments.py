@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import bnjax.loops
+import experiments
 from experiments import EXPERIMENTS, cli, data, eos, models, report, train
 
 # name -> keys its results.json must hold (besides runtime_s)
@@ -49,7 +50,7 @@ def test_smoke_run_writes_report(name, tmp_path):
         assert key in results, key
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "| claim | measured | verdict |" in report
-    assert any(f"**{v}**" in report for v in ("held", "not held", "inconclusive"))
+    assert any(f"**{v}**" in report for v in experiments.report.VERDICTS)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs and all(f"![{p}]({p})" in report for p in pngs)
 
