@@ -368,7 +368,8 @@ def batch_lambda_max(
     the top eigenvalue of the full-batch Hessian (:func:`~bnjax.curvature.lanczos_top`).
 
     Args:
-      loss_fn, params, data, *args, batch_size, num_batches, key: as in :func:`batch_sharpness`.
+      loss_fn, params, data, batch_size, num_batches, key: as in :func:`batch_sharpness`.
+      *args: as in :func:`batch_sharpness`.
       v0: start vector of the first solve (pytree like ``params``, nonzero and finite); ``None``: random from
         ``key``.
       tol, residual_tol, max_iters: :func:`~bnjax.curvature.lanczos_top`'s stopping rule, per batch

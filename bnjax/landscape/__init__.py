@@ -12,12 +12,12 @@ one compilation along training.
   layers took the step's update; the layer order is an argument (:func:`module_call_order` finds it).
 - :func:`activation_statistics` / :func:`capture_inputs`: per-layer input means, stds and histograms,
   recorded by layer taps (:mod:`bnjax.taps`) from the unmodified model.
+- :func:`interpolation`, :func:`slice_1d`, :func:`slice_2d`: loss slices; :func:`random_direction` and
+  :func:`filter_normalize` give Li et al.'s filter-normalized directions.
 
 The per-layer helpers take a Flax linen ``apply`` and its variables, or for a Flax NNX module or an Equinox
 ``(model, state)`` the ``apply`` and ``variables`` of :func:`bnjax.as_functional`: one code path serves the
 three frameworks.
-- :func:`interpolation`, :func:`slice_1d`, :func:`slice_2d`: loss slices; :func:`random_direction` and
-  :func:`filter_normalize` give Li et al.'s filter-normalized directions.
 """
 
 from bnjax.landscape.activations import (
