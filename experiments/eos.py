@@ -196,11 +196,7 @@ def _specs(config: Config) -> list[RunSpec]:
 
 
 def _check(config: Config) -> None:
-    if config.loss not in train.LOSSES:
-        raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
-    for norm in config.norms:
-        if norm not in ("none", "bn"):
-            raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
+    train.check_loss_and_norms(config.loss, config.norms)
     if config.solver not in ("lanczos", "power"):
         raise ValueError(f"solver must be 'lanczos' or 'power', got {config.solver!r}.")
     if config.solver == "power" and config.topk > 1:

@@ -214,11 +214,7 @@ VERDICT_RULE = (
 
 
 def _check(config: Config) -> None:
-    if config.loss not in train.LOSSES:
-        raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
-    for norm in config.norms:
-        if norm not in ("none", "bn"):
-            raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
+    train.check_loss_and_norms(config.loss, config.norms)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct and nonempty, got {config.seeds}.")
     for b in config.batch_sizes:

@@ -60,6 +60,16 @@ class StepMetrics(NamedTuple):
     accuracy: jax.Array
 
 
+def check_loss_and_norms(loss: str, norms: tuple[str, ...]) -> None:
+    """A ValueError unless ``loss`` is one of :data:`LOSSES` and every norm is ``"none"`` or ``"bn"`` (the
+    options of the experiments that compare a net with and without batch norm)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+    for norm in norms:
+        if norm not in ("none", "bn"):
+            raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")
+
+
 def square_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``mean_i 0.5 * ||logits_i - onehot(y_i)||^2`` (Cohen et al. 2021's square loss); logits ``[n, classes]``."""
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
