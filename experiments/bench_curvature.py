@@ -49,14 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from mnist1d.data import get_dataset_args, make_dataset
 
 import bnjax
 from bnjax import curvature as cv
 from bnjax import loops
 from experiments import train
 from experiments.bench_batchnorm import time_interleaved, write_payload
-from experiments.bench_warmstart import lanczos_steps_within
+from experiments.bench_warmstart import lanczos_steps_within, mnist1d_train
 
 TARGETS = {
     "cold_time_vs_pyhessian": 0.5,
@@ -540,11 +539,7 @@ def main() -> None:
     note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
     if note:
         print(note)
-    ds_args = get_dataset_args()
-    ds_args.num_samples = int(np.ceil(cfg.n_train / 0.8))  # mnist1d keeps 80% for training
-    ds = make_dataset(ds_args)
-    x = jnp.asarray(ds["x"][: cfg.n_train], jnp.float32)
-    y = jnp.asarray(ds["y"][: cfg.n_train], jnp.int32)
+    x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     cases = [tuple(c.split("/")) for c in args.cases.split(",")]
     # PyHessian measures eval mode only (it calls model.eval()), so it is compared on the eval-mode cases.

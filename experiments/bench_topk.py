@@ -26,16 +26,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental.sparse.linalg import lobpcg_standard
 from jax.flatten_util import ravel_pytree
-from mnist1d.data import get_dataset_args, make_dataset
 
 from bnjax import curvature as cv
 from bnjax import loops
 from experiments.bench_batchnorm import write_payload
-from experiments.bench_warmstart import BENCHES, Bench
+from experiments.bench_warmstart import BENCHES, Bench, mnist1d_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +151,7 @@ def main() -> None:
     parser.add_argument("--out", default="experiments/results/bench_topk.json")
     args = parser.parse_args()
     cfg = PRESETS["quick"] if args.quick else Config()
-    ds_args = get_dataset_args()
-    ds_args.num_samples = int(np.ceil(cfg.n_train / 0.8))
-    ds = make_dataset(ds_args)
-    x = jnp.asarray(ds["x"][: cfg.n_train], jnp.float32)
-    y = jnp.asarray(ds["y"][: cfg.n_train], jnp.int32)
+    x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     results = [run_bench(b, x, y, cfg) for b in BENCHES]
     payload = {

@@ -384,17 +384,22 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def mnist1d_train(n_train: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``n_train`` MNIST-1D training examples the curvature benchmarks share (mnist1d's default
+    arguments; it keeps 80% of ``num_samples`` for training)."""
+    ds_args = get_dataset_args()
+    ds_args.num_samples = int(np.ceil(n_train / 0.8))
+    ds = make_dataset(ds_args)
+    return jnp.asarray(ds["x"][:n_train], jnp.float32), jnp.asarray(ds["y"][:n_train], jnp.int32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter GD runs and fewer repeats")
     parser.add_argument("--out", default="experiments/results/bench_warmstart.json")
     args = parser.parse_args()
     cfg = PRESETS["quick"] if args.quick else Config()
-    ds_args = get_dataset_args()
-    ds_args.num_samples = int(np.ceil(cfg.n_train / 0.8))  # mnist1d keeps 80% for training
-    ds = make_dataset(ds_args)
-    x = jnp.asarray(ds["x"][: cfg.n_train], jnp.float32)
-    y = jnp.asarray(ds["y"][: cfg.n_train], jnp.int32)
+    x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     results = [run_bench(b, x, y, cfg) for b in BENCHES]
     payload = {
