@@ -147,6 +147,9 @@ def execute(
         tables=outcome.tables,
         figures=outcome.figures,
         notes=outcome.notes,
+        setting=outcome.setting,
+        reading=outcome.reading,
+        rule=outcome.rule,
     )
     return outcome
 

@@ -247,3 +247,40 @@ def make_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; expected one of {tuple(MODELS)}.")
     return MODELS[name](**kwargs)
+
+
+# The architecture families an experiment with a ``model`` option offers (``--model``), and the data each needs.
+FAMILIES = ("mlp", "cnn1d", "vgg")
+
+
+def family_model(
+    family: str, norm: str, num_classes: int, *, hidden: Sequence[int] = (200, 200), activation: str = "relu"
+) -> nn.Module:
+    """An experiment's network by family: ``mlp`` (``hidden``), ``cnn1d`` (MNIST-1D sequences) or ``vgg``
+    (images, e.g. ``--dataset digits``), each with its default layer sizes and ``norm`` after every layer."""
+    if family == "mlp":
+        return MLP(features=tuple(hidden), num_classes=num_classes, activation=activation, norm=norm)
+    if family == "cnn1d":
+        return CNN1D(num_classes=num_classes, activation=activation, norm=norm)
+    if family == "vgg":
+        return VGG(num_classes=num_classes, activation=activation, norm=norm)
+    raise ValueError(f"model must be one of {FAMILIES}, got {family!r}.")
+
+
+def describe_family(family: str, *, hidden: Sequence[int] = (200, 200), activation: str = "relu") -> str:
+    """One line naming the network of :func:`family_model`, for a report's setting table."""
+    if family == "mlp":
+        return f"MLP {'-'.join(str(h) for h in hidden)} ({activation}), norm after each hidden Dense"
+    if family == "cnn1d":
+        c = CNN1D()
+        return (
+            f"1-D CNN: {len(c.channels)} x Conv(k={c.kernel_size}, stride 2, {c.channels[0]} channels) - norm - "
+            f"{activation}, then Dense"
+        )
+    if family == "vgg":
+        v = VGG()
+        return (
+            f"VGG-style: stages of {v.convs_per_stage} x Conv3x3 - norm - {activation}, max-pool; channels "
+            f"{'/'.join(str(c) for c in v.channels)}; then Dense"
+        )
+    raise ValueError(f"model must be one of {FAMILIES}, got {family!r}.")

@@ -165,6 +165,34 @@ def write_status(
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def setting(
+    *,
+    model: str,
+    data: str,
+    loss: str,
+    optimizer: str,
+    steps: str | int,
+    seeds: Sequence[int] | str,
+    **more: str,
+) -> tuple[tuple[str, str], ...]:
+    """The rows of a report's setting table, in the order every report uses (then ``more``, in order).
+
+    ``data`` names the data set and its size (e.g. ``"MNIST-1D, 4000 train / 1000 test"``); the device count
+    is added from JAX.
+    """
+    seeds_text = seeds if isinstance(seeds, str) else f"{len(seeds)} ({', '.join(str(s) for s in seeds)})"
+    rows = [
+        ("model", model),
+        ("data", data),
+        ("loss", loss),
+        ("optimizer", optimizer),
+        ("steps", str(steps)),
+        ("seeds", seeds_text),
+        ("devices", f"{jax.device_count()} ({jax.default_backend()})"),
+    ]
+    return tuple(rows) + tuple((k.replace("_", " "), v) for k, v in more.items())
+
+
 def write_report(
     out: pathlib.Path,
     title: str,
@@ -175,15 +203,25 @@ def write_report(
     tables: Sequence[str] = (),
     figures: Sequence[str] = (),
     notes: Sequence[str] = (),
+    setting: Sequence[tuple[str, str]] = (),
+    reading: str = "",
+    rule: str = "",
 ) -> None:
-    """``report.md`` of a complete run: claims with measured numbers and verdicts, then tables, notes, figures."""
+    """``report.md`` of a complete run: the setting, a reading of the result, claims with measured numbers and
+    verdicts (and the rule that decided them), then tables, notes, figures."""
     for c in claims:
         if c.verdict not in VERDICTS:
             raise ValueError(f"Claim verdict must be one of {VERDICTS}, got {c.verdict!r} for {c.claim!r}.")
     lines = [f"# {title}", "", f"Command: `{command}`  ", f"Runtime: {runtime_s:.1f} s  ", "Status: **complete**"]
+    if setting:
+        lines += ["", "## Setting", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in setting]
+    if reading:
+        lines += ["", "## Reading", "", reading]
     lines += ["", "## Claims", ""]
     lines += ["| claim | measured | verdict |", "|---|---|---|"]
     lines += [f"| {c.claim} | {c.measured} | **{c.verdict}** |" for c in claims]
+    if rule:
+        lines += ["", f"Verdict rule: {rule}."]
     for table in tables:
         lines += ["", table]
     if notes:
@@ -218,6 +256,50 @@ def save_figure(fig, out: pathlib.Path, filename: str) -> str:
     return filename
 
 
+def seed_band(ax, x: np.ndarray, values: np.ndarray, *, label: str, color: str | None = None, **kw: Any):
+    """The mean over seeds (rows of ``values``, NaN for a diverged seed) as a line and its 95% interval as a
+    shaded band of the same colour; returns the line."""
+    values = np.atleast_2d(np.asarray(values, np.float64))
+    n = np.sum(np.isfinite(values), axis=0)
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=0)
+        std = np.nanstd(np.where(np.isfinite(values), values, np.nan), axis=0, ddof=1) if values.shape[0] > 1 else 0
+    (line,) = ax.plot(
+        x, mean, color=color, label=f"{label} ({values.shape[0]} seeds)" if values.shape[0] > 1 else label, **kw
+    )
+    if values.shape[0] > 1:
+        from experiments.stats import t95
+
+        half = np.array([t95(int(k) - 1) if k >= 2 else np.nan for k in n]) * std / np.sqrt(np.maximum(n, 1))
+        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def threshold_line(ax, value: float, name: str) -> None:
+    """The panel's one threshold: a black dashed line, its value in the legend."""
+    ax.axhline(value, color="k", linestyle="--", linewidth=1, label=f"{name} = {value:.3g}")
+
+
+def acceptance_band(ax, low: float, high: float, what: str = "band") -> None:
+    """The acceptance band of a verdict (e.g. 0.9-1.1 x the threshold), shaded grey and named in the legend."""
+    ax.axhspan(low, high, color="0.85", zorder=0, label=f"{what} [{low:.3g}, {high:.3g}]")
+
+
+def verdict_window(ax, start: float, end: float) -> None:
+    """The steps the verdict is judged on, hatched along the bottom and named in the legend."""
+    ax.axvspan(start, end, ymax=0.04, color="k", alpha=0.5, label="verdict window")
+
+
+def mark_diverged(ax, x: float, y: float, label: str, color: str | None = None) -> None:
+    """A diverged run: an x at its last finite point (``y``), labelled in the legend."""
+    ax.plot([x], [y], marker="x", markersize=9, linestyle="none", color=color, label=f"{label}: diverged")
+
+
+def legend(ax) -> None:
+    """A legend placed by matplotlib where it covers the least data, small font."""
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+
+
 class Outcome(NamedTuple):
     """What an experiment's ``run`` returns; :func:`experiments.cli.execute` writes it out.
 
@@ -227,6 +309,9 @@ class Outcome(NamedTuple):
       tables: Markdown tables for ``report.md``.
       figures: PNG file names already saved in the output folder.
       notes: caveats for ``report.md``.
+      setting: ``(name, value)`` rows describing the run (:func:`setting`), shown first.
+      reading: one paragraph saying what the result means, for a newcomer.
+      rule: how run verdicts combine into each claim's verdict (printed under the claims).
     """
 
     results: dict
@@ -234,3 +319,6 @@ class Outcome(NamedTuple):
     tables: Sequence[str] = ()
     figures: Sequence[str] = ()
     notes: Sequence[str] = ()
+    setting: Sequence[tuple[str, str]] = ()
+    reading: str = ""
+    rule: str = ""

@@ -1,9 +1,11 @@
 """Smoothness of the loss landscape along training (Santurkar, Tsipras, Ilyas, Madry 2018, Fig. 4).
 
-Minibatch SGD on MNIST-1D with no normalization, BN and noisy BN, at two learning rates. Every
-``measure_every`` steps, on the current minibatch, :func:`bnjax.landscape.smoothness` measures along
-``-grad L``: loss-landscape variation, gradient predictiveness and effective beta-smoothness over step sizes
-``linspace(0.5, 4, num_step_sizes) x lr``. STIM18: the BN network has smaller values of all three.
+Minibatch SGD of a conv net on MNIST-1D with and without BN (noisy BN as an option), at two learning rates,
+over seeds run as one vmapped batch. Every ``measure_every`` steps, on the current minibatch,
+:func:`bnjax.landscape.smoothness` measures along ``-grad L``: loss-landscape variation, gradient
+predictiveness and effective beta-smoothness over step sizes ``linspace(0.5, 4, num_step_sizes) x lr``.
+STIM18: the BN network has smaller values of all three. Each claim is judged on the per-seed ratio BN / none
+of the measure's mean over checkpoints, by :data:`experiments.stats.INTERVAL_RULE`.
 """
 
 from __future__ import annotations
@@ -15,53 +17,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from bnjax import landscape
 from experiments import data as data_lib
-from experiments import models, report, train
+from experiments import models, progress, report, stats, train
 
 MEASURES = ("loss_variation", "gradient_predictiveness", "beta_smoothness")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Smoothness measures along training, BN vs no BN vs noisy BN (STIM18 §3.1, Fig. 4).
+    """Smoothness measures along training, BN vs no BN, over seeds (STIM18 §3.1, Fig. 4).
 
     Command: ``python -m experiments smoothness`` (full) or ``--quick``.
-    Expected runtime on 2 shared CPU cores (2026-11-25): quick 1.9 min (measured), full ~8 min (estimated).
+    Expected runtime on 2 CPU cores: see ``RUNTIMES`` (``--help`` prints them).
     Expected result: averaged over the checkpoints, the BN network's loss variation, gradient predictiveness
-    and beta-smoothness are smaller than the unnormalized network's at both learning rates.
+    and beta-smoothness are smaller than the unnormalized network's at both learning rates, with the 95%
+    interval over seeds below 1x.
 
-    Model: ``model`` (``mlp`` with ``hidden`` and ``activation``, ``cnn1d``, or ``vgg`` for image data such
-    as ``--dataset digits``, closest to STIM18's VGG) on ``dataset``, SGD with batch
-    ``batch_size`` for ``steps`` steps per run; measures every ``measure_every`` steps on the minibatch of
-    the next step, over ``num_step_sizes`` step sizes from 0.5 to 4 times the learning rate (the paper's
-    range; it gives no grid size). BN in train mode (batch statistics of that minibatch); noisy BN with
-    one fixed noise draw per measurement, so the measured loss is a deterministic function.
+    Model: ``model`` (``cnn1d``, the default: a conv net as STIM18's VGG, on MNIST-1D; ``vgg`` for image data
+    such as ``--dataset digits``; ``mlp`` with ``hidden``) with ``activation``, SGD with batch ``batch_size``
+    for ``steps`` steps per run, one run per seed in ``seeds`` (vmapped). Measures every ``measure_every``
+    steps on the minibatch of the next step, over ``num_step_sizes`` step sizes from 0.5 to 4 times the
+    learning rate (the paper's range; it gives no grid size). BN in train mode (batch statistics of that
+    minibatch); noisy BN (``--norms none,bn,noisy``) with one fixed noise draw per measurement.
+    Differences from STIM18: MNIST-1D (or 8x8 digits) instead of CIFAR-10, a 3-layer CNN instead of VGG,
+    no data augmentation, fewer steps.
     """
 
     dataset: str = "mnist1d"
     data_seed: int = 42
-    seed: int = 0
-    model: str = "mlp"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    model: str = "cnn1d"
     hidden: tuple[int, ...] = (200, 200)
     activation: str = "relu"
-    norms: tuple[str, ...] = ("none", "bn", "noisy")
+    norms: tuple[str, ...] = ("none", "bn")
     lrs: tuple[float, ...] = (0.05, 0.2)
     batch_size: int = 128
-    steps: int = 3000
+    steps: int = 1500
     measure_every: int = 100
     num_step_sizes: int = 8
     loss: str = "cross_entropy"
 
 
 PRESETS = {
-    "quick": dataclasses.replace(Config(), steps=600, measure_every=50),
+    "quick": dataclasses.replace(Config(), steps=500, measure_every=50),
     "smoke": dataclasses.replace(
         Config(),
+        model="mlp",
         hidden=(16,),
-        norms=("none", "bn"),
+        seeds=(0, 1),
         lrs=(0.1,),
         batch_size=32,
         steps=20,
@@ -69,41 +74,49 @@ PRESETS = {
         num_step_sizes=3,
     ),
 }
+CHOICES = {"model": models.FAMILIES, "norms": ("none", "bn", "noisy"), "loss": train.LOSSES}
 
 
-def _model(config: Config, norm: str, num_classes: int):
-    if config.model == "mlp":
-        return models.MLP(features=config.hidden, num_classes=num_classes, activation=config.activation, norm=norm)
-    if config.model == "cnn1d":
-        return models.CNN1D(num_classes=num_classes, activation=config.activation, norm=norm)
-    if config.model == "vgg":
-        return models.VGG(num_classes=num_classes, activation=config.activation, norm=norm)
-    raise ValueError(f"model must be 'mlp', 'cnn1d' or 'vgg' for this experiment, got {config.model!r}.")
+def _check(config: Config) -> None:
+    if config.model not in models.FAMILIES:
+        raise ValueError(f"model must be one of {models.FAMILIES} for this experiment, got {config.model!r}.")
+    if "none" not in config.norms or len(config.norms) < 2:
+        raise ValueError(f"norms must include 'none' and at least one normalization, got {config.norms}.")
+    for norm in config.norms:
+        if norm not in models.NORMS:
+            raise ValueError(f"norms must be among {models.NORMS}, got {norm!r}.")
+    if config.loss not in train.LOSSES:
+        raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
+    if config.measure_every < 1 or config.steps % config.measure_every:
+        raise ValueError(
+            f"steps ({config.steps}) must be a positive multiple of measure_every ({config.measure_every})."
+        )
 
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
-    """Train each (learning rate, normalization) pair and measure smoothness along the way."""
+    """Train each (learning rate, normalization) pair over the seeds and measure smoothness along the way."""
+    _check(config)
     ds = data_lib.load(config.dataset, config.data_seed)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    runs, curves = [], {}
-    segments = config.steps // config.measure_every
-    with tqdm(total=len(config.lrs) * len(config.norms) * segments, desc="smoothness", unit="segment") as bar:
+    runs = []
+    with progress.StepBar(len(config.lrs) * len(config.norms) * config.steps, "smoothness") as bar:
         for lr in config.lrs:
             for norm in config.norms:
-                runs.append(_one_run(config, lr, norm, ds.num_classes, x, y, bar, curves))
-    return _outcome(config, runs, curves, out)
+                runs.append(_one_run(config, lr, norm, ds.num_classes, x, y, bar))
+    return _outcome(config, ds, runs, out)
 
 
-def _one_run(config, lr, norm, num_classes, x, y, bar, curves) -> dict:
-    model = _model(config, norm, num_classes)
+def _one_run(config, lr, norm, num_classes, x, y, bar) -> dict:
+    model = models.family_model(config.model, norm, num_classes, hidden=config.hidden, activation=config.activation)
     optimizer = optax.sgd(lr)
-    state = train.init_train_state(model, x[:2], optimizer, config.seed)
-    runner = train.minibatch_runner(train.make_train_step(model, config.loss, optimizer), config.batch_size)
+    state = train.init_seed_states(model, x[:2], optimizer, config.seeds)
+    runner = train.minibatch_runner(
+        train.make_train_step(model, config.loss, optimizer), config.batch_size, over_seeds=True
+    )
     loss_fn = train.landscape_loss(model, config.loss)
     grid = landscape.step_size_grid(lr, num=config.num_step_sizes)
 
-    @jax.jit
-    def measure(state):
+    def measure_one(state):
         # The minibatch and noise the next training step would use (same draw as minibatch_runner's).
         _, perm_key = jax.random.split(state.key)
         idx = jax.random.permutation(perm_key, x.shape[0])[: config.batch_size]
@@ -111,8 +124,6 @@ def _one_run(config, lr, norm, num_classes, x, y, bar, curves) -> dict:
         return landscape.smoothness(loss_fn, state.params, batch, state.batch_stats, step_sizes=grid)
 
     label = f"lr={lr:g} {norm}"
-    bar.set_postfix_str(label)
-    entry = {"lr": lr, "norm": norm}
     try:
         log = train.train_in_segments(
             runner,
@@ -121,78 +132,151 @@ def _one_run(config, lr, norm, num_classes, x, y, bar, curves) -> dict:
             y,
             num_steps=config.steps,
             every=config.measure_every,
-            measure=measure,
+            measure=jax.jit(jax.vmap(measure_one)),
             bar=bar,
             label=label,
         )
     except train.Diverged as err:
-        entry["diverged"] = str(err)
-        return entry
+        return {"lr": lr, "norm": norm, "diverged": str(err), "diverged_at": [0] * len(config.seeds)}
+    entry: dict = {"lr": lr, "norm": norm, "steps": log.steps, "diverged_at": log.diverged_at.tolist()}
     for name in MEASURES:
-        values = np.array([float(getattr(m, name)) for m in log.measurements])
-        entry[name] = values
-        entry[f"mean_{name}"] = float(np.mean(values))
-    entry["steps"] = log.steps
-    entry["final_train_loss"] = float(np.mean(log.losses[-config.measure_every :]))
-    curves[(lr, norm)] = log.losses
+        values = np.stack([np.asarray(getattr(m, name), np.float64) for m in log.measurements])  # [checkpoints, S]
+        entry[name] = values.T  # [seeds, checkpoints]
+        entry[f"mean_{name}"] = np.mean(values, axis=0)  # per seed (NaN for a seed that diverged)
+    entry["final_train_loss"] = np.mean(log.losses[:, -config.measure_every :], axis=1)
+    entry["losses"] = log.losses
     return entry
 
 
-def _outcome(config: Config, runs: list[dict], curves: dict, out: pathlib.Path) -> report.Outcome:
-    fig, axes = report.figure(ncols=len(MEASURES) + 1, nrows=len(config.lrs))
-    ncols = len(MEASURES) + 1
-    for r, lr in enumerate(config.lrs):
-        for entry in (e for e in runs if e["lr"] == lr and "diverged" not in e):
-            for c, name in enumerate(MEASURES):
-                ax = axes[r * ncols + c]
-                ax.plot(entry["steps"], entry[name], marker=".", label=entry["norm"])
-                ax.set(title=f"{name.replace('_', ' ')} (lr={lr:g})", xlabel="step", yscale="log")
-                ax.legend(fontsize=7)
-            ax = axes[r * ncols + len(MEASURES)]
-            ax.plot(_smooth(curves[(lr, entry["norm"])]), label=entry["norm"], linewidth=0.8)
-            ax.set(title=f"train loss (lr={lr:g})", xlabel="step", yscale="log")
-            ax.legend(fontsize=7)
-    figures = [report.save_figure(fig, out, "smoothness.png")]
+CLAIM_RULE = (
+    stats.INTERVAL_RULE + ", the claimed side being BN / none < 1; over learning rates the claim is held when "
+    "held at every one, not held when not held at one or more, inconclusive otherwise; a learning rate at which "
+    "every no-BN seed diverged and BN did not counts as held"
+)
 
-    rows, claims = [], []
-    for entry in runs:
-        if "diverged" in entry:
-            rows.append([entry["lr"], entry["norm"], "diverged", "", "", ""])
-        else:
-            means = [entry[f"mean_{m}"] for m in MEASURES]
-            rows.append([entry["lr"], entry["norm"], *means, entry["final_train_loss"]])
-    table = report.markdown_table(
-        ["lr", "norm", *(f"mean {m.replace('_', ' ')}" for m in MEASURES), "final train loss"], rows
-    )
+
+def _claims(config: Config, runs: list[dict]) -> tuple[list[report.Claim], dict]:
+    claims, effects = [], {}
     for name in MEASURES:
         measured, verdicts = [], []
         for lr in config.lrs:
-            bn = next((e for e in runs if e["lr"] == lr and e["norm"] == "bn"), None)
-            plain = next((e for e in runs if e["lr"] == lr and e["norm"] == "none"), None)
-            if bn is None or plain is None or "diverged" in bn:
+            bn = next(e for e in runs if e["lr"] == lr and e["norm"] == "bn")
+            plain = next(e for e in runs if e["lr"] == lr and e["norm"] == "none")
+            if "diverged" in bn:
+                measured.append(f"lr={lr:g}: BN diverged at every seed")
+                verdicts.append("inconclusive")
                 continue
             if "diverged" in plain:
-                measured.append(f"lr={lr:g}: no-BN run diverged")
-                verdicts.append(True)
+                measured.append(f"lr={lr:g}: no-BN diverged at every seed")
+                verdicts.append("held")
                 continue
-            a, b = bn[f"mean_{name}"], plain[f"mean_{name}"]
-            measured.append(f"lr={lr:g}: BN {a:.3g} vs none {b:.3g} ({a / b:.2f}x)")
-            verdicts.append(a < b)
-        verdict = "inconclusive" if not verdicts else ("held" if all(verdicts) else "not held")
-        claims.append(
-            report.Claim(
-                f"STIM18: BN makes the {name.replace('_', ' ')} smaller", "; ".join(measured) or "n/a", verdict
-            )
+            iv = stats.ratio_interval(bn[f"mean_{name}"], plain[f"mean_{name}"])
+            effects[f"{name} lr={lr:g}"] = iv._asdict()
+            verdict = stats.interval_verdict(iv, "below")
+            measured.append(f"lr={lr:g}: BN / none {stats.format_ratio(iv)}")
+            verdicts.append(verdict)
+        verdict = (
+            "held" if all(v == "held" for v in verdicts) else "not held" if "not held" in verdicts else "inconclusive"
         )
+        claims.append(
+            report.Claim(f"STIM18: BN makes the {name.replace('_', ' ')} smaller", "; ".join(measured), verdict)
+        )
+    return claims, effects
+
+
+def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.Outcome:
+    ncols = len(MEASURES) + 1
+    fig, axes = report.figure(ncols=ncols, nrows=len(config.lrs))
+    for r, lr in enumerate(config.lrs):
+        for i, entry in enumerate(e for e in runs if e["lr"] == lr):
+            color = f"C{i}"
+            ax_loss = axes[r * ncols + len(MEASURES)]
+            if "diverged" in entry:
+                ax_loss.plot([], [], marker="x", linestyle="none", color=color, label=f"{entry['norm']}: diverged")
+                continue
+            for c, name in enumerate(MEASURES):
+                report.seed_band(axes[r * ncols + c], entry["steps"], entry[name], label=entry["norm"], color=color)
+            report.seed_band(
+                ax_loss,
+                np.arange(1, config.steps + 1),
+                _smooth(entry["losses"]),
+                label=entry["norm"],
+                color=color,
+                linewidth=0.8,
+            )
+        for c, name in enumerate(MEASURES):
+            axes[r * ncols + c].set(title=f"{name.replace('_', ' ')} (lr={lr:g})", xlabel="step", yscale="log")
+        axes[r * ncols + len(MEASURES)].set(title=f"train loss (lr={lr:g})", xlabel="step", yscale="log")
+        for c in range(ncols):
+            report.legend(axes[r * ncols + c])
+    figures = [report.save_figure(fig, out, "smoothness.png")]
+
+    rows = []
+    for entry in runs:
+        diverged = sum(d >= 0 for d in entry["diverged_at"])
+        if "diverged" in entry:
+            rows.append([f"{entry['lr']:g}", entry["norm"], "diverged", "diverged", "diverged", "diverged", "all"])
+            continue
+        cells = [_mean_interval(entry[f"mean_{m}"]) for m in MEASURES]
+        rows.append(
+            [
+                f"{entry['lr']:g}",
+                entry["norm"],
+                *cells,
+                _mean_interval(entry["final_train_loss"]),
+                f"{diverged} of {len(config.seeds)}",
+            ]
+        )
+    table = report.markdown_table(
+        ["lr", "norm", *(f"mean {m.replace('_', ' ')}" for m in MEASURES), "final train loss", "seeds diverged"],
+        rows,
+    )
+    claims, effects = _claims(config, runs)
+    held = sum(c.verdict == "held" for c in claims)
+    reading = (
+        f"STIM18 argue that batch norm helps because it makes the loss landscape smoother: along the gradient, "
+        f"the loss changes less (loss variation), the gradient changes less (gradient predictiveness) and the "
+        f"gradient is Lipschitz with a smaller constant (beta). Here {held} of {len(claims)} of these claims "
+        f"held for the {config.model} over {len(config.seeds)} seeds: the 'measured' column gives BN's value as "
+        f"a multiple of the unnormalized network's, with its 95% interval; an interval wholly below 1x is a "
+        f"reproducible smoothing effect, one that contains 1x cannot be told from seed noise."
+    )
+    setting = report.setting(
+        model=models.describe_family(config.model, hidden=config.hidden, activation=config.activation),
+        data=f"{ds.name}, {ds.x_train.shape[0]} training examples (minibatches of {config.batch_size})",
+        loss=config.loss.replace("_", "-"),
+        optimizer=f"SGD, lr {', '.join(f'{lr:g}' for lr in config.lrs)}",
+        steps=config.steps,
+        seeds=config.seeds,
+        norms=", ".join(config.norms),
+        measured=f"every {config.measure_every} steps, {config.num_step_sizes} step sizes in [0.5, 4] x lr",
+    )
     notes = [
         f"Step sizes: {config.num_step_sizes} points, linspace(0.5, 4) x lr along -grad L on the current "
         f"minibatch of {config.batch_size}; BN in train mode; measured every {config.measure_every} steps.",
-        "Noisy BN (STIM18 Algorithm 1) is reported for reference; STIM18 make no smoothness claim for it.",
+        "Each cell of the table is the mean over seeds [95% interval] of the per-seed mean over checkpoints.",
+        "Differences from STIM18: MNIST-1D (or digits) instead of CIFAR-10, a small conv net instead of VGG, "
+        "no augmentation, fewer steps.",
     ]
-    return report.Outcome({"runs": runs}, claims, [table], figures, notes)
+    if "noisy" in config.norms:
+        notes.append("Noisy BN (STIM18 Algorithm 1) is reported for reference; STIM18 make no smoothness claim for it.")
+    results = {"runs": runs, "effects": effects}
+    return report.Outcome(results, claims, [table], figures, notes, setting, reading, CLAIM_RULE)
+
+
+def _mean_interval(values: np.ndarray) -> str:
+    iv = stats.interval(values)
+    if iv.n == 0:
+        return "diverged"
+    if iv.n == 1:
+        return f"{iv.mean:.3g}"
+    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
 
 
 def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
-    """Moving average of a per-step loss curve (for plotting)."""
-    window = max(1, min(window, values.size))
-    return np.convolve(values, np.ones(window) / window, mode="valid")
+    """Moving average of per-step loss curves along the last axis (for plotting); same length as the input."""
+    values = np.atleast_2d(values)
+    window = max(1, min(window, values.shape[-1]))
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.repeat(values[:, :1], window - 1, axis=1), values], axis=1)
+    return np.stack([np.convolve(v, kernel, mode="valid") for v in padded])

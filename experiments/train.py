@@ -118,6 +118,20 @@ def init_train_state(
     return TrainState(params, batch_stats, optimizer.init(params), jnp.zeros((), jnp.int32), run_key)
 
 
+def init_seed_states(
+    model: nn.Module, example_x: jax.Array, optimizer: optax.GradientTransformation, seeds: tuple[int, ...]
+) -> TrainState:
+    """:func:`init_train_state` for each seed, stacked on a leading seed axis: runs over seeds as one batch.
+
+    Drive it with a runner built with ``over_seeds=True`` (:func:`full_batch_runner`, :func:`minibatch_runner`),
+    which vmaps the step over that axis: every seed has its own initialization, minibatches and noise.
+    """
+    if not seeds:
+        raise ValueError("seeds must name at least one seed, got ().")
+    states = [init_train_state(model, example_x, optimizer, s) for s in seeds]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
 def make_train_step(
     model: nn.Module, loss: str, optimizer: optax.GradientTransformation
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]]:
@@ -137,15 +151,24 @@ def make_train_step(
     return step
 
 
+def _seeded(step: Callable, over_seeds: bool) -> Callable:
+    """``step`` vmapped over the leading seed axis of the state (data shared), or ``step`` itself."""
+    return jax.vmap(step, in_axes=(0, None, None)) if over_seeds else step
+
+
 def full_batch_runner(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
     placement: loops.Placement = "auto",
+    *,
+    over_seeds: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
     """``run(state, x, y, num_steps) -> (state, metrics stacked over steps)``: full-batch GD steps, placed by
-    :func:`bnjax.loops.scan_steps` (one jitted scan, or one jitted call per step)."""
+    :func:`bnjax.loops.scan_steps` (one jitted scan, or one jitted call per step). With ``over_seeds`` the
+    state has a leading seed axis (:func:`init_seed_states`) and the metrics are ``[steps, seeds]``."""
+    body = _seeded(step, over_seeds)
 
     def run(state, x, y, num_steps):
-        return loops.scan_steps(step, state, num_steps, x, y, placement=placement)
+        return loops.scan_steps(body, state, num_steps, x, y, placement=placement)
 
     return run
 
@@ -154,9 +177,11 @@ def minibatch_runner(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepMetrics]],
     batch_size: int,
     placement: loops.Placement = "auto",
+    *,
+    over_seeds: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, StepMetrics]]:
-    """``run(state, x, y, num_steps) -> (state, metrics per step)``: minibatch steps, placed like
-    :func:`full_batch_runner`.
+    """``run(state, x, y, num_steps) -> (state, metrics per step)``: minibatch steps, placed (and vmapped over
+    seeds) like :func:`full_batch_runner`.
 
     Each step draws ``batch_size`` distinct examples uniformly at random (from ``state.key``), so a run can
     be cut into segments of any length without epoch bookkeeping; every batch has exactly ``batch_size``
@@ -168,11 +193,13 @@ def minibatch_runner(
         idx = jax.random.permutation(perm_key, x.shape[0])[:batch_size]
         return step(s._replace(key=key), x[idx], y[idx])
 
+    seeded = _seeded(body, over_seeds)
+
     def run(state, x, y, num_steps):
         n = x.shape[0]
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in (0, {n}] for {n} training examples, got {batch_size}.")
-        return loops.scan_steps(body, state, num_steps, x, y, placement=placement)
+        return loops.scan_steps(seeded, state, num_steps, x, y, placement=placement)
 
     return run
 
@@ -194,10 +221,13 @@ class TrainLog(NamedTuple):
 
     Fields:
       state: the final :class:`TrainState`.
-      losses: float32[steps] training loss of each step's batch (before the update).
-      accuracies: float32[steps] training accuracy of each step's batch.
+      losses: float32[steps] training loss of each step's batch (before the update); ``[seeds, steps]`` for a
+        run over seeds.
+      accuracies: float32[steps] (or ``[seeds, steps]``) training accuracy of each step's batch.
       steps: int[checkpoints] step count after each segment.
       measurements: the ``measure`` results after each segment (host NumPy pytrees), or empty.
+      diverged_at: for a run over seeds, int[seeds]: the first step whose loss was non-finite, -1 for a seed
+        that finished (its losses and measurements after that step are NaN); None for a single run.
     """
 
     state: TrainState
@@ -205,6 +235,7 @@ class TrainLog(NamedTuple):
     accuracies: np.ndarray
     steps: np.ndarray
     measurements: list
+    diverged_at: np.ndarray | None = None
 
 
 def train_in_segments(
@@ -222,22 +253,53 @@ def train_in_segments(
     """Drive ``run`` (from :func:`full_batch_runner` or :func:`minibatch_runner`) for ``num_steps`` steps.
 
     Every ``every`` steps (one jitted segment) the losses are checked (a non-finite one raises
-    :class:`Diverged`), ``measure(state)`` is taken if given (jit it yourself) and ``bar`` (a tqdm bar
-    counting segments) advances. ``num_steps`` must be a multiple of ``every``.
+    :class:`Diverged`), ``measure(state)`` is taken if given (jit it yourself) and ``bar`` (a
+    :class:`experiments.progress.StepBar`, or a tqdm bar counting steps) advances by ``every``.
+    ``num_steps`` must be a multiple of ``every``.
+
+    A run over seeds (a runner with ``over_seeds=True``) records the step at which each seed diverged in
+    ``diverged_at`` and goes on with the others (seeds are independent under ``vmap``); it raises
+    :class:`Diverged` only when every seed has.
     """
     if every < 1 or num_steps % every:
         raise ValueError(f"num_steps ({num_steps}) must be a positive multiple of every ({every}).")
     losses, accuracies, steps, measurements = [], [], [], []
+    diverged_at = None
+    if bar is not None and hasattr(bar, "start_run"):
+        bar.start_run()
+        if label:
+            bar.set_label(label)
     for i in range(num_steps // every):
         state, metrics = run(state, x, y, every)
-        losses.append(check_finite(metrics.loss, i * every, f" ({label})" if label else ""))
-        accuracies.append(np.asarray(metrics.accuracy))
-        steps.append(int(state.step))
+        chunk = np.asarray(metrics.loss)
+        if chunk.ndim == 2:  # [every, seeds]
+            if diverged_at is None:
+                diverged_at = np.full(chunk.shape[1], -1)
+            for s in np.flatnonzero(diverged_at < 0):
+                bad = np.flatnonzero(~np.isfinite(chunk[:, s]))
+                if bad.size:
+                    diverged_at[s] = i * every + int(bad[0])
+            if np.all(diverged_at >= 0):
+                check_finite(chunk[:, int(np.argmax(diverged_at))], i * every, f" ({label}, every seed)")
+            losses.append(chunk.T)
+            accuracies.append(np.asarray(metrics.accuracy).T)
+        else:
+            losses.append(check_finite(chunk, i * every, f" ({label})" if label else ""))
+            accuracies.append(np.asarray(metrics.accuracy))
+        steps.append(int(np.max(state.step)))
         if measure is not None:
             measurements.append(jax.tree.map(np.asarray, measure(state)))
-        if bar is not None:
-            bar.update(1)
-    return TrainLog(state, np.concatenate(losses), np.concatenate(accuracies), np.asarray(steps), measurements)
+        if bar is not None:  # a progress.StepBar (the first segment compiles), or any tqdm bar
+            bar.advance(every, warm=i > 0) if hasattr(bar, "advance") else bar.update(every)
+    axis = -1
+    return TrainLog(
+        state,
+        np.concatenate(losses, axis),
+        np.concatenate(accuracies, axis),
+        np.asarray(steps),
+        measurements,
+        diverged_at,
+    )
 
 
 def landscape_loss(model: nn.Module, loss: str) -> Callable[[PyTree, tuple, PyTree], jax.Array]:
