@@ -36,11 +36,14 @@ class Claim(NamedTuple):
       measured: the numbers, in words.
       verdict: ``"held"``, ``"not held"``, ``"inconclusive"``, or ``"too short to judge"`` (a quick run that
         could not have shown the claim: it may only confirm, never refute).
+      effect: the measured effect in a few characters with its interval (e.g. ``"0.46x [0.31, 0.68]"``), for
+        the claims matrix (``python -m experiments claims``); empty: the matrix shows ``measured``.
     """
 
     claim: str
     measured: str
     verdict: str
+    effect: str = ""
 
 
 VERDICTS = ("held", "not held", "inconclusive", "too short to judge")

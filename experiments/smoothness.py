@@ -158,28 +158,36 @@ CLAIM_RULE = (
 def _claims(config: Config, runs: list[dict]) -> tuple[list[report.Claim], dict]:
     claims, effects = [], {}
     for name in MEASURES:
-        measured, verdicts = [], []
+        measured, verdicts, short = [], [], []
         for lr in config.lrs:
             bn = next(e for e in runs if e["lr"] == lr and e["norm"] == "bn")
             plain = next(e for e in runs if e["lr"] == lr and e["norm"] == "none")
             if "diverged" in bn:
                 measured.append(f"lr={lr:g}: BN diverged at every seed")
+                short.append(f"lr {lr:g}: BN diverged")
                 verdicts.append("inconclusive")
                 continue
             if "diverged" in plain:
                 measured.append(f"lr={lr:g}: no-BN diverged at every seed")
+                short.append(f"lr {lr:g}: no-BN diverged")
                 verdicts.append("held")
                 continue
             iv = stats.ratio_interval(bn[f"mean_{name}"], plain[f"mean_{name}"])
             effects[f"{name} lr={lr:g}"] = iv._asdict()
             verdict = stats.interval_verdict(iv, "below")
             measured.append(f"lr={lr:g}: BN / none {stats.format_ratio(iv)}")
+            short.append(f"lr {lr:g}: {stats.format_effect(iv)}")
             verdicts.append(verdict)
         verdict = (
             "held" if all(v == "held" for v in verdicts) else "not held" if "not held" in verdicts else "inconclusive"
         )
         claims.append(
-            report.Claim(f"STIM18: BN makes the {name.replace('_', ' ')} smaller", "; ".join(measured), verdict)
+            report.Claim(
+                f"STIM18: BN makes the {name.replace('_', ' ')} smaller",
+                "; ".join(measured),
+                verdict,
+                effect="; ".join(short),
+            )
         )
     return claims, effects
 

@@ -102,3 +102,12 @@ def format_ratio(iv: Interval) -> str:
     if iv.n == 1:
         return f"{iv.mean:.3g}x, 1 seed (no interval)"
     return f"{iv.mean:.3g}x [{iv.low:.3g}, {iv.high:.3g}], {iv.n} seeds"
+
+
+def format_effect(iv: Interval) -> str:
+    """The short form for the claims matrix: ``0.46x [0.31, 0.68]`` (``0.46x`` with one seed, ``–`` with none)."""
+    if iv.n == 0:
+        return "–"
+    if iv.n == 1:
+        return f"{iv.mean:.2g}x"
+    return f"{iv.mean:.2g}x [{iv.low:.2g}, {iv.high:.2g}]"
