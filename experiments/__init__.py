@@ -18,4 +18,5 @@ EXPERIMENTS = {
     "batch_size": ("experiments.batch_size", "LWSP18: generalization gap vs batch size, BN vs none vs ghost BN"),
     "conditioning": ("experiments.conditioning", "Hessian spectrum and condition number of a linear model, BN vs none"),
     "inference_stats": ("experiments.inference_stats", "eval accuracy vs BN momentum, and with precise statistics"),
+    "claims": ("experiments.claims", "the claims matrix: every experiment's claims on each architecture family"),
 }

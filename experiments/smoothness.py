@@ -74,6 +74,13 @@ PRESETS = {
         num_step_sizes=3,
     ),
 }
+_QUICK = {"steps": 500, "measure_every": 50}
+# The claims matrix (experiments.claims): the families this experiment applies to and its forms there.
+MATRIX = {
+    "mlp": {"quick": {"model": "mlp", **_QUICK}, "full": {"model": "mlp"}},
+    "cnn1d": {"quick": {"model": "cnn1d", **_QUICK}, "full": {"model": "cnn1d"}},
+    "vgg": {"quick": {"model": "vgg", "dataset": "digits", **_QUICK}, "full": {"model": "vgg", "dataset": "digits"}},
+}
 CHOICES = {"model": models.FAMILIES, "norms": ("none", "bn", "noisy"), "loss": train.LOSSES}
 
 

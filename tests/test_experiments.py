@@ -28,6 +28,7 @@ RESULT_KEYS = {
     "batch_size": ["runs"],
     "conditioning": ["runs"],
     "inference_stats": ["runs"],
+    "claims": ["form", "cells", "runtime_entries_s"],
 }
 
 
