@@ -3,8 +3,10 @@
 
 Every field of the experiment's ``Config`` is an option (``--lrs 0.05,0.1`` or ``--lrs "(0.05, 0.1)"`` for
 tuples, ``--steps 500``, ``--model none`` for an optional field); a preset is applied first, then the explicit
-options. User errors are one line on stderr and exit status 2 (``--debug`` shows the traceback); see
-:func:`main`.
+options. Options with a fixed set of values (the module's ``CHOICES``, else the global ones of :func:`choices`)
+accept only those. ``--help`` prints each option's syntax, allowed values and default as a command-line
+example, and the runtimes of :mod:`experiments.runtimes`. User errors are one line on stderr and exit status 2
+(``--debug`` shows the traceback); see :func:`main`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import os
 import pathlib
+import re
 import shlex
 import sys
 import time
@@ -21,7 +25,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments import EXPERIMENTS, data, report
+from experiments import EXPERIMENTS, data, report, runtimes
 
 _SCALAR_FORMATS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 _LIST_FORMATS = {
@@ -30,6 +34,9 @@ _LIST_FORMATS = {
     "str": ("strings", "none,bn", "(none, bn)"),
     "bool": ("true/false values", "true,false", "(true, false)"),
 }
+_TYPE_WORDS = {"int": "INT", "float": "NUMBER", "str": "NAME", "bool": "BOOL"}
+_SINGULAR = {"momenta": "momentum", "hidden": "width"}  # a tuple field's element, where "drop the s" fails
+_PATTERN = re.compile(r"([a-z0-9_]+):[A-Z]+")  # an allowed value such as "npz:PATH": that prefix, then anything
 
 
 def _parse_bool(s: str) -> bool:
@@ -39,47 +46,137 @@ def _parse_bool(s: str) -> bool:
     return value
 
 
-def _parser_for(annotation: str) -> Callable[[str], Any]:
+def _split_annotation(annotation: str) -> tuple[str, bool, bool]:
+    """``(scalar type, is a tuple, is optional)`` of a field annotation such as ``"tuple[float, ...] | None"``."""
+    annotation = annotation.replace(" ", "")
+    optional = annotation.endswith("|None")
+    if optional:
+        annotation = annotation[: -len("|None")]
+    is_tuple = annotation.startswith("tuple[") and annotation.endswith(",...]")
+    scalar = annotation[len("tuple[") : -len(",...]")] if is_tuple else annotation
+    if scalar not in _SCALAR_FORMATS:
+        raise TypeError(f"Config fields must be int/float/str/bool, tuples of them or optional; got {annotation!r}.")
+    return scalar, is_tuple, optional
+
+
+def _is_allowed(value: Any, allowed: Sequence[Any]) -> bool:
+    for choice in allowed:
+        pattern = _PATTERN.fullmatch(choice) if isinstance(choice, str) else None
+        prefix = f"{pattern[1]}:" if pattern else None
+        if value == choice or (prefix and isinstance(value, str) and value.startswith(prefix) and value != prefix):
+            return True
+    return False
+
+
+def _show_allowed(allowed: Sequence[Any]) -> str:
+    return ", ".join(_format_value(a) for a in allowed)
+
+
+def _parser_for(annotation: str, allowed: Sequence[Any] | None = None) -> Callable[[str], Any]:
     """A string -> value parser for a field annotation (annotations are strings: ``from __future__``).
 
-    Tuples accept ``0.05,0.1``, the form ``--help`` prints (``(32, 32)``, ``[32, 32]``, ``(32,)``) and ``""``
-    or ``()`` for the empty tuple; optional fields accept ``none``. A bad value raises
-    ``argparse.ArgumentTypeError`` saying what format was expected, which argparse reports with the option.
+    Tuples accept ``0.05,0.1`` (the form ``--help`` prints), ``(32, 32)``, ``[32, 32]``, ``(32,)`` and ``""``
+    or ``()`` for the empty tuple; optional fields accept ``none``. With ``allowed``, a value (each element of
+    a tuple) must be one of them (``"npz:PATH"`` allows any ``npz:...``). A bad value raises
+    ``argparse.ArgumentTypeError`` saying what was expected, which argparse reports with the option.
     """
-    annotation = annotation.replace(" ", "")
-    if annotation.endswith("|None"):
-        inner = _parser_for(annotation[: -len("|None")])
-        return lambda s: None if s.strip().lower() == "none" else inner(s)
-    if annotation.startswith("tuple[") and annotation.endswith(",...]"):
-        scalar = annotation[len("tuple[") : -len(",...]")]
-        inner = _parser_for(scalar)
-
-        def parse_tuple(s: str) -> tuple:
-            body = s.strip()
-            if len(body) >= 2 and body[0] + body[-1] in ("()", "[]"):
-                body = body[1:-1]
-            try:
-                # Elements may be quoted, as --help prints string tuples: ('none', 'bn').
-                return tuple(inner(part.strip().strip("'\"")) for part in body.split(",") if part.strip())
-            except argparse.ArgumentTypeError:
-                what, plain, shown = _LIST_FORMATS[scalar]
-                raise argparse.ArgumentTypeError(
-                    f"expected a comma-separated list of {what}, e.g. {plain} or {shown}, got {s!r}"
-                ) from None
-
-        return parse_tuple
-    scalars: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
-    if annotation not in scalars:
-        raise TypeError(f"Config fields must be int/float/str/bool, tuples of them or optional; got {annotation!r}.")
-    convert = scalars[annotation]
+    scalar, is_tuple, optional = _split_annotation(annotation)
+    convert: Callable[[str], Any] = {"int": int, "float": float, "str": str, "bool": _parse_bool}[scalar]
 
     def parse_scalar(s: str) -> Any:
         try:
             return convert(s.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {_SCALAR_FORMATS[annotation]}, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_SCALAR_FORMATS[scalar]}, got {s!r}") from None
 
-    return parse_scalar
+    def check(value: Any, s: str) -> Any:
+        if allowed is not None and not _is_allowed(value, allowed):
+            seen = repr(_format_value(value))
+            if is_tuple and s.strip() != _format_value(value):
+                seen = f"element {seen} of {s!r}"
+            raise argparse.ArgumentTypeError(f"{seen} is not an allowed value (allowed: {_show_allowed(allowed)})")
+        return value
+
+    def parse_tuple(s: str) -> tuple:
+        body = s.strip()
+        if len(body) >= 2 and body[0] + body[-1] in ("()", "[]"):
+            body = body[1:-1]
+        try:
+            # Elements may be quoted, as in Python's repr of a tuple of strings: ('none', 'bn').
+            values = tuple(parse_scalar(part.strip().strip("'\"")) for part in body.split(",") if part.strip())
+        except argparse.ArgumentTypeError:
+            what, plain, shown = _LIST_FORMATS[scalar]
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {what}, e.g. {plain} or {shown}, got {s!r}"
+            ) from None
+        for value in values:
+            check(value, s)
+        return values
+
+    def parse(s: str) -> Any:
+        if optional and s.strip().lower() == "none":
+            return None
+        return parse_tuple(s) if is_tuple else check(parse_scalar(s), s)
+
+    return parse
+
+
+def _format_value(value: Any) -> str:
+    """A field value in the form the parser accepts: ``0.05,0.1`` for a tuple, ``none``, ``true``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def _example(option: str, value: Any) -> str:
+    """``option`` with ``value`` as one would type it in a shell (``--lrs 0.05,0.1``, ``--adam-lrs ''``)."""
+    text = _format_value(value)
+    if text.startswith("-"):  # argparse would take it for an option
+        return f"{option}={shlex.quote(text)}"
+    return f"{option} {shlex.quote(text)}"
+
+
+def _metavar(name: str, annotation: str) -> str:
+    """The syntax of an option's value: ``NORM[,NORM...]`` for a tuple, ``{true,false}``, ``STEPS``."""
+    scalar, is_tuple, optional = _split_annotation(annotation)
+    if is_tuple:
+        word = name.rsplit("_", 1)[-1]
+        word = _SINGULAR.get(word) or (word[:-1] if word.endswith("s") and not word.endswith("ss") else "")
+        word = word.upper() or _TYPE_WORDS[scalar]
+        metavar = f"{word}[,{word}...]"
+    elif scalar == "bool":
+        metavar = "{true,false}"
+    else:
+        metavar = name.upper()
+    return f"{metavar}|none" if optional else metavar
+
+
+def choices(module: types.ModuleType) -> dict[str, tuple]:
+    """The allowed values of an experiment's options: its module's ``CHOICES``, and where it gives none for a
+    field, the global ones (``model``: :data:`models.FAMILIES`; ``norms``: :data:`models.NORMS`; ``loss``:
+    :data:`train.LOSSES`; ``activation``: :data:`models.ACTIVATIONS`; ``dataset``: :data:`data.NAMES` and
+    ``npz:PATH``), for the fields its ``Config`` has."""
+    from experiments import models, train
+
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    own = dict(getattr(module, "CHOICES", {}))
+    unknown = sorted(set(own) - fields)
+    if unknown:
+        raise TypeError(f"{module.__name__}.CHOICES names fields its Config lacks: {unknown}.")
+    defaults = {
+        "model": models.FAMILIES,
+        "norms": models.NORMS,
+        "loss": train.LOSSES,
+        "activation": tuple(models.ACTIVATIONS),
+        "dataset": (*data.NAMES, "npz:PATH"),
+    }
+    merged = {name: tuple(allowed) for name, allowed in defaults.items() if name in fields}
+    merged.update({name: tuple(allowed) for name, allowed in own.items()})
+    return merged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,26 +187,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _experiment_parser(name: str, module: types.ModuleType) -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments <name>``: presets, ``--out``/``--overwrite``/``--debug`` and one
+    option per ``Config`` field, each with its syntax, allowed values and default (an example the parser
+    accepts); ``parser.examples`` maps each field option to that example."""
     config_cls = module.Config
+    allowed = choices(module)
+    prog = f"python -m experiments {name}"
     parser = _Parser(
-        prog=f"python -m experiments {name}",
-        description=config_cls.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog,
+        usage=f"{prog} [{' | '.join('--' + p for p in module.PRESETS)}] [--out DIR [--overwrite]] [--debug] "
+        "[--FIELD VALUE ...]",
+        description=f"{runtimes.describe(name)}\n\n{inspect.cleandoc(config_cls.__doc__ or '')}",
+        formatter_class=argparse.RawTextHelpFormatter,  # keeps each option's "default: ..." on its own line
     )
     presets = parser.add_mutually_exclusive_group()
     for preset in module.PRESETS:
         presets.add_argument(f"--{preset}", action="store_true", help=f"use the {preset!r} preset")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/<name>-<timestamp>/)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<name>-<timestamp>/)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     defaults = config_cls()
+    parser.examples = {}
     for field in dataclasses.fields(config_cls):
+        option = f"--{field.name.replace('_', '-')}"
+        scalar, is_tuple, optional = _split_annotation(field.type)
+        what = f"comma-separated {_LIST_FORMATS[scalar][0]}" if is_tuple else _SCALAR_FORMATS[scalar]
+        if field.name in allowed:
+            what = "comma-separated, each one of: " if is_tuple else "one of: "
+            what += _show_allowed(allowed[field.name])
+        if is_tuple:
+            what += " ('' for an empty list)"
+        if optional:
+            what += ", or none"
+        example = _example(option, getattr(defaults, field.name))
+        parser.examples[option] = example
         parser.add_argument(
-            f"--{field.name.replace('_', '-')}",
+            option,
             dest=field.name,
-            type=_parser_for(field.type),
+            metavar=_metavar(field.name, field.type),
+            type=_parser_for(field.type, allowed.get(field.name)),
             default=argparse.SUPPRESS,
-            help=f"{field.type} (default {getattr(defaults, field.name)!r})",
+            help=f"{what}\ndefault: {example}".replace("%", "%%"),
         )
     return parser
 
@@ -167,6 +285,19 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 
 
+def _listing() -> str:
+    """The experiments with their quick and full runtimes (from :mod:`experiments.runtimes`) and summaries."""
+    lines = [f"  {'experiment':<16} {'quick':>9} {'full':>9}  what it tests"]
+    for name, (_, summary) in EXPERIMENTS.items():
+        entry = runtimes.RUNTIMES.get(name, {})
+        lines.append(f"  {name:<16} {entry.get('quick', '?'):>9} {entry.get('full', '?'):>9}  {summary}")
+    return (
+        "\n".join(lines)
+        + "\n\nRuntimes on 2 CPU cores (when and at what load: `python -m experiments <name> --help`, which also "
+        "lists an experiment's options)."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 done, 2 user error, 130 interrupted).
 
@@ -179,8 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = _Parser(
             prog="python -m experiments",
             description="Experiments that test the batchnorm literature's claims with bnjax.",
-            epilog="\n".join(f"  {n:<16} {summary}" for n, (_, summary) in EXPERIMENTS.items())
-            + "\n\nRun `python -m experiments <name> --help` for an experiment's options.",
+            epilog=_listing(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         top.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment to run")

@@ -24,6 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+# The built-in data sets by name; ``"npz:PATH"`` loads a user file.
+NAMES = ("mnist1d", "digits")
+
 MNIST1D_TRAIN = 4000
 MNIST1D_TEST = 1000
 MNIST1D_LENGTH = 40

@@ -306,7 +306,7 @@ def test_cli_list_options_accept_the_form_help_prints():
     )
     assert args.hidden == (32, 32) and args.gd_lrs == (0.05, 0.1) and args.norms == ("none", "bn")
     assert args.adam_lrs == (0.001,) and args.momentum_lrs == ()
-    assert "(default (200, 200))" in parser.format_help()  # the form accepted above
+    assert "default: --hidden 200,200" in parser.format_help()  # the form --help prints
 
 
 @pytest.mark.parametrize(
