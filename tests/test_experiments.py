@@ -124,14 +124,6 @@ def test_eos_rejects_devices_not_dividing_the_data():
         eos.run(dataclasses.replace(eos.PRESETS["smoke"], devices=3), None)
 
 
-class _NoBar:
-    def set_postfix_str(self, _):
-        pass
-
-    def update(self, _=1):
-        pass
-
-
 def test_eos_devices_tracker_is_data_parallel_and_matches_one_device():
     """eos --devices 4 with ghost batches: the tracker runs with shards=4 (chunk c = the c-th 25 rows of every
     device's 50); its sharpness equals the one-device run on the rows permuted into the same chunks."""
@@ -144,9 +136,9 @@ def test_eos_devices_tracker_is_data_parallel_and_matches_one_device():
     perm = np.concatenate([perm[:, :25].ravel(), perm[:, 25:].ravel()])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     examples = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    sharded = eos._train_one(spec, config, *jax.device_put((x, y), examples), 10, _NoBar())
+    (sharded,) = eos._train_spec(spec, config, *jax.device_put((x, y), examples), 10)
     one = dataclasses.replace(config, devices=1)
-    want = eos._train_one(spec, one, jnp.asarray(x[perm]), jnp.asarray(y[perm]), 10, _NoBar())
+    (want,) = eos._train_spec(spec, one, jnp.asarray(x[perm]), jnp.asarray(y[perm]), 10)
     assert sharded.sharpness.shape == (1,) and not sharded.diverged
     np.testing.assert_allclose(sharded.sharpness, want.sharpness, rtol=1e-4)
     with pytest.raises(ValueError, match="multiple of devices"):
