@@ -902,7 +902,7 @@ def _mark_runs_diverged(ax, spec: RunSpec, recs: list[RunRecord], seeds, series,
         report.mark_diverged(ax, px, py, label if i == 0 or not every else "_nolegend_", color=color)
 
 
-def _legend(ax) -> None:
+def legend_above_data(ax) -> None:
     """:func:`report.legend` after raising the top of the panel by room for the legend's entries, so that it
     can sit above the data instead of on it."""
     entries = len(ax.get_legend_handles_labels()[1])
@@ -956,8 +956,8 @@ def _plot(config: Config, records: dict[RunSpec, list[RunRecord]], out: pathlib.
         ylabel = "preconditioned sharpness / threshold" if opt == "adam" else "sharpness / threshold"
         ax_s.set(title=f"{OPTIMIZER_TITLES[opt]}\n({where})", xlabel="step", ylabel=ylabel)
         ax_l.set(xlabel="step", ylabel=f"train loss ({config.loss})", yscale="log")
-        _legend(ax_s)
-        _legend(ax_l)
+        legend_above_data(ax_s)
+        legend_above_data(ax_l)
     if topk_norms:
         col = len(optimizers)
         for row in range(2):
@@ -994,4 +994,4 @@ def _plot_topk(config: Config, records: dict[RunSpec, list[RunRecord]], norm: st
         xlabel="step",
         ylabel="eigenvalue / threshold",
     )
-    _legend(ax)
+    legend_above_data(ax)

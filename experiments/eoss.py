@@ -13,7 +13,7 @@ Every ``track_every`` steps two curvatures are measured per seed:
 
 The claim (arXiv 2412.20553): under SGD batch sharpness rises to ``2/eta`` and hovers there ("EoSS"), while
 ``lambda_max`` sits below ``2/eta``, the lower the smaller the batch; with the full batch both are at ``2/eta``
-(GD's edge of stability).
+(GD's edge of stability). Verdicts over the seeds by 95% t-intervals (:func:`experiments.stats.interval`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import stats
-from tqdm.auto import tqdm
 
 from bnjax import curvature
 from experiments import data as data_lib
-from experiments import models, report, train
+from experiments import models, progress, report, stats, train
+from experiments.eos import legend_above_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +41,7 @@ class Config:
     """Edge of stochastic stability (Andreyev & Beneventano, arXiv 2412.20553).
 
     Command: ``python -m experiments eoss`` (full) or ``python -m experiments eoss --quick``.
-    Expected runtime on 2 CPU cores shared with other jobs (2026-12-04, load average 7-11): quick 195 s, full
-    753 s (both measured on this code).
+    Expected runtime on 2 CPU cores: see ``experiments/runtimes.py`` (``--help`` prints it).
     Expected result (the paper's claim): batch sharpness of every run hovers at ``2/eta`` once training is at
     the edge, while the full-batch ``lambda_max`` is below ``2/eta`` for mini-batch runs and lower for smaller
     batches; the full-batch run (``batch_size = n_train``) is GD, at ``2/eta`` in both. Measured in the full run
@@ -68,6 +66,8 @@ class Config:
     for smaller batches": the per-seed difference of ``lambda_max`` / (2/eta) between each batch size and the
     next larger one below 0. A claim over several settings is not held if any is, held if all are, else
     inconclusive. Diverged seeds are reported and left out.
+    Differences from the paper: see the report's notes (CIFAR-10 subsets, CNNs and ResNets there; a small
+    tanh MLP on MNIST-1D here, fewer steps, a fixed number of batches per batch-sharpness estimate).
     """
 
     dataset: str = "mnist1d"
@@ -91,8 +91,9 @@ class Config:
     band_high: float = 1.15
 
 
+_QUICK = {"steps": 1500, "track_every": 50, "sharpness_batches": 8}
 PRESETS = {
-    "quick": dataclasses.replace(Config(), steps=1500, track_every=50, sharpness_batches=8),
+    "quick": dataclasses.replace(Config(), **_QUICK),
     "smoke": dataclasses.replace(
         Config(),
         n_train=64,
@@ -106,6 +107,10 @@ PRESETS = {
         solver_iters=5,
     ),
 }
+# The claims matrix (experiments.claims): this experiment's own tanh MLP, 3 seeds in both forms; quick = the
+# quick preset, full = the full defaults.
+MATRIX = {"mlp": {"quick": _QUICK, "full": {}}}
+CHOICES = {"loss": train.LOSSES, "norms": ("none", "bn")}
 
 
 class Setting(NamedTuple):
@@ -146,18 +151,12 @@ class SettingRecord(NamedTuple):
 # -- the verdict rule (pure, tested on synthetic inputs) ----------------------------------------------------
 
 
-def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the two-sided t-interval of the mean of ``values`` (NaNs dropped); a single value
-    (or none) gives an infinitely wide interval (one seed cannot decide a claim)."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), -math.inf, math.inf
-    mean = float(v.mean())
-    if v.size < 2:
-        return mean, -math.inf, math.inf
-    half = float(stats.t.ppf(0.5 + level / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return mean, mean - half, mean + half
+def t_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """``(mean, low, high)``: :func:`experiments.stats.interval` of ``values`` (NaNs dropped), the two-sided 95%
+    t-interval of their mean; a single value (or none) gives an infinitely wide interval (one seed cannot decide
+    a claim)."""
+    iv = stats.interval(values)
+    return iv.mean, iv.low, iv.high
 
 
 def interval_verdict(low: float, high: float, region_low: float = -math.inf, region_high: float = math.inf) -> str:
@@ -200,13 +199,13 @@ def tail_slope(steps: np.ndarray, ratios: np.ndarray, window: float) -> np.ndarr
 
 
 VERDICT_RULE = (
-    "Verdict rule: per run the statistic is the mean of (curvature / (2/eta)) over the last {window:.0%} of the "
+    "per run the statistic is the mean of (curvature / (2/eta)) over the last {window:.0%} of the "
     "checkpoints; over the {seeds} seeds it has a 95% t-interval, mean ± t(0.975, S-1) sd / sqrt(S). A setting "
     "is 'held' if the interval lies inside the claim's region, 'not held' if it lies entirely outside it, "
     "'inconclusive' if it straddles a boundary. Regions: batch sharpness / (2/eta) in [{low}, {high}]; "
     "mini-batch lambda_max / (2/eta) < {low}; lambda_max / (2/eta) at a batch size minus at the next larger one "
     "(paired by seed) < 0. A claim over several settings: 'not held' if any setting is, 'held' if all are, "
-    "else 'inconclusive'. Diverged seeds are left out."
+    "else 'inconclusive'. Diverged seeds are left out"
 )
 
 
@@ -234,12 +233,8 @@ def _check(config: Config) -> None:
         raise ValueError(f"verdict_window must be in (0, 1], got {config.verdict_window}.")
 
 
-def _stack(trees: list) -> object:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def _train_setting(
-    setting: Setting, config: Config, x: jax.Array, y: jax.Array, num_classes: int, bar: tqdm
+    setting: Setting, config: Config, x: jax.Array, y: jax.Array, num_classes: int, bar: progress.StepBar | None
 ) -> SettingRecord:
     model = models.MLP(
         features=config.hidden,
@@ -249,7 +244,7 @@ def _train_setting(
         init_scale=config.init_scale,
     )
     optimizer = optax.sgd(config.lr)
-    states = _stack([train.init_train_state(model, x[:2], optimizer, seed) for seed in config.seeds])
+    states = train.init_seed_states(model, x[:2], optimizer, config.seeds)
     run_steps = train.minibatch_runner(train.make_train_step(model, config.loss, optimizer), setting.batch_size)
     bn = setting.norm == "bn"
     fns = curvature.flax_curvature_fns(model.apply, train.output_loss(config.loss), bn_mode="train" if bn else None)
@@ -282,7 +277,9 @@ def _train_setting(
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 7) for s in config.seeds])
     out: dict[str, list] = {k: [] for k in ("steps", "bs", "bs_se", "lam", "conv", "hvps", "loss")}
     diverged = np.zeros(seeds, bool)
-    bar.set_postfix_str(setting.label)
+    if bar is not None:
+        bar.start_run()
+        bar.set_label(setting.label)
     for i in range(config.steps // every):
         states, loss = segment_v(states, x, y)
         loss = np.asarray(loss)
@@ -295,7 +292,8 @@ def _train_setting(
         for name, value in (("bs", bs), ("bs_se", bs_se), ("lam", lam), ("conv", conv), ("hvps", hvps)):
             out[name].append(np.asarray(value))
         out["loss"].append(loss)
-        bar.update(1)
+        if bar is not None:  # the first segment compiles the training and measuring programs
+            bar.advance(every, warm=i > 0)
     arr = {k: np.asarray(v) for k, v in out.items()}
     lam_arr = np.where(np.isfinite(arr["lam"]), arr["lam"], np.nan)
     return SettingRecord(
@@ -309,16 +307,15 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
     ds = data_lib.subset(data_lib.load(config.dataset, config.data_seed), config.n_train)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     settings = [Setting(b, norm) for norm in config.norms for b in config.batch_sizes]
-    print(VERDICT_RULE.format(window=config.verdict_window, seeds=len(config.seeds), low=config.band_low,
-                              high=config.band_high))  # fmt: skip
+    print(f"Verdict rule: {_rule(config)}.")
     records: dict[Setting, SettingRecord] = {}
     seconds: dict[Setting, float] = {}
-    with tqdm(total=len(settings) * (config.steps // config.track_every), desc="eoss", unit="segment") as bar:
+    with progress.StepBar(len(settings) * config.steps, "eoss") as bar:
         for setting in settings:
             start = time.perf_counter()
             records[setting] = _train_setting(setting, config, x, y, ds.num_classes, bar)
             seconds[setting] = time.perf_counter() - start
-    return _outcome(config, records, seconds, out)
+    return _outcome(config, records, seconds, out, ds.name)
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -365,18 +362,38 @@ def _summaries(config: Config, records: dict[Setting, SettingRecord]) -> list[di
     return rows
 
 
-def _fmt_interval(triple: Sequence[float]) -> str:
+def _fmt_interval(triple: Sequence[float], signed: bool = False) -> str:
+    """``1.012 [0.981, 1.043]`` (three decimals; ``+`` signs with ``signed``); the mean alone from one seed, an
+    en dash when no seed finished."""
     mean, lo, hi = triple
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    fmt = "+.3f" if signed else ".3f"
+    if not math.isfinite(mean):
+        return "–"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{mean:{fmt}} (1 seed)"
+    return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _range_effect(triples: list[Sequence[float]], unit: str, signed: bool = False) -> str:
+    """A claim's effect for the claims matrix: the range its settings span (the ends of their 95% intervals;
+    their means with one seed)."""
+    finite = [t for t in triples if math.isfinite(t[0])]
+    if not finite:
+        return "no seed finished"
+    fmt = "+.2f" if signed else ".2f"
+    with_ci = all(math.isfinite(t[1]) and math.isfinite(t[2]) for t in finite)
+    low = min(t[1] if with_ci else t[0] for t in finite)
+    high = max(t[2] if with_ci else t[0] for t in finite)
+    what = "95% CIs" if with_ci else "no CI"
+    noun = ("pair" if signed else "setting") + ("s" if len(finite) != 1 else "")
+    return f"{low:{fmt}} to {high:{fmt}}{unit} ({len(finite)} {noun}, {what})"
 
 
 def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
     claims = []
     # 1. Batch sharpness hovers at 2/eta.
     bs_text = "; ".join(
-        f"b={r['batch_size']} {'BN' if r['norm'] == 'bn' else 'no BN'}: {_fmt_interval(r['batch_sharpness_ratio'])}"
-        f" {r['batch_sharpness_verdict']}"
-        for r in rows
+        f"{_name(r)}: {_fmt_interval(r['batch_sharpness_ratio'])} {r['batch_sharpness_verdict']}" for r in rows
     )
     claims.append(
         report.Claim(
@@ -384,6 +401,7 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
             f"[{config.band_low}, {config.band_high}]), every batch size, with and without BN",
             bs_text,
             combine([r["batch_sharpness_verdict"] for r in rows]),
+            effect=_range_effect([r["batch_sharpness_ratio"] for r in rows], "x 2/eta"),
         )
     )
     # 2. lambda_max below 2/eta for mini-batches.
@@ -397,18 +415,16 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
         report.Claim(
             f"Andreyev & Beneventano: with mini-batches the full-batch lambda_max sits below 2/eta (ratio < "
             f"{config.band_low})",
-            "; ".join(
-                f"b={r['batch_size']} {'BN' if r['norm'] == 'bn' else 'no BN'}: {_fmt_interval(r['lambda_max_ratio'])}"
-                f" {r['lambda_below_verdict']}"
-                for r in mini
-            )
+            "; ".join(f"{_name(r)}: {_fmt_interval(r['lambda_max_ratio'])} {r['lambda_below_verdict']}" for r in mini)
             or "no mini-batch setting",
             combine(lam_verdicts),
+            effect=_range_effect([r["lambda_max_ratio"] for r in mini], "x 2/eta") if mini else "no mini-batch setting",
         )
     )
     # 3. lambda_max lower for smaller batches (paired by seed).
     order_verdicts: list[str] = []
     order_text: list[str] = []
+    order_triples: list[tuple[float, float, float]] = []
     for norm in config.norms:
         mine = sorted((r for r in rows if r["norm"] == norm), key=lambda r: r["batch_size"])
         for small, large in zip(mine, mine[1:]):
@@ -416,18 +432,22 @@ def _claims(config: Config, rows: list[dict]) -> list[report.Claim]:
             if not np.isfinite(diff).any():  # every seed of one of the two diverged
                 order_verdicts.append("inconclusive")
                 continue
-            mean, lo, hi = t_interval(diff)
-            verdict = interval_verdict(lo, hi, -math.inf, 0.0)
+            triple = t_interval(diff)
+            verdict = interval_verdict(triple[1], triple[2], -math.inf, 0.0)
             order_verdicts.append(verdict)
+            order_triples.append(triple)
             order_text.append(
                 f"{'BN' if norm == 'bn' else 'no BN'} b={small['batch_size']} minus b={large['batch_size']}: "
-                f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+                f"{_fmt_interval(triple, signed=True)} {verdict}"
             )
     claims.append(
         report.Claim(
             "Andreyev & Beneventano: lambda_max is lower for smaller batches",
             "; ".join(order_text) or "fewer than two batch sizes",
             combine(order_verdicts),
+            effect=_range_effect(order_triples, " (difference of lambda_max / (2/eta))", signed=True)
+            if order_triples
+            else "fewer than two batch sizes",
         )
     )
     return claims
@@ -437,14 +457,28 @@ def _name(r: dict) -> str:
     return f"b={r['batch_size']} {'BN' if r['norm'] == 'bn' else 'no BN'}"
 
 
+def _rule(config: Config) -> str:
+    return VERDICT_RULE.format(
+        window=config.verdict_window, seeds=len(config.seeds), low=config.band_low, high=config.band_high
+    )
+
+
 def _reading(config: Config, rows: list[dict], claims: list[report.Claim]) -> str:
-    """The one-paragraph reading of the run, written from its numbers and verdicts."""
+    """The one-paragraph reading of the run for a newcomer, written from its numbers and verdicts."""
     full = [r for r in rows if r["full_batch"]]
     mini = [r for r in rows if not r["full_batch"]]
-    parts = ["Reading:"]
+    parts = [
+        "Full-batch gradient descent trains at the edge of stability: the sharpness lambda_max (the top "
+        "eigenvalue of the training loss's Hessian) rises to 2/eta, eta the learning rate, and hovers there. "
+        "With mini-batches (SGD), Andreyev & Beneventano find that what hovers at 2/eta is the batch sharpness "
+        "(the curvature of each mini-batch's loss along its own gradient), while lambda_max of the full loss "
+        f"stays below it, the lower the smaller the batch. Here each setting ran {len(config.seeds)} "
+        f"seed{'s' if len(config.seeds) != 1 else ''} for {config.steps} steps; the numbers are curvature / "
+        f"(2/eta) averaged over the last {config.verdict_window:.0%} of each run, seed means (1.00 = at 2/eta)."
+    ]
     if full:
         parts.append(
-            "with the full batch (GD) batch sharpness and lambda_max end at "
+            "With the full batch (GD) batch sharpness and lambda_max end at "
             + ", ".join(
                 f"{r['batch_sharpness_ratio'][0]:.2f} and {r['lambda_max_ratio'][0]:.2f} x 2/eta ({_name(r)})"
                 for r in full
@@ -453,8 +487,7 @@ def _reading(config: Config, rows: list[dict], claims: list[report.Claim]) -> st
         )
     if mini:
         parts.append(
-            "With mini-batches, batch sharpness / (2/eta) over the last "
-            f"{config.verdict_window:.0%} of {config.steps} steps is "
+            "With mini-batches, batch sharpness / (2/eta) is "
             + ", ".join(f"{r['batch_sharpness_ratio'][0]:.2f} ({_name(r)})" for r in mini)
             + " and lambda_max / (2/eta) "
             + ", ".join(f"{r['lambda_max_ratio'][0]:.2f}" for r in mini)
@@ -479,9 +512,38 @@ def _reading(config: Config, rows: list[dict], claims: list[report.Claim]) -> st
     return " ".join(parts)
 
 
+def _setting(config: Config, dataset: str) -> tuple[tuple[str, str], ...]:
+    threshold = 2.0 / config.lr
+    return report.setting(
+        model=models.describe_family("mlp", hidden=config.hidden, activation=config.activation)
+        + f"; hidden kernels {config.init_scale:g} x LeCun normal std",
+        data=f"{dataset}, first {config.n_train} training examples",
+        loss="square (0.5 ||f - onehot||^2)" if config.loss == "square" else "cross-entropy",
+        optimizer=(
+            f"SGD, lr {config.lr:g} (2/eta = {threshold:g}), constant, no momentum; batches of "
+            f"{', '.join(map(str, config.batch_sizes))} distinct examples drawn uniformly at every step "
+            f"({config.n_train} = full-batch GD)"
+        ),
+        steps=config.steps,
+        seeds=config.seeds,
+        norms=", ".join("BN" if n == "bn" else "none" for n in config.norms),
+        curvature=(
+            f"every {config.track_every} steps: batch sharpness over {config.sharpness_batches} batches; "
+            f"full-batch lambda_max by warm-started Lanczos (at most {config.solver_iters} HVPs, tolerance "
+            f"{config.solver_tol:g})"
+        ),
+        verdict_window=f"last {config.verdict_window:.0%} of the checkpoints",
+    )
+
+
 def _outcome(
-    config: Config, records: dict[Setting, SettingRecord], seconds: dict[Setting, float], out: pathlib.Path
+    config: Config,
+    records: dict[Setting, SettingRecord],
+    seconds: dict[Setting, float],
+    out: pathlib.Path,
+    dataset: str | None = None,
 ) -> report.Outcome:
+    dataset = dataset or config.dataset
     rows = _summaries(config, records)
     claims = _claims(config, rows)
     threshold = 2.0 / config.lr
@@ -503,39 +565,33 @@ def _outcome(
                 r["batch_size"],
                 _fmt_interval(r["batch_sharpness_ratio"]),
                 _fmt_interval(r["lambda_max_ratio"]),
-                _fmt_interval(r["batch_sharpness_trend_per_1000_steps"]),
-                r["final_loss"],
-                ",".join(map(str, r["diverged_seeds"])) or "-",
-                r["mean_lanczos_hvps"],
-                seconds[Setting(r["batch_size"], r["norm"])],
+                _fmt_interval(r["batch_sharpness_trend_per_1000_steps"], signed=True),
+                f"{r['final_loss']:.2e}" if math.isfinite(r["final_loss"]) else "–",
+                ", ".join(map(str, r["diverged_seeds"])) or "none",
+                f"{r['mean_lanczos_hvps']:.1f}" if math.isfinite(r["mean_lanczos_hvps"]) else "–",
+                f"{seconds[Setting(r['batch_size'], r['norm'])]:.0f}",
             ]
             for r in rows
         ],
     )
-    rule = VERDICT_RULE.format(
-        window=config.verdict_window, seeds=len(config.seeds), low=config.band_low, high=config.band_high
-    )
+    rule = _rule(config)
     notes = [
-        _reading(config, rows, claims),
-        f"Setting: tanh MLP {'-'.join(map(str, config.hidden))} (init scale {config.init_scale} x LeCun), "
-        f"{config.dataset} (first {config.n_train} training examples), {config.loss} loss, plain SGD at lr "
-        f"{config.lr:g} (2/eta = {threshold:g}), {config.steps} steps, batch sizes {list(config.batch_sizes)} "
-        f"(distinct examples, drawn uniformly at every step; {config.n_train} = full-batch GD), "
-        f"norms {list(config.norms)}, seeds {list(config.seeds)} (vmapped).",
         f"Batch sharpness: bnjax.curvature.batch_sharpness, the paper's estimator E_B[g^T H g / ||g||^2] over "
         f"{config.sharpness_batches} random batches of the run's batch size every {config.track_every} steps "
-        f"(BN in train mode on each batch); largest relative Monte Carlo standard error at a checkpoint: "
-        + ", ".join(f"{r['max_batch_sharpness_rel_stderr']:.2f}" for r in rows)
+        f"(BN in train mode on each batch); largest relative Monte Carlo standard error at a checkpoint, per "
+        "setting: "
+        + ", ".join(f"{r['max_batch_sharpness_rel_stderr']:.0%}" for r in rows)
         + ". lambda_max: Hessian of the full-batch training loss (BN in train mode with full-batch statistics, "
         f"the function GD optimizes), bnjax.curvature.lanczos_top warm-started, at most {config.solver_iters} HVPs, "
-        f"tolerance {config.solver_tol:g}; converged fraction per setting: "
-        + ", ".join(f"{r['lambda_converged_fraction']:.2f}" for r in rows)
+        f"tolerance {config.solver_tol:g}; solves converged, per setting: "
+        + ", ".join(f"{r['lambda_converged_fraction']:.0%}" for r in rows)
         + ".",
-        rule,
+        f"Table: seed means over the {len(config.seeds)} seeds (vmapped: one program trains and measures every "
+        "seed) with 95% t-intervals; a seed that diverged is left out.",
         "Differences from the paper: they train MLPs, CNNs and ResNets on CIFAR-10 subsets (8k examples and more), "
         "mostly with square loss, from a scaled-down initialization, for up to 1e5+ steps, and estimate batch "
         "sharpness adaptively (20 to 1000 batches, 0.5% relative error); here a small tanh MLP on "
-        f"{config.n_train} {config.dataset} examples, {config.steps} steps, a fixed number of batches per "
+        f"{config.n_train} {dataset} examples, {config.steps} steps, a fixed number of batches per "
         f"checkpoint and {len(config.seeds)} seeds. With BN, 'the "
         "full-batch Hessian' is ambiguous (E_B L_B is not L with full-batch statistics); the paper's nets have "
         "no BN in their main figures.",
@@ -548,35 +604,52 @@ def _outcome(
         "dataset": config.dataset,
     }
     figures = [_plot(config, records, out)]
-    return report.Outcome(results, claims, [table], figures, notes)
+    return report.Outcome(
+        results, claims, [table], figures, notes, _setting(config, dataset), _reading(config, rows, claims), rule
+    )
 
 
-def _band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per checkpoint over seeds (columns): mean and its 95% t-interval; ``values`` float[C, S]."""
-    triples = np.array([t_interval(row) for row in values])
-    return triples[:, 0], triples[:, 1], triples[:, 2]
+def _mark_diverged_seeds(ax, config: Config, rec: SettingRecord, values: np.ndarray, label: str, color: str) -> None:
+    """An x at the last finite point of each diverged seed of ``values[C, S]`` (at the panel's bottom without one)."""
+    bottom = ax.get_ylim()[0]
+    for s in np.flatnonzero(rec.diverged):
+        finite = np.flatnonzero(np.isfinite(values[:, s]))
+        x, y = (rec.steps[finite[-1]], values[finite[-1], s]) if finite.size else (rec.steps[0], bottom)
+        report.mark_diverged(ax, x, y, f"{label} seed {config.seeds[s]}", color=color)
 
 
 def _plot(config: Config, records: dict[Setting, SettingRecord], out: pathlib.Path) -> str:
+    """Per norm (columns): batch sharpness, full-batch lambda_max and the loss over steps (rows); seed means with
+    95% bands, one black line at 2/eta, the claim's region shaded, the verdict window marked."""
     threshold = 2.0 / config.lr
     fig, axes = report.figure(ncols=len(config.norms), nrows=3)
+    checkpoints = config.steps // config.track_every
+    first = checkpoints - max(1, math.ceil(config.verdict_window * checkpoints))
+    window = (first + 0.5) * config.track_every  # half a segment before the window's first checkpoint
     for col, norm in enumerate(config.norms):
         ax_bs, ax_lam, ax_loss = (axes[row * len(config.norms) + col] for row in range(3))
+        report.acceptance_band(ax_bs, config.band_low * threshold, config.band_high * threshold)
+        report.acceptance_band(ax_lam, 0.0, config.band_low * threshold, "mini-batch claim")
+        for ax in (ax_bs, ax_lam):
+            report.threshold_line(ax, threshold, "2/eta")
+            report.verdict_window(ax, window, config.steps)
         for i, b in enumerate(config.batch_sizes):
             rec = records[Setting(b, norm)]
             keep = ~rec.diverged
             label = f"b={b}" + (" (full batch)" if b == config.n_train else "")
             for ax, values in ((ax_bs, rec.batch_sharpness), (ax_lam, rec.lambda_max), (ax_loss, rec.losses)):
-                mean, lo, hi = _band(values[:, keep])
-                ax.plot(rec.steps, mean, color=f"C{i}", label=label)
-                if keep.sum() > 1:
-                    ax.fill_between(rec.steps, lo, hi, color=f"C{i}", alpha=0.25, linewidth=0)
+                if keep.any():
+                    report.seed_band(ax, rec.steps, values[:, keep].T, label=label, color=f"C{i}")
+        for i, b in enumerate(config.batch_sizes):  # after the data, so that the panels' limits are known
+            rec = records[Setting(b, norm)]
+            for ax, values in ((ax_bs, rec.batch_sharpness), (ax_lam, rec.lambda_max), (ax_loss, rec.losses)):
+                _mark_diverged_seeds(ax, config, rec, values, f"b={b}", f"C{i}")
         name = "BN" if norm == "bn" else "no BN"
         for ax, what in ((ax_bs, "batch sharpness"), (ax_lam, "full-batch lambda_max")):
-            ax.axhline(threshold, color="black", linewidth=1.2, label=f"2/eta = {threshold:g}")
             ax.set(title=f"{what}, {name}", xlabel="step", ylabel=what)
-            ax.legend(fontsize=7)
         ax_loss.set(title=f"train loss, {name}", xlabel="step", ylabel=f"mini-batch {config.loss} loss", yscale="log")
-        ax_loss.legend(fontsize=7)
-    fig.suptitle(f"seed means, shaded: 95% t-interval over {len(config.seeds)} seeds", fontsize=9)
+        for ax in (ax_bs, ax_lam, ax_loss):
+            legend_above_data(ax)
+    if len(config.seeds) > 1:
+        fig.suptitle(f"lines: means over {len(config.seeds)} seeds; shaded: 95% t-intervals over seeds", fontsize=9)
     return report.save_figure(fig, out, "eoss.png")
