@@ -20,7 +20,7 @@ from experiments import EXPERIMENTS, cli, data, eos, models, report, train
 
 # name -> keys its results.json must hold (besides runtime_s)
 RESULT_KEYS = {
-    "eos": ["runs", "n_train", "dataset"],
+    "eos": ["runs", "settings", "verdict_rule", "n_train", "dataset"],
     "eoss": ["settings", "threshold", "verdict_rule", "n_train"],
     "smoothness": ["runs"],
     "covariate_shift": ["runs"],
