@@ -141,8 +141,20 @@ def test_matrix_and_choices():
     assert set(eos.MATRIX) == {"mlp"}
     quick = dataclasses.replace(eos.Config(), **eos.MATRIX["mlp"]["quick"])
     full = dataclasses.replace(eos.Config(), **eos.MATRIX["mlp"]["full"])
-    assert quick == eos.PRESETS["quick"] and full == eos.Config()
+    assert quick.short_run and quick.steps == eos.PRESETS["quick"].steps and len(quick.seeds) >= 3
+    assert full == eos.Config()
     assert eos.Config().seeds == (0, 1, 2) and eos.PRESETS["quick"].seeds == (0,)
     assert set(eos.CHOICES) <= {f.name for f in dataclasses.fields(eos.Config)}
     with pytest.raises(ValueError, match="seeds must be distinct"):
         eos.run(dataclasses.replace(eos.PRESETS["smoke"], seeds=(0, 0)), None)
+
+
+def test_effect_ranges_over_the_intervals_and_says_where_one_seed_gives_none():
+    def summary(mean, low, high, n):
+        return {"window_ratio": {"mean": mean, "low": low, "high": high, "n": n}}
+
+    three = [summary(1.0, 0.99, 1.01, 3), summary(1.05, 1.02, 1.08, 3)]
+    assert eos._effect(three) == "0.990-1.080x threshold (2 settings, 95% CIs)"
+    mixed = [summary(1.0, 0.99, 1.01, 3), summary(1.2, -np.inf, np.inf, 1), summary(np.nan, -np.inf, np.inf, 0)]
+    assert eos._effect(mixed) == "0.990-1.200x threshold (2 settings, 95% CIs; 1 from one seed); 1 diverged"
+    assert eos._effect(mixed[-1:]) == "every setting diverged"
