@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pathlib
 import textwrap
 import time
@@ -36,7 +37,9 @@ class Config:
     ``form``: ``full`` runs each entry's ``"full"`` overrides, ``quick`` its ``"quick"`` ones, ``smoke`` the
     experiment's smoke preset with the entry's ``model`` and ``dataset`` (seconds; for tests). ``only``
     restricts the matrix to entries named ``experiment`` or ``experiment/family`` (e.g.
-    ``--only smoothness/cnn1d,eos``).
+    ``--only smoothness/cnn1d,eos``). ``resume``: an entry whose folder already holds a finished run of exactly
+    this entry's config (its ``cell.json``, written when the entry finishes) is read back instead of rerun, so
+    an interrupted matrix (or one extended by ``--only``) continues where it stopped.
     Verdicts: each cell is the experiment's own verdict on that family, by the rule its report prints. In the
     quick form a cell that did not hold reads "too short to judge": the quick runs are shorter than the
     full ones and may confirm a claim but not refute it (the quick form of ``eos`` applies the same rule).
@@ -46,6 +49,7 @@ class Config:
 
     form: str = "full"
     only: tuple[str, ...] = ()
+    resume: bool = False
 
 
 PRESETS = {
@@ -148,6 +152,12 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
         sub = out / entry.name
         sub.mkdir(parents=True, exist_ok=True)
         command = f"python -m experiments claims (form {config.form}), entry {entry.experiment}/{entry.family}"
+        entry_config = json.loads(json.dumps(dataclasses.asdict(sub_config)))
+        done = _finished_cell(sub, entry_config) if config.resume else None
+        if done is not None:
+            print(f"[claims {i + 1}/{len(todo)}] {entry.experiment} on {entry.family}: finished run reused", flush=True)
+            cells.append(done)
+            continue
         print(f"[claims {i + 1}/{len(todo)}] {entry.experiment} on {entry.family}", flush=True)
         start = time.perf_counter()
         try:
@@ -173,8 +183,22 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
             }
             for c in outcome.claims
         ]
-        cells.append({**_cell_key(entry), "runtime_s": time.perf_counter() - start, "claims": claims})
+        cell = {**_cell_key(entry), "runtime_s": time.perf_counter() - start, "claims": claims}
+        report.write_json(sub / "cell.json", {"config": entry_config, "cell": cell})
+        cells.append(cell)
     return _outcome(config, cells, out)
+
+
+def _finished_cell(folder: pathlib.Path, entry_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell of a finished run of ``entry_config`` in ``folder`` (its ``cell.json``), else None."""
+    try:
+        saved = json.loads((folder / "cell.json").read_text())
+        status = json.loads((folder / "results.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+    if status != "complete" or saved.get("config") != entry_config:
+        return None
+    return saved["cell"]
 
 
 def _cell_key(entry: MatrixEntry) -> dict[str, Any]:

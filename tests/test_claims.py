@@ -89,3 +89,27 @@ def test_the_matrix_puts_each_claim_in_its_family_column_with_effect_and_link():
     assert claim.verdict == "inconclusive" and claim.measured == "not held on mlp; held on cnn1d"
     assert any("RuntimeError: boom" in n for n in outcome.notes)
     assert all(c.verdict in report.VERDICTS for c in outcome.claims)
+
+
+def test_resume_reuses_a_finished_entry_of_the_same_config_and_reruns_a_changed_one(tmp_path, monkeypatch):
+    from experiments import cli
+
+    calls = []
+
+    def fake_execute(name, module, config, out, preset, command):
+        calls.append(config)
+        report.write_json(out / "results.json", {"status": "complete"})
+        return report.Outcome({}, [report.Claim("BN smooths", "m", "held", "0.5x [0.4, 0.6]")], [], [], [])
+
+    monkeypatch.setattr(cli, "execute", fake_execute)
+    smoke = claims.Config(form="smoke", only=("smoothness/mlp",))
+    first = claims.run(smoke, tmp_path)
+    assert len(calls) == 1 and (tmp_path / "smoothness-mlp" / "cell.json").exists()
+    again = claims.run(dataclasses.replace(smoke, resume=True), tmp_path)
+    assert len(calls) == 1  # reused, not rerun
+    assert again.results["cells"][0]["claims"] == first.results["cells"][0]["claims"]
+    claims.run(smoke, tmp_path)  # without resume every entry runs
+    assert len(calls) == 2
+    # A changed config (here: the quick form's overrides) does not match the saved run: it is rerun.
+    claims.run(claims.Config(form="quick", only=("smoothness/mlp",), resume=True), tmp_path)
+    assert len(calls) == 3 and calls[-1] != calls[0]
