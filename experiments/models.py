@@ -127,7 +127,8 @@ class CNN1D(nn.Module):
     """1-D convolutional network for sequences ``[batch, length]`` or ``[batch, length, channels]``.
 
     ``[Conv(k=kernel_size, stride 2) -> norm/activation] * len(channels) -> flatten -> Dense(num_classes)``;
-    BN statistics are per channel over batch and length.
+    BN statistics are per channel over batch and length; ``virtual_batch_size`` and ``convention`` as in
+    :class:`MLP`.
     """
 
     channels: Sequence[int] = (32, 32, 32)
@@ -136,8 +137,10 @@ class CNN1D(nn.Module):
     activation: str = "relu"
     norm: Norm = "none"
     bn_position: Position = "before"
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     init_scale: float = 1.0
+    virtual_batch_size: int | None = None
+    convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -155,7 +158,9 @@ class CNN1D(nn.Module):
                 use_bias=use_bias,
                 kernel_init=_kernel_init(self.activation, self.init_scale),
             )(x)
-            x = _NormAct(self.norm, self.bn_position, self.activation, self.momentum)(x, train)
+            x = _NormAct(
+                self.norm, self.bn_position, self.activation, self.momentum, self.virtual_batch_size, self.convention
+            )(x, train)
         return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
 
@@ -163,7 +168,7 @@ class VGG(nn.Module):
     """Small VGG-style 2-D network for images ``[batch, height, width, channels]``.
 
     Per stage: ``[Conv3x3 -> norm/activation] * convs_per_stage -> max-pool 2x2``; then flatten and
-    ``Dense(num_classes)``.
+    ``Dense(num_classes)``; ``virtual_batch_size`` and ``convention`` as in :class:`MLP`.
     """
 
     channels: Sequence[int] = (16, 32)
@@ -172,8 +177,10 @@ class VGG(nn.Module):
     activation: str = "relu"
     norm: Norm = "none"
     bn_position: Position = "before"
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     init_scale: float = 1.0
+    virtual_batch_size: int | None = None
+    convention: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -184,7 +191,14 @@ class VGG(nn.Module):
             for _ in range(self.convs_per_stage):
                 use_bias = self.norm == "none" or self.bn_position == "after"
                 x = nn.Conv(c, (3, 3), use_bias=use_bias, kernel_init=_kernel_init(self.activation, self.init_scale))(x)
-                x = _NormAct(self.norm, self.bn_position, self.activation, self.momentum)(x, train)
+                x = _NormAct(
+                    self.norm,
+                    self.bn_position,
+                    self.activation,
+                    self.momentum,
+                    self.virtual_batch_size,
+                    self.convention,
+                )(x, train)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
@@ -254,16 +268,27 @@ FAMILIES = ("mlp", "cnn1d", "vgg")
 
 
 def family_model(
-    family: str, norm: str, num_classes: int, *, hidden: Sequence[int] = (200, 200), activation: str = "relu"
+    family: str,
+    norm: str,
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (200, 200),
+    activation: str = "relu",
+    **norm_options,
 ) -> nn.Module:
     """An experiment's network by family: ``mlp`` (``hidden``), ``cnn1d`` (MNIST-1D sequences) or ``vgg``
-    (images, e.g. ``--dataset digits``), each with its default layer sizes and ``norm`` after every layer."""
+    (images, e.g. ``--dataset digits``), each with its default layer sizes and ``norm`` after every layer.
+
+    ``norm_options`` (``momentum``, ``convention``, ``virtual_batch_size``) go to every family's BN layers."""
+    unknown = set(norm_options) - {"momentum", "convention", "virtual_batch_size"}
+    if unknown:
+        raise TypeError(f"family_model got unknown norm options {sorted(unknown)}.")
     if family == "mlp":
-        return MLP(features=tuple(hidden), num_classes=num_classes, activation=activation, norm=norm)
+        return MLP(features=tuple(hidden), num_classes=num_classes, activation=activation, norm=norm, **norm_options)
     if family == "cnn1d":
-        return CNN1D(num_classes=num_classes, activation=activation, norm=norm)
+        return CNN1D(num_classes=num_classes, activation=activation, norm=norm, **norm_options)
     if family == "vgg":
-        return VGG(num_classes=num_classes, activation=activation, norm=norm)
+        return VGG(num_classes=num_classes, activation=activation, norm=norm, **norm_options)
     raise ValueError(f"model must be one of {FAMILIES}, got {family!r}.")
 
 
