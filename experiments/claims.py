@@ -39,7 +39,8 @@ class Config:
     restricts the matrix to entries named ``experiment`` or ``experiment/family`` (e.g.
     ``--only smoothness/cnn1d,eos``). ``resume``: an entry whose folder already holds a finished run of exactly
     this entry's config (its ``cell.json``, written when the entry finishes) is read back instead of rerun, so
-    an interrupted matrix (or one extended by ``--only``) continues where it stopped.
+    an interrupted matrix continues where it stopped: rerun the same command with ``--resume true`` and
+    ``--overwrite`` (the matrix's own report is rewritten, the finished entries' folders are kept).
     Verdicts: each cell is the experiment's own verdict on that family, by the rule its report prints. In the
     quick form a cell that did not hold reads "too short to judge": the quick runs are shorter than the
     full ones and may confirm a claim but not refute it (the quick form of ``eos`` applies the same rule).
