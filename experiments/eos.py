@@ -36,12 +36,12 @@ class Config:
     Expected result: with square loss, GD runs with and without BN reach ``2/eta`` (BN nets start there:
     their sharpness at initialization is already above it) and stay within 0.95-1.10 of it ("held") at every
     seed while the loss keeps decreasing non-monotonically; momentum and Adam runs hover at ``(2+2 beta)/eta``
-    and at a preconditioned ``38/eta``. Known exceptions (one-seed full run of 2026-11-25,
-    ``experiments/results/eos-full/``): momentum at lr 0.03 without BN was still sharpening at step 5000
-    (0.65 x threshold, "not reached"); GD at lr 0.2 with BN diverged within 50 steps (reported, left out of
-    the claim's verdict). Over seeds 0-2 (a 100-step probe on this code): the BN nets at lr 0.1 (GD and
-    momentum) diverge within about 30 steps at seeds 1 and 2, so those settings rest on seed 0 (reported in
-    the table's "seeds" column), and GD at lr 0.2 with BN diverges at every seed.
+    and at a preconditioned ``38/eta``. Known exceptions (full run over seeds 0-2 of 2026-12-04,
+    ``experiments/results/claims-full/eos-mlp/``): momentum at lr 0.03 without BN is still sharpening at step
+    5000 (0.70 x threshold, "not reached", at every seed); the BN nets at lr 0.1 (GD and momentum) diverge
+    within about 30 steps at seeds 1 and 2, so those settings rest on seed 0 (the table's "seeds" column says
+    so), and GD at lr 0.2 with BN diverges at every seed (their sharpness at initialization is above 2/eta);
+    diverged runs are reported and left out of the claims' verdicts.
 
     Model: a tanh MLP (``hidden``) on the first ``n_train`` MNIST-1D training examples; hidden kernels drawn
     with ``init_scale`` times the LeCun normal std (0.577 matches the std of PyTorch's default ``Linear``

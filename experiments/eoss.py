@@ -45,7 +45,7 @@ class Config:
     Expected result (the paper's claim): batch sharpness of every run hovers at ``2/eta`` once training is at
     the edge, while the full-batch ``lambda_max`` is below ``2/eta`` for mini-batch runs and lower for smaller
     batches; the full-batch run (``batch_size = n_train``) is GD, at ``2/eta`` in both. Measured in the full run
-    of 2026-12-04 (``experiments/results/eoss-full/``): GD at ``2/eta`` in both curvatures; SGD's batch
+    of 2026-12-04 (``experiments/results/claims-full/eoss-mlp/``): GD at ``2/eta`` in both curvatures; SGD's batch
     sharpness stayed below ``2/eta`` (0.45-0.88 of it) and below ``lambda_max`` ("not held" here);
     ``lambda_max`` lower for smaller batches in 3 of 4 pairs ("inconclusive"). The quick form is too short for
     the no-BN nets to reach the edge (GD still sharpening at step 1500).
