@@ -23,7 +23,7 @@ RESULT_KEYS = {
     "eos": ["runs", "n_train", "dataset"],
     "eoss": ["settings", "threshold", "verdict_rule", "n_train"],
     "smoothness": ["runs"],
-    "covariate_shift": ["runs"],
+    "covariate_shift": ["runs", "effects"],
     "robustness": ["grid", "best_test_accuracy", "good_counts", "none", "bn"],
     "batch_size": ["runs"],
     "conditioning": ["runs"],
