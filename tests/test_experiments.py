@@ -24,7 +24,7 @@ RESULT_KEYS = {
     "eoss": ["settings", "threshold", "verdict_rule", "n_train"],
     "smoothness": ["runs"],
     "covariate_shift": ["runs", "effects"],
-    "robustness": ["grid", "best_test_accuracy", "good_counts", "none", "bn"],
+    "robustness": ["grid", "seeds", "best_test_accuracy", "good_counts", "effects", "none", "bn"],
     "batch_size": ["runs"],
     "conditioning": ["runs"],
     "inference_stats": ["runs"],
