@@ -88,9 +88,8 @@ PRESETS = {
 _QUICK = {"steps": 200, "measure_every": 50, "probe_size": 256}
 _FULL = {"steps": 1200, "measure_every": 100}
 # The claims matrix (experiments.claims): the families this experiment applies to and its forms there.
-# Quick entries timed once (2026-12-04, 2 shared CPU cores, load ~5.5-6.3) at 300 steps (vgg: batch 128,
-# probe 256): mlp 56 s, cnn1d 61 s, vgg 183 s; then cut to the values below (not re-timed; estimated ~1/3 of
-# that on quiet cores, i.e. ~50 s summed). Full entries: 1200 steps (vgg 600), not timed.
+# Quick entries timed once on these values (2026-12-04 19:05, 2 CPU cores, load 0.5-1.6): mlp 21.7 s,
+# cnn1d 31.3 s, vgg 52.7 s (106 s summed, over the ~90 s budget; vgg dominates). Full entries not timed.
 MATRIX = {
     "mlp": {"quick": {"model": "mlp", **_QUICK}, "full": {"model": "mlp", **_FULL}},
     "cnn1d": {"quick": {"model": "cnn1d", **_QUICK}, "full": {"model": "cnn1d", **_FULL}},
