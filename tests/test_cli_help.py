@@ -83,12 +83,7 @@ def test_every_example_help_shows_parses_to_the_default(name):
                 assert getattr(parser.parse_args([_option(field), str(value)]), field) == value
 
 
-# robustness offers --model deep_linear (its docstring says so) but declares no CHOICES, so the global
-# models.FAMILIES reject it: robustness.CHOICES["model"] must list the models it supports.
-_NO_MODEL_CHOICES = pytest.mark.xfail(strict=True, reason="robustness lacks CHOICES['model'] with deep_linear")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_MODEL_CHOICES) if n == "robustness" else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_options_the_config_docstring_shows_parse(name):
     module = _module(name)
     parser = cli._experiment_parser(name, module)
