@@ -25,7 +25,7 @@ RESULT_KEYS = {
     "smoothness": ["runs"],
     "covariate_shift": ["runs"],
     "robustness": ["grid", "best_test_accuracy", "good_counts", "none", "bn"],
-    "batch_size": ["runs"],
+    "batch_size": ["runs", "effects"],
     "conditioning": ["runs"],
     "inference_stats": ["runs"],
 }
