@@ -26,7 +26,7 @@ RESULT_KEYS = {
     "covariate_shift": ["runs"],
     "robustness": ["grid", "best_test_accuracy", "good_counts", "none", "bn"],
     "batch_size": ["runs", "effects"],
-    "conditioning": ["runs"],
+    "conditioning": ["runs", "effects"],
     "inference_stats": ["runs"],
 }
 
