@@ -98,8 +98,8 @@ MATRIX = {
         "full": {"model": "mlp", "batch_sizes": (16, 32, 64, 128, 256), "epochs": 6},
     },
     "cnn1d": {
-        "quick": {"batch_sizes": (16, 64, 256), "epochs": 2, "warmup_epochs": 0.25},
-        "full": {"batch_sizes": (16, 32, 64, 128, 256), "epochs": 6},
+        "quick": {"model": "cnn1d", "batch_sizes": (16, 64, 256), "epochs": 2, "warmup_epochs": 0.25},
+        "full": {"model": "cnn1d", "batch_sizes": (16, 32, 64, 128, 256), "epochs": 6},
     },
     "vgg": {
         "quick": {
