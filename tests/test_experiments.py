@@ -25,8 +25,8 @@ RESULT_KEYS = {
     "smoothness": ["runs"],
     "covariate_shift": ["runs", "effects"],
     "robustness": ["grid", "seeds", "best_test_accuracy", "good_counts", "effects", "none", "bn"],
-    "batch_size": ["runs"],
-    "conditioning": ["runs"],
+    "batch_size": ["runs", "effects"],
+    "conditioning": ["runs", "effects"],
     "inference_stats": ["runs"],
     "claims": ["form", "cells", "runtime_entries_s"],
 }
