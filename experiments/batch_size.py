@@ -89,9 +89,8 @@ PRESETS = {
 }
 CHOICES = {"model": models.FAMILIES, "lr_scaling": ("linear", "none"), "loss": train.LOSSES}
 # The claims matrix (python -m experiments claims): the Config overrides per architecture family.
-# Quick entries measured once (2026-12-04, 2 shared cores, load ~3.7-4.3, 3 seeds): mlp 28 s, cnn1d 35 s,
-# vgg 51 s (115 s in all, over the ~90 s budget: compile-bound, 8 runs each with its own batch shape; 1 epoch
-# instead of 2 saved nothing for vgg). Full entries not measured (estimated ~2.5x the quick ones).
+# Measured 2026-12-04 (2 CPU cores, load ~1.5, 3 seeds; experiments/results/claims-{quick,full}): quick mlp 20 s,
+# cnn1d 23 s, vgg 33 s (compile-bound: each batch size has its own shapes); full 49 s, 64 s, 77 s.
 MATRIX = {
     "mlp": {
         "quick": {"model": "mlp", "batch_sizes": (16, 64, 256), "epochs": 2, "warmup_epochs": 0.25},

@@ -66,7 +66,7 @@ PRESETS = {
 }
 CHOICES = {"dataset": ("mnist1d", "digits", "npz:PATH")}
 # The claims matrix (python -m experiments claims): this experiment has its own model, the linear one.
-# Quick entry measured once (2026-12-04, 2 shared cores, load ~5): 36 s; full not measured.
+# Measured 2026-12-04 (2 CPU cores, load ~1.5; experiments/results/claims-{quick,full}): quick 5 s, full 11 s.
 MATRIX = {
     "linear": {
         "quick": {"n_train": 1000, "steps": 500, "seeds": (0, 1, 2)},

@@ -88,8 +88,8 @@ PRESETS = {
 _QUICK = {"steps": 200, "measure_every": 50, "probe_size": 256}
 _FULL = {"steps": 1200, "measure_every": 100}
 # The claims matrix (experiments.claims): the families this experiment applies to and its forms there.
-# Quick entries timed once on these values (2026-12-04 19:05, 2 CPU cores, load 0.5-1.6): mlp 21.7 s,
-# cnn1d 31.3 s, vgg 52.7 s (106 s summed, over the ~90 s budget; vgg dominates). Full entries not timed.
+# Measured 2026-12-04 (2 CPU cores, load ~1.5; experiments/results/claims-{quick,full}): quick mlp 22 s, cnn1d 30 s,
+# vgg 50 s; full 45 s, 76 s, 134 s.
 MATRIX = {
     "mlp": {"quick": {"model": "mlp", **_QUICK}, "full": {"model": "mlp", **_FULL}},
     "cnn1d": {"quick": {"model": "cnn1d", **_QUICK}, "full": {"model": "cnn1d", **_FULL}},

@@ -80,9 +80,9 @@ PRESETS = {
 _QUICK = {"flax_momenta": (0.9, 0.999), "steps": 1000, "segment": 500}
 _VGG = {"model": "vgg", "dataset": "digits"}
 # The claims matrix (experiments.claims). Quick: Flax 0.9 / 0.999 and PyTorch 0.1 / None over 3 seeds, 1000 steps
-# (the VGG on 8x8 digits 500 steps; its 1437 training images are 11 epochs of batch 32). Measured 2026-12-04 at
-# load ~6 (two other jobs on the 2 cores), 1000 steps everywhere: mlp 57 s, cnn1d 54 s, vgg 180 s. Full: every
-# momentum, 3000 steps (VGG 1500).
+# (the VGG on 8x8 digits 500 steps; its 1437 training images are 11 epochs of batch 32). Full: every momentum,
+# 3000 steps (VGG 1500). Measured 2026-12-04 (2 CPU cores, load ~1.5; experiments/results/claims-{quick,full}):
+# quick mlp 42 s, cnn1d 45 s, vgg 65 s; full 151 s, 161 s, 170 s.
 MATRIX = {
     "mlp": {"quick": {"model": "mlp", **_QUICK}, "full": {"model": "mlp"}},
     "cnn1d": {"quick": {"model": "cnn1d", **_QUICK}, "full": {"model": "cnn1d"}},

@@ -75,23 +75,27 @@ PRESETS = {
         Config(), hidden=(16, 16), lrs=(0.1, 10.0), init_scales=(1.0,), batch_size=32, steps=20, segment=10
     ),
 }
-# The claims matrix (experiments.claims): the families this experiment applies to and its forms there.
-# Quick entries timed once (2026-12-04 19:08, 2 CPU cores, load 1.4-1.6): mlp 40.0 s; cnn1d ran over ~1.5 min
-# without finishing (the timing run hit its time limit), so cnn1d, vgg and deep_linear are untimed and the sum is over
-# the ~90 s budget. Full entries not timed.
+# The claims matrix (experiments.claims): the families this experiment applies to and its forms there. The conv
+# nets run a smaller grid (lr 0.01 trained no setting well in 200 steps) with fewer steps: the 12-point grid's 36
+# vmapped VGG runs took 7.6 min for 200 steps without and 200 with BN at batch 128 (2026-12-04, 2 CPU cores,
+# load ~1; not profiled: a vmapped conv over per-run kernels is probably lowered as a grouped convolution).
+# Measured 2026-12-04 (2 CPU cores, load ~1.5; experiments/results/claims-{quick,full}): quick mlp 41 s,
+# cnn1d 23 s, vgg 73 s, deep_linear 37 s; full 121 s, 80 s, 171 s, 67 s.
 _GRID = {"lrs": (0.01, 0.1, 1.0, 3.0), "init_scales": (0.3, 1.0, 3.0)}
+_CONV_GRID = {"lrs": (0.1, 1.0, 3.0), "init_scales": (0.3, 1.0, 3.0)}
+_DIGITS = {"dataset": "digits", "batch_size": 64}
 MATRIX = {
     "mlp": {
         "quick": {"model": "mlp", "hidden": (100, 100, 100), **_GRID, "steps": 300, "segment": 150},
         "full": {"model": "mlp", **_GRID, "steps": 600, "segment": 300},
     },
     "cnn1d": {
-        "quick": {"model": "cnn1d", **_GRID, "steps": 200, "segment": 100},
-        "full": {"model": "cnn1d", **_GRID, "steps": 600, "segment": 300},
+        "quick": {"model": "cnn1d", **_CONV_GRID, "batch_size": 64, "steps": 150, "segment": 75},
+        "full": {"model": "cnn1d", **_CONV_GRID, "steps": 400, "segment": 200},
     },
     "vgg": {
-        "quick": {"model": "vgg", "dataset": "digits", **_GRID, "steps": 200, "segment": 100},
-        "full": {"model": "vgg", "dataset": "digits", **_GRID, "steps": 600, "segment": 300},
+        "quick": {"model": "vgg", **_DIGITS, **_CONV_GRID, "steps": 100, "segment": 50},
+        "full": {"model": "vgg", **_DIGITS, **_CONV_GRID, "steps": 300, "segment": 150},
     },
     "deep_linear": {
         "quick": {"model": "deep_linear", **_GRID, "steps": 300, "segment": 150},
@@ -184,7 +188,12 @@ def _sweep(config, norm, grid, num_classes, x, y, x_test, y_test, bar) -> dict:
     runner = train.minibatch_runner(
         train.make_train_step(model, config.loss, optimizer), config.batch_size, over_seeds=True
     )
-    run_segment = jax.jit(lambda s: runner(s, x, y, config.segment))
+
+    # Not wrapped in jit: the runner places its loop itself (on CPU a conv net's steps run one jitted call
+    # each, as XLA:CPU runs backward convolutions inside a scan 15-20x slower; jax-ml/jax#12868).
+    def run_segment(s):
+        return runner(s, x, y, config.segment)
+
     bar.start_run()
     bar.set_label(norm)
     losses = []

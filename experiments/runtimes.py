@@ -12,29 +12,37 @@ the figures here (and README.md's sentence, which the test then asks for).
 from __future__ import annotations
 
 RUNTIMES: dict[str, dict[str, str]] = {
-    # quick: 104 s with the GD runs' top-3 tracking (Config docstring); full: 348 s, 14 runs
-    # (experiments/results/eos-full, docs/guides/experiments.md).
-    "eos": {
-        "quick": "1.7 min",
-        "full": "5.8 min",
-        "measured": "2026-12-04, 2 CPU cores, load ~4 for quick, ~2 for full",
+    # quick: 109 s alone (one seed; README's main job); full: 830 s, 3 seeds x 14 settings, the eos/mlp entry of
+    # the full claims matrix (experiments/results/claims-full/eos-mlp).
+    "eos": {"quick": "1.8 min", "full": "13.8 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    # full: 396 s, the eoss/mlp entry of the full claims matrix (same config as the default); quick: 97 s alone.
+    "eoss": {"quick": "1.6 min", "full": "6.6 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    # smoothness, inference_stats: the presets are the cnn1d entries of the claims matrices (39 s / 129 s and
+    # 45 s / 161 s); conditioning: the linear entries (same config as the presets).
+    "smoothness": {"quick": "0.7 min", "full": "2.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    "inference_stats": {"quick": "0.8 min", "full": "2.7 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    "conditioning": {"quick": "0.1 min", "full": "0.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); their full defaults are
+    # longer than the full matrix entries and were not run: estimated from those entries (76 s at 1200 steps,
+    # 121 s for 12 grid points x 600 steps, 64 s for 5 batch sizes x 6 epochs) scaled by the work.
+    "covariate_shift": {
+        "quick": "1.0 min",
+        "full": "~3 min",
+        "measured": "2026-12-04, 2 CPU cores, load ~1.7 (quick); full estimated: 2.5x the matrix entry",
     },
-    # quick 195 s, full 753 s (experiments/results/eoss-full), both on that day's code.
-    "eoss": {"quick": "3.2 min", "full": "12.6 min", "measured": "2026-12-04, 2 CPU cores, load 7-11"},
-    # The figures below are from the code of 2026-11-25 (one seed, MLPs), before the experiments were rebuilt
-    # with seeds and conv nets; quick from docs/guides/experiments.md, full from experiments/results/*-full.
-    "smoothness": {"quick": "1.9 min", "full": "0.9 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    "covariate_shift": {"quick": "1.5 min", "full": "0.6 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    "robustness": {"quick": "2 min", "full": "3.8 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    "batch_size": {"quick": "1.8 min", "full": "2.8 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    "conditioning": {"quick": "0.6 min", "full": "0.1 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    "inference_stats": {"quick": "0.7 min", "full": "0.8 min", "measured": "2026-11-25, 2 CPU cores, load ~1.5"},
-    # The claims matrix: the budgets of its entries (per experiment <= 90 s quick, <= 6 min full, 8 experiments).
-    "claims": {
-        "quick": "12 min",
-        "full": "48 min",
-        "measured": "estimated from the per-experiment budgets, not measured yet",
+    "robustness": {
+        "quick": "2.0 min",
+        "full": "~12 min",
+        "measured": "2026-12-04, 2 CPU cores, load ~1.1 (quick); full estimated: 5.8x the matrix entry",
     },
+    "batch_size": {
+        "quick": "1.0 min",
+        "full": "~4 min",
+        "measured": "2026-12-04, 2 CPU cores, load ~1.9 (quick); full estimated: ~4x the matrix entry",
+    },
+    # The claims matrix: the sums of its 19 entries' runtimes (experiments/results/claims-{quick,full}), each
+    # entry run one after the other (each matrix resumed once with --resume true after a change to some entries).
+    "claims": {"quick": "13.3 min", "full": "53.9 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
 }
 
 
