@@ -27,17 +27,17 @@ RUNTIMES: dict[str, dict[str, str]] = {
     # 121 s for 12 grid points x 600 steps, 64 s for 5 batch sizes x 6 epochs) scaled by the work.
     "covariate_shift": {
         "quick": "1.0 min",
-        "full": "~3 min",
+        "full": "3 min",
         "measured": "2026-12-04, 2 CPU cores, load ~1.7 (quick); full estimated: 2.5x the matrix entry",
     },
     "robustness": {
         "quick": "2.0 min",
-        "full": "~12 min",
+        "full": "12 min",
         "measured": "2026-12-04, 2 CPU cores, load ~1.1 (quick); full estimated: 5.8x the matrix entry",
     },
     "batch_size": {
         "quick": "1.0 min",
-        "full": "~4 min",
+        "full": "4 min",
         "measured": "2026-12-04, 2 CPU cores, load ~1.9 (quick); full estimated: ~4x the matrix entry",
     },
     # The claims matrix: the sums of its 19 entries' runtimes (experiments/results/claims-{quick,full}), each
