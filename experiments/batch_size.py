@@ -403,7 +403,7 @@ def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.
                 percent_cell(r["train_accuracy"]),
                 percent_cell(r["test_accuracy"]),
                 "diverged" if stats.interval(r["gap"]).n == 0 else format_points(stats.interval(r["gap"])),
-                _cell(r["test_loss"]),
+                stats.format_mean(r["test_loss"]),
                 f"{lost} of {len(config.seeds)}",
             ]
         )
@@ -447,12 +447,3 @@ def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.
     ]
     results = {"runs": runs, "effects": effects}
     return report.Outcome(results, claims, [table], figures, notes, setting, reading, CLAIM_RULE)
-
-
-def _cell(values: np.ndarray) -> str:
-    iv = stats.interval(values)
-    if iv.n == 0:
-        return "diverged"
-    if iv.n == 1:
-        return f"{iv.mean:.3g}"
-    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"

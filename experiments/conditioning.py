@@ -253,12 +253,9 @@ def _find(runs: list[dict], norm: str, offset: float) -> dict:
 
 def _cell(values: np.ndarray) -> str:
     """Mean over seeds [95% interval], 3 significant digits (``inf`` for a singular Hessian)."""
-    iv = stats.interval(values)
-    if iv.n < len(np.ravel(values)):
+    if stats.interval(values).n < len(np.ravel(values)):
         return "inf (singular Hessian at a seed)"
-    if iv.n == 1:
-        return f"{iv.mean:.3g}"
-    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
+    return stats.format_mean(values)
 
 
 def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.Outcome:

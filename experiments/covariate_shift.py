@@ -332,7 +332,7 @@ def claim_verdicts(runs: dict) -> tuple[list[report.Claim], dict]:
         verdict = stats.interval_verdict(iv, side, at=at)
         extra = ""
         if measure == "mean_ics_relative_distance":
-            extra = f"; mean cos(G, G'): BN {_mean_interval(a['mean_ics_cosine'])}, none " + _mean_interval(
+            extra = f"; mean cos(G, G'): BN {stats.format_mean(a['mean_ics_cosine'])}, none " + stats.format_mean(
                 b["mean_ics_cosine"]
             )
         measured = f"{measure.replace('_', ' ')} {label}: {stats.format_ratio(iv)} (claimed {side} {at:g}x){extra}"
@@ -350,7 +350,7 @@ def _outcome(config: Config, ds, runs: dict, out: pathlib.Path) -> report.Outcom
             rows.append([n, *["diverged"] * 6, "all"])
             continue
         cells = [
-            _mean_interval(r[k])
+            stats.format_mean(r[k])
             for k in (
                 "final_train_loss",
                 "final_train_accuracy",
@@ -422,7 +422,7 @@ def _training_figure(config: Config, runs: dict, out: pathlib.Path) -> str:
         if "diverged" in r:
             axes[0].plot([], [], marker="x", linestyle="none", color=color, label=f"{norm}: diverged at every seed")
             continue
-        smooth = _smooth(r["losses"])
+        smooth = report.moving_average(r["losses"], 50)
         report.seed_band(axes[0], np.arange(1, config.steps + 1), smooth, label=norm, color=color, linewidth=0.8)
         for s, at in enumerate(r["diverged_at"]):
             if at >= 0:
@@ -495,21 +495,3 @@ def _histogram_figure(config: Config, runs: dict, out: pathlib.Path) -> str:
         ax.set(title=f"{norm}: input of {layer} (seed {config.seeds[0]})", xlabel="activation", ylabel="fraction")
         report.legend(ax)
     return report.save_figure(fig, out, "activation_histograms.png")
-
-
-def _mean_interval(values: np.ndarray) -> str:
-    iv = stats.interval(values)
-    if iv.n == 0:
-        return "diverged"
-    if iv.n == 1:
-        return f"{iv.mean:.3g}"
-    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
-
-
-def _smooth(values: np.ndarray, window: int = 50) -> np.ndarray:
-    """Moving average of per-step loss curves along the last axis (for plotting); same length as the input."""
-    values = np.atleast_2d(values)
-    window = max(1, min(window, values.shape[-1]))
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.repeat(values[:, :1], window - 1, axis=1), values], axis=1)
-    return np.stack([np.convolve(v, kernel, mode="valid") for v in padded])

@@ -259,6 +259,16 @@ def save_figure(fig, out: pathlib.Path, filename: str) -> str:
     return filename
 
 
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Moving average of per-step curves along the last axis (for plotting); same length as the input, the first
+    ``window - 1`` points averaged over a window padded with the first value."""
+    values = np.atleast_2d(values)
+    window = max(1, min(window, values.shape[-1]))
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.repeat(values[:, :1], window - 1, axis=1), values], axis=1)
+    return np.stack([np.convolve(v, kernel, mode="valid") for v in padded])
+
+
 def seed_band(ax, x: np.ndarray, values: np.ndarray, *, label: str, color: str | None = None, **kw: Any):
     """The mean over seeds (rows of ``values``, NaN for a diverged seed) as a line and its 95% interval as a
     shaded band of the same colour; returns the line."""

@@ -218,7 +218,7 @@ def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.
             report.seed_band(
                 ax_loss,
                 np.arange(1, config.steps + 1),
-                _smooth(entry["losses"]),
+                report.moving_average(entry["losses"], 20),
                 label=entry["norm"],
                 color=color,
                 linewidth=0.8,
@@ -236,13 +236,13 @@ def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.
         if "diverged" in entry:
             rows.append([f"{entry['lr']:g}", entry["norm"], "diverged", "diverged", "diverged", "diverged", "all"])
             continue
-        cells = [_mean_interval(entry[f"mean_{m}"]) for m in MEASURES]
+        cells = [stats.format_mean(entry[f"mean_{m}"]) for m in MEASURES]
         rows.append(
             [
                 f"{entry['lr']:g}",
                 entry["norm"],
                 *cells,
-                _mean_interval(entry["final_train_loss"]),
+                stats.format_mean(entry["final_train_loss"]),
                 f"{diverged} of {len(config.seeds)}",
             ]
         )
@@ -281,21 +281,3 @@ def _outcome(config: Config, ds, runs: list[dict], out: pathlib.Path) -> report.
         notes.append("Noisy BN (STIM18 Algorithm 1) is reported for reference; STIM18 make no smoothness claim for it.")
     results = {"runs": runs, "effects": effects}
     return report.Outcome(results, claims, [table], figures, notes, setting, reading, CLAIM_RULE)
-
-
-def _mean_interval(values: np.ndarray) -> str:
-    iv = stats.interval(values)
-    if iv.n == 0:
-        return "diverged"
-    if iv.n == 1:
-        return f"{iv.mean:.3g}"
-    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
-
-
-def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
-    """Moving average of per-step loss curves along the last axis (for plotting); same length as the input."""
-    values = np.atleast_2d(values)
-    window = max(1, min(window, values.shape[-1]))
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.repeat(values[:, :1], window - 1, axis=1), values], axis=1)
-    return np.stack([np.convolve(v, kernel, mode="valid") for v in padded])

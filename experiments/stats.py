@@ -95,6 +95,17 @@ def interval_verdict(iv: Interval, claimed: str = "below", at: float = 1.0) -> s
     return "held" if above else "not held" if below else "inconclusive"
 
 
+def format_mean(values: Sequence[float] | np.ndarray) -> str:
+    """A table cell: the mean over seeds [95% interval], ``0.123 [0.101, 0.145]`` (three significant digits; no
+    interval with one finished seed, ``diverged`` with none)."""
+    iv = interval(values)
+    if iv.n == 0:
+        return "diverged"
+    if iv.n == 1:
+        return f"{iv.mean:.3g}"
+    return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
+
+
 def format_ratio(iv: Interval) -> str:
     """``0.46x [0.31, 0.68], 3 seeds`` (three significant digits throughout)."""
     if iv.n == 0:
