@@ -2,7 +2,7 @@
 accuracy of warm-started solves along a GD run, and tracking overhead. (Speed against PyHessian and the loop
 placements: ``experiments/bench_curvature.py``.)
 
-Command: ``PYTHONPATH=. python experiments/bench_warmstart.py [--quick]`` (full: ~22 min, quick: ~9 min on 2
+Command: ``PYTHONPATH=. python experiments/bench_warmstart.py [--quick]`` (full: ~15 min, quick: ~9 min on 2
 CPU cores). Writes ``experiments/results/bench_warmstart.json`` and prints a markdown table.
 
 Models: a tanh MLP 40-200-200-10 with square loss (the flagship's model) and a 1-D CNN with ``bnjax.BatchNorm``
