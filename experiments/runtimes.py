@@ -22,13 +22,13 @@ RUNTIMES: dict[str, dict[str, str]] = {
     "smoothness": {"quick": "0.7 min", "full": "2.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
     "inference_stats": {"quick": "0.8 min", "full": "2.7 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
     "conditioning": {"quick": "0.1 min", "full": "0.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
-    # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); their full defaults are
-    # longer than the full matrix entries and were not run: estimated from those entries (76 s at 1200 steps,
-    # 121 s for 12 grid points x 600 steps, 64 s for 5 batch sizes x 6 epochs) scaled by the work.
+    # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); full defaults of
+    # covariate_shift and batch_size timed alone on 2026-12-05 (127 s, 254 s); robustness's full default was not
+    # run: estimated from its full matrix entry (121 s for 12 grid points x 600 steps) scaled by the work.
     "covariate_shift": {
         "quick": "1.0 min",
-        "full": "3 min",
-        "measured": "2026-12-04, 2 CPU cores, load ~1.7 (quick); full estimated: 2.5x the matrix entry",
+        "full": "2.1 min",
+        "measured": "2026-12-05, 2 CPU cores, load ~1.7 (full; quick on 2026-12-04)",
     },
     "robustness": {
         "quick": "2.0 min",
@@ -37,8 +37,8 @@ RUNTIMES: dict[str, dict[str, str]] = {
     },
     "batch_size": {
         "quick": "1.0 min",
-        "full": "4 min",
-        "measured": "2026-12-04, 2 CPU cores, load ~1.9 (quick); full estimated: ~4x the matrix entry",
+        "full": "4.2 min",
+        "measured": "2026-12-05, 2 CPU cores, load ~1.9 (full; quick on 2026-12-04)",
     },
     # The claims matrix: the sums of its 19 entries' runtimes (experiments/results/claims-{quick,full}), each
     # entry run one after the other (each matrix resumed once with --resume true after a change to some entries).
