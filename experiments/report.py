@@ -274,11 +274,13 @@ def seed_band(ax, x: np.ndarray, values: np.ndarray, *, label: str, color: str |
     """The mean over seeds (rows of ``values``, NaN for a diverged seed) as a line and its 95% interval as a
     shaded band of the same colour; returns the line."""
     values = np.atleast_2d(np.asarray(values, np.float64))
-    n = np.sum(np.isfinite(values), axis=0)
+    finite = np.isfinite(values)
+    n = np.sum(finite, axis=0)
+    values = np.where(finite, values, np.nan)  # inf (a diverged seed) counts as missing, like NaN
     with warnings.catch_warnings():  # a step where every seed diverged: NaN mean, drawn as a gap
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=0)
-        std = np.nanstd(np.where(np.isfinite(values), values, np.nan), axis=0, ddof=1) if values.shape[0] > 1 else 0
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else 0
     (line,) = ax.plot(
         x, mean, color=color, label=f"{label} ({values.shape[0]} seeds)" if values.shape[0] > 1 else label, **kw
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -405,9 +404,7 @@ def _lr_figure(config: Config, results: dict, best: np.ndarray, out: pathlib.Pat
         for i, norm in enumerate(NORMS):
             r = results[norm]
             acc = r["test_accuracy"].reshape(shape)[:, j, :].T  # [seeds, lrs]
-            with warnings.catch_warnings():  # a learning rate where every seed diverged has no mean
-                warnings.simplefilter("ignore", RuntimeWarning)
-                report.seed_band(ax, lrs, acc, label=_NAMES[norm], color=f"C{i}", marker=".")
+            report.seed_band(ax, lrs, acc, label=_NAMES[norm], color=f"C{i}", marker=".")
             div = r["diverged"].reshape(shape)[:, j, :].sum(axis=1)
             for k in np.flatnonzero(div):
                 label = f"{_NAMES[norm]} lr {lrs[k]:g} ({div[k]}/{len(config.seeds)} seeds)"
