@@ -514,7 +514,10 @@ class EoSTracker:
         (relative) in the last step and its residual is at most ``residual_tol``; ``"gap"`` (Lanczos, ``k = 1``)
         also stops at a step whose error estimate ``residual**2 * sharpness / (theta_1 - theta_2)`` (relative,
         ``theta_2`` the second Ritz value; Kato-Temple) is at most ``tol``, without waiting for the value to
-        settle. ``experiments/bench_warmstart.py`` measures both (HVPs against the oracle count, accuracy).
+        settle. ``experiments/bench_warmstart.py`` measures both (HVPs against the oracle count, accuracy);
+        ``experiments/bench_stopping.py`` replays them checkpoint by checkpoint. Neither rule can tell a warm
+        vector that lost the top direction inside a cluster of top eigenvalues (its Ritz value then settles
+        below ``lambda_max``); where every estimate must be accurate there, track ``k > 1``.
       k: number of top eigenvalues tracked (a positive int; ``1``, the default, tracks the sharpness alone).
         With ``k > 1`` each measurement runs block Lanczos (``method="lanczos"`` only) started from the
         previous ``k`` Ritz vectors, one Hessian-vector product per step (the first fused with the
