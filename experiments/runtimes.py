@@ -22,9 +22,9 @@ RUNTIMES: dict[str, dict[str, str]] = {
     "smoothness": {"quick": "0.7 min", "full": "2.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
     "inference_stats": {"quick": "0.8 min", "full": "2.7 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
     "conditioning": {"quick": "0.1 min", "full": "0.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
-    # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); full defaults of
-    # covariate_shift and batch_size timed alone on 2026-12-05 (127 s, 254 s); robustness's full default was not
-    # run: estimated from its full matrix entry (121 s for 12 grid points x 600 steps) scaled by the work.
+    # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); full defaults timed
+    # alone on quiet cores: covariate_shift and batch_size on 2026-12-05 (127 s, 254 s), robustness on 2026-12-06
+    # (850 s, 7 x 3 grid x 3 seeds x 2000 steps, both held).
     "covariate_shift": {
         "quick": "1.0 min",
         "full": "2.1 min",
@@ -32,8 +32,8 @@ RUNTIMES: dict[str, dict[str, str]] = {
     },
     "robustness": {
         "quick": "2.0 min",
-        "full": "12 min",
-        "measured": "2026-12-04, 2 CPU cores, load ~1.1 (quick); full estimated: 5.8x the matrix entry",
+        "full": "14.2 min",
+        "measured": "2026-12-06, 2 CPU cores, load ~1.2 (full; quick on 2026-12-04)",
     },
     "batch_size": {
         "quick": "1.0 min",
