@@ -24,7 +24,7 @@ RUNTIMES: dict[str, dict[str, str]] = {
     "conditioning": {"quick": "0.1 min", "full": "0.2 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
     # covariate_shift, robustness, batch_size: quick presets timed alone (58 s, 120 s, 62 s); full defaults timed
     # alone on quiet cores: covariate_shift and batch_size on 2026-12-05 (127 s, 254 s), robustness on 2026-12-06
-    # (850 s, 7 x 3 grid x 3 seeds x 2000 steps, both held).
+    # (850 s, 7 x 3 grid x 3 seeds x 2000 steps, both held; on cores ~1.5x slower than 2026-12-04's).
     "covariate_shift": {
         "quick": "1.0 min",
         "full": "2.1 min",
@@ -40,8 +40,9 @@ RUNTIMES: dict[str, dict[str, str]] = {
         "full": "4.2 min",
         "measured": "2026-12-05, 2 CPU cores, load ~1.9 (full; quick on 2026-12-04)",
     },
-    # The claims matrix: the sums of its 19 entries' runtimes (experiments/results/claims-{quick,full}), each
-    # entry run one after the other (each matrix resumed once with --resume true after a change to some entries).
+    # The claims matrix: the sums of its 19 entries' runtimes on 2026-12-04 (experiments/results/claims-full,
+    # resumed once with --resume true after a change to some entries). The quick form in one invocation on
+    # 2026-12-06 took 19.4 min with identical cells, on cores ~1.5x slower (every entry 1.26-1.79x its time).
     "claims": {"quick": "13.3 min", "full": "53.9 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
 }
 
