@@ -42,7 +42,8 @@ RUNTIMES: dict[str, dict[str, str]] = {
     },
     # The claims matrix: the sums of its 19 entries' runtimes on 2026-12-04 (experiments/results/claims-full,
     # resumed once with --resume true after a change to some entries). The quick form in one invocation on
-    # 2026-12-06 took 19.4 min with identical cells, on cores ~1.5x slower (every entry 1.26-1.79x its time).
+    # 2026-12-06 took 19.4 min with identical cells, on cores ~1.5x slower (every entry 1.26-1.79x its time);
+    # the full form in one invocation on 2026-12-06 took 64.0 min with identical cells (entries 0.81-1.51x).
     "claims": {"quick": "13.3 min", "full": "53.9 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
 }
 
