@@ -40,11 +40,10 @@ RUNTIMES: dict[str, dict[str, str]] = {
         "full": "4.2 min",
         "measured": "2026-12-05, 2 CPU cores, load ~1.9 (full; quick on 2026-12-04)",
     },
-    # The claims matrix: the sums of its 19 entries' runtimes on 2026-12-04 (experiments/results/claims-full,
-    # resumed once with --resume true after a change to some entries). The quick form in one invocation on
-    # 2026-12-06 took 19.4 min with identical cells, on cores ~1.5x slower (every entry 1.26-1.79x its time);
-    # the full form in one invocation on 2026-12-06 took 64.0 min with identical cells (entries 0.81-1.51x).
-    "claims": {"quick": "13.3 min", "full": "53.9 min", "measured": "2026-12-04, 2 CPU cores, load ~1.5"},
+    # The claims matrix, each form in one invocation on 2026-12-06 (afternoon, nothing else running): quick
+    # 666 s, full 2266 s, every cell identical to the committed runs of 2026-12-04 (sums of entries 13.3 / 53.9
+    # min) and of the morning of 2026-12-06 (19.4 / 64.0 min, on cores ~1.7x slower).
+    "claims": {"quick": "11.1 min", "full": "37.8 min", "measured": "2026-12-06, 2 CPU cores, load ~1.5-2"},
 }
 
 
