@@ -41,7 +41,7 @@ RUNTIMES: dict[str, dict[str, str]] = {
         "measured": "2026-12-05, 2 CPU cores, load ~1.9 (full; quick on 2026-12-04)",
     },
     # The claims matrix, each form in one invocation on 2026-12-06 (afternoon, nothing else running): quick
-    # 666 s, full 2266 s, every cell identical to the committed runs of 2026-12-04 (sums of entries 13.3 / 53.9
+    # 666 s, full 2266 s, every cell identical to the earlier runs of 2026-12-04 (sums of entries 13.3 / 53.9
     # min) and of the morning of 2026-12-06 (19.4 / 64.0 min, on cores ~1.7x slower).
     "claims": {"quick": "11.1 min", "full": "37.8 min", "measured": "2026-12-06, 2 CPU cores, load ~1.5-2"},
 }
