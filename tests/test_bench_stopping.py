@@ -10,6 +10,7 @@ from experiments.bench_stopping import (
     extrapolated_rule,
     gap_rule,
     oracle,
+    over_seeds,
     ritz_sequences,
     stop_step,
 )
@@ -65,6 +66,28 @@ def test_gap_rule_accepts_a_small_kato_temple_estimate():
     # residual 1e-3, gap ~5: estimate 1e-6 * 10 / 5 = 2e-6 at step 1 (the second product)
     assert stop_step(c, gap_rule(2e-4, 1e-2)) == 2
     assert stop_step(c, change_rule(2e-4, 1e-2)) > 2
+
+
+def test_gap_rule_holds_the_estimate_to_its_own_threshold():
+    c = geometric(10.0, 1e-2, 0.5, previous=9.0)
+    c.residual[:] = 1.2e-2  # estimate 1.44e-4 * 10 / 5 ~ 2.9e-4: above tol 2e-4, below 5e-4
+    c.theta2[1:] = 5.0
+    assert stop_step(c, gap_rule(2e-4, 2e-2)) > 2
+    assert stop_step(c, gap_rule(2e-4, 2e-2, estimate_tol=5e-4)) == 2
+
+
+def test_over_seeds_gives_the_geometric_mean_ratio_and_the_target_verdict():
+    def seed(hvps: float, oracle_hvps: float, within: float) -> dict:
+        return {"oracle_hvps": oracle_hvps, "rules": {"r": {"hvps_per_checkpoint": hvps, "within_accuracy": within}}}
+
+    out = over_seeds([seed(3.0, 2.0, 0.9), seed(3.2, 2.0, 1.0), seed(3.1, 2.0, 0.95)])["r"]
+    assert out["over_oracle_per_seed"] == pytest.approx([1.5, 1.6, 1.55])
+    assert out["over_oracle"]["mean"] == pytest.approx((1.5 * 1.6 * 1.55) ** (1 / 3))
+    assert out["target_verdict"] == "not held"  # the whole interval lies above 1.25x
+    assert out["within_accuracy"]["mean"] == pytest.approx(0.95)
+    close = over_seeds([seed(2.2, 2.0, 1.0), seed(2.22, 2.0, 1.0), seed(2.24, 2.0, 1.0)])["r"]
+    assert close["target_verdict"] == "held"  # 1.10x to 1.12x: interval below 1.25x
+    assert over_seeds([seed(2.2, 2.0, 1.0)])["r"]["target_verdict"] == "inconclusive"  # one seed decides nothing
 
 
 def test_evaluate_reports_floors_and_misses():
