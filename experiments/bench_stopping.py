@@ -32,6 +32,11 @@ accurate). Over the seeds: each rule's HVPs ÷ oracle per seed, their geometric 
 (:func:`experiments.stats.ratio_interval`) and the verdict on the 1.25x target (held when the whole interval
 lies below 1.25x), and the share within 1e-3 with its interval. The offline change rule is checked against the
 HVPs the tracker spent on the same checkpoint.
+
+A tolerance sweep (``SWEEP``) replays the change rule with tighter ``tol`` / ``residual_tol`` on the same
+sequences: HVPs, ratio to the oracle, share within 1e-3 and largest error for each setting (printed after the
+main table; the sequences start from the default tracker's warm vectors, so each row is what a tighter
+setting costs from them, not a tracker run of its own).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ from experiments.bench_warmstart import BENCHES, Bench, mnist1d_train
 STEPS = 20  # Lanczos steps recorded per checkpoint (the tracker's max_iters)
 ACCURACY = 1e-3  # relative accuracy the default tolerances aim at
 TARGET = 1.25  # issue 16: warm solves within 1.25x of the oracle's HVPs
+# (tol, residual_tol) of the change rule, replayed to show what each accuracy costs (the first is the default)
+SWEEP = ((2e-4, 1e-2), (1e-4, 1e-2), (5e-5, 1e-2), (1e-5, 1e-2), (2e-4, 3e-3), (2e-4, 1e-3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +157,7 @@ def evaluate(checkpoints: list[Checkpoint], rules: dict[str, Callable[[Checkpoin
         "checkpoints": len(checkpoints),
         "oracle_hvps": float(orc.mean()),
         "oracle_one_share": float(np.mean(orc == 1)),
+        "oracle_beyond_recorded": float(np.mean([o > len(c.theta) for o, c in zip(orc, checkpoints, strict=True)])),
         "floor_oracle_plus_one": float((orc + 1).mean() / orc.mean()),
         "floor_two_products": float(np.maximum(orc, 2).mean() / orc.mean()),
         "rules": {},
@@ -176,6 +184,33 @@ def evaluate(checkpoints: list[Checkpoint], rules: dict[str, Callable[[Checkpoin
             }
             out["offline_change_matches_tracker"] = float(np.mean(stops == tracker))
     return out
+
+
+def sweep(checkpoints: list[Checkpoint]) -> list[dict[str, Any]]:
+    """The change rule at each :data:`SWEEP` setting over ``checkpoints``: HVPs, ratio, accuracy."""
+    rules = {f"{tol:g}/{rt:g}": change_rule(tol, rt) for tol, rt in SWEEP}
+    ev = evaluate(checkpoints, rules)["rules"]
+    return [{"tol": tol, "residual_tol": rt, **ev[f"{tol:g}/{rt:g}"]} for tol, rt in SWEEP]
+
+
+def sweep_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per :data:`SWEEP` setting, one column per model (HVPs / ÷ oracle / within / max)."""
+    out = [
+        "| change rule `tol` / `residual_tol` | " + " | ".join(r["model"] for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    for i, (tol, rt) in enumerate(SWEEP):
+        cells = [
+            "{:.2f} / {:.2f}x / {:.1%} / {:.1e}".format(
+                x["hvps_per_checkpoint"], x["over_oracle"], x["within_accuracy"], x["max_rel_error"]
+            )
+            for x in (r["sweep"][i] for r in results)
+        ]
+        label = f"{tol:.0e} / {rt:.0e}" + (" (default)" if i == 0 else "")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    beyond = " | ".join(f"{r['oracle_beyond_recorded']:.1%}" for r in results)
+    out.append(f"| checkpoints no {STEPS}-step solve gets within 1e-3 | {beyond} |")
+    return "\n".join(out)
 
 
 def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -311,8 +346,11 @@ def main() -> None:
     for b in BENCHES:
         runs = [record(b, x, y, cfg, seed) for seed in cfg.seeds]
         per_seed = [{"seed": seed, **evaluate(cps, default_rules())} for seed, cps in zip(cfg.seeds, runs, strict=True)]
-        pooled = evaluate([c for cps in runs for c in cps], default_rules())
-        results.append({"model": b.name, **pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed)})
+        pooled = evaluate([c for cps in runs for c in cps], default_rules())  # all seeds' checkpoints
+        every = [c for cps in runs for c in cps]
+        results.append(
+            {"model": b.name, **pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed), "sweep": sweep(every)}
+        )
         print(b.name, f"{time.perf_counter() - t0:.0f} s", flush=True)
     payload = {
         "command": "PYTHONPATH=. python experiments/bench_stopping.py"
@@ -325,8 +363,10 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
         "results": results,
         "table": table(results),
+        "sweep_table": sweep_table(results),
     }
     write_payload(payload, args.out)
+    print(payload["sweep_table"])
 
 
 if __name__ == "__main__":

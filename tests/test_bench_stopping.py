@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from experiments.bench_stopping import (
+    SWEEP,
     Checkpoint,
     change_rule,
     evaluate,
@@ -13,6 +14,7 @@ from experiments.bench_stopping import (
     over_seeds,
     ritz_sequences,
     stop_step,
+    sweep,
 )
 
 
@@ -104,3 +106,19 @@ def test_evaluate_reports_floors_and_misses():
     assert out["misses"]["count"] == 1 and out["misses"]["oracle_at_misses"] == [9]
     assert out["misses"]["top_gap_max_at_misses"] == pytest.approx(0.01, rel=1e-6)
     assert out["offline_change_matches_tracker"] == 0.0  # tracker_hvps=0 in these synthetic checkpoints
+
+
+def test_sweep_replays_the_change_rule_at_each_setting_default_first():
+    c = geometric(10.0, 1e-2, 0.1, previous=9.0)  # changes ~0.1, 9e-3, 9e-4, 9e-5, 9e-6, ...; residual 1e-3
+    rows = sweep([c])
+    assert [(r["tol"], r["residual_tol"]) for r in rows] == list(SWEEP)
+    assert SWEEP[0] == (2e-4, 1e-2)  # the tracker's defaults
+    expected = {2e-4: 4, 1e-4: 4, 5e-5: 5, 1e-5: 5}
+    for r in rows:
+        assert r["hvps_per_checkpoint"] == expected[r["tol"]]  # residual 1e-3 passes every residual_tol
+
+
+def test_evaluate_counts_checkpoints_no_recorded_step_gets_right():
+    never = geometric(10.0, 1e-2, 0.999, previous=9.0)  # stays ~1e-2 off for all 8 steps
+    out = evaluate([never, geometric(10.0, 1e-2, 0.1, previous=9.0)], {"change": change_rule(2e-4, 1e-2)})
+    assert out["oracle_beyond_recorded"] == pytest.approx(0.5)
