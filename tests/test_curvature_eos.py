@@ -324,3 +324,91 @@ def test_topk_records_save_load_and_plot(tmp_path) -> None:
     assert cv.records_to_arrays(records)["eigenvalues"].shape == (3, 3)
     png = cv.plot_records(records, tmp_path / "eos.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_start_is_unit_gradient_plus_unit_random() -> None:
+    with jax.enable_x64(True):
+        grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([-1.0, 2.0])}
+        key = jax.random.key(4)
+        r = np.asarray(ravel_pytree(cv.random_like(key, grads))[0])
+        g = np.asarray(ravel_pytree(grads)[0])
+        got = np.asarray(ravel_pytree(cv.gradient_start(key, grads))[0])
+        np.testing.assert_allclose(got, g / np.linalg.norm(g) + r / np.linalg.norm(r), rtol=1e-12)
+        # A zero or non-finite gradient contributes nothing: the start is the random unit vector, finite.
+        for bad in (0.0, np.nan, np.inf):
+            start = cv.gradient_start(key, jax.tree.map(lambda x: jnp.full_like(x, bad), grads))
+            np.testing.assert_allclose(np.asarray(ravel_pytree(start)[0]), r / np.linalg.norm(r), rtol=1e-12)
+    with pytest.raises(ValueError, match="pytree of float arrays"):
+        cv.gradient_start(key, {"a": jnp.arange(3)})
+    with pytest.raises(ValueError, match="cold_start"):
+        cv.EoSTracker(lambda p: p, cv.gd_rule(0.1), cold_start="gradients")
+
+
+def _krylov_top(m: np.ndarray, x0: np.ndarray, steps: int) -> float:
+    """Top Ritz value of ``m`` on the Krylov space of ``x0`` after ``steps`` products (float64 reference)."""
+    cols = [x0 / np.linalg.norm(x0)]
+    for _ in range(steps - 1):
+        cols.append(m @ cols[-1])
+    q, _ = np.linalg.qr(np.stack(cols, axis=1))
+    return float(np.linalg.eigvalsh(q.T @ m @ q)[-1])
+
+
+@pytest.mark.parametrize(
+    "cold_start, rule, budget, placement",
+    [
+        ("gradient", "gd", None, "device"),
+        ("gradient", "gd", 0, "host"),
+        ("gradient", "adam", None, "host"),
+        ("gradient", "adam", 0, "device"),
+        ("random", "gd", None, "device"),
+        ("random", "adam", 0, "host"),
+    ],
+)
+def test_cold_start_spans_the_krylov_space_of_its_start(cold_start, rule, budget, placement) -> None:
+    """The cold measurement's Ritz value after 3 products is the top eigenvalue of the operator on the Krylov
+    space of its start: unit gradient + unit random vector (``"gradient"``; the gradient in the preconditioned
+    coordinates, ``D g`` for ``D H D``) or the random vector alone; with linearization or without, either loop."""
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        stats, params = problem["stats"], problem["params"]
+        grad = jax.grad(loss_fn)(params, batch, stats)
+        h = explicit_hessian({**problem, "params": params}, "train")
+        d, kwargs = np.ones(h.shape[0]), {}
+        if rule == "adam":
+            opt = optax.adam(1e-2)
+            opt_state = opt.init(params)
+            for _ in range(2):
+                updates, opt_state = opt.update(jax.grad(loss_fn)(params, batch, stats), opt_state)
+                params = optax.apply_updates(params, updates)
+            grad = jax.grad(loss_fn)(params, batch, stats)
+            h = explicit_hessian({**problem, "params": params}, "train")
+            d = 1 / np.sqrt(np.asarray(ravel_pytree(cv.adam_preconditioner(opt_state))[0]))
+            kwargs = {"opt_state": opt_state}
+        tracker = cv.EoSTracker(
+            loss_fn, cv.adam_rule(1e-2) if rule == "adam" else cv.gd_rule(0.5), every=1, tol=0.0,
+            residual_tol=0.0, max_iters=1, placement=placement, linearize_budget=budget, cold_start=cold_start,
+        )  # fmt: skip
+        state = tracker.init(params, jax.random.key(2))
+        record, _ = tracker.update(state, 0, params, batch, stats, **kwargs)
+        r = np.asarray(ravel_pytree(state.vector)[0])
+        zg = d * np.asarray(ravel_pytree(grad)[0])
+        starts = {"random": r, "gradient": r / np.linalg.norm(r) + zg / np.linalg.norm(zg)}
+    assert record["hvps"] == 3  # a cold measurement may use 3 * max_iters
+    m = d[:, None] * h * d[None]
+    expected = {name: _krylov_top(m, x0, 3) for name, x0 in starts.items()}
+    np.testing.assert_allclose(record["sharpness"], expected[cold_start], rtol=1e-9)
+    # The two starts' Krylov spaces differ, so the comparison above can tell which start was used.
+    assert abs(expected["random"] - expected["gradient"]) > 1e-6 * abs(expected[cold_start])
+
+
+def test_cold_gradient_start_topk_matches_eigh() -> None:
+    with jax.enable_x64(True):
+        problem, loss_fn, batch = _problem()
+        params, stats = problem["params"], problem["stats"]
+        tracker = cv.EoSTracker(
+            loss_fn, cv.gd_rule(0.5), tol=1e-10, residual_tol=1e-6, max_iters=40, k=3, cold_start="gradient"
+        )
+        record, _ = tracker.update(tracker.init(params, jax.random.key(3)), 0, params, batch, stats)
+        top = np.linalg.eigvalsh(explicit_hessian(problem, "train"))[::-1][:3]
+    np.testing.assert_allclose(record["eigenvalues"], top, rtol=1e-6)
+    assert record["converged"]

@@ -90,6 +90,7 @@ from bnjax._validate import check_bool, check_like, check_positive_int
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     _check_tolerance,
+    _gradient_mix,
     _Layout,
     _Operator,
     _top_block,
@@ -530,6 +531,15 @@ class EoSTracker:
         converged. :class:`TrackerState` then stacks the ``k`` vectors on a leading axis. Why block Lanczos
         rather than ``jax.experimental.sparse.linalg.lobpcg_standard``: see the top-k section of the
         curvature guide (``experiments/bench_topk.py`` measures both).
+      cold_start: the start of the first (cold) measurement, whose state holds no eigenvalue yet:
+        ``"random"`` (default) the random vector of :meth:`init`; ``"gradient"`` the unit gradient at that
+        step plus that unit random vector (:func:`~bnjax.curvature.gradient_start`; in the preconditioned
+        coordinates for Adam-like rules). Where the gradient lies mostly in the top eigenspace (the BN CNN of
+        ``experiments/bench_curvature.py``) the cold solve needs fewer products; where it loads the second
+        eigenvector of a cluster it needs more (the MLP there): the benchmark counts both over seeds. With
+        linearization the gradient is the linearization's own output, at no cost; without it the cold
+        measurement computes one gradient more. With ``k > 1`` the first of the ``k`` start vectors is mixed.
+        Later (warm) measurements start from the previous Ritz vectors either way.
     """
 
     loss_fn: Callable[..., Any]
@@ -547,6 +557,7 @@ class EoSTracker:
     linearize_budget: int | None = DEFAULT_LINEARIZE_BUDGET
     k: int = 1
     stopping: Literal["change", "gap"] = "change"
+    cold_start: Literal["random", "gradient"] = "random"
     # Built in __post_init__ (set with object.__setattr__: the dataclass is frozen); not compared or shown.
     _scalar_loss: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
     _hessian: Matvec = dataclasses.field(init=False, repr=False, compare=False)
@@ -562,6 +573,8 @@ class EoSTracker:
         self._check_k()
         if self.stopping not in ("change", "gap"):
             raise ValueError(f"`stopping` must be 'change' or 'gap'; got {self.stopping!r}.")
+        if self.cold_start not in ("gradient", "random"):
+            raise ValueError(f"`cold_start` must be 'gradient' or 'random'; got {self.cold_start!r}.")
         if self.stopping == "gap" and (self.method != "lanczos" or self.k != 1):
             raise ValueError("stopping='gap' is a test on the top Lanczos pair: use method='lanczos' and k=1.")
         if self.chunk_size is not None:
@@ -686,7 +699,8 @@ class EoSTracker:
             max_iters = min(max_iters, sum(int(np.size(x)) for x in jax.tree.leaves(params)) - int(self.k) + 1)
         linearized = self._linearizes(params, args)
         op = self._operator(params, linearized, precond is not None)
-        return driver, _Measurement(self, driver, op, linearized, max_iters)
+        from_gradient = cold and self.cold_start == "gradient"
+        return driver, _Measurement(self, driver, op, linearized, max_iters, from_gradient)
 
     def _check_state(self, state: TrackerState, params: PyTree) -> None:
         if self.k == 1:
@@ -810,40 +824,58 @@ class _Measurement:
     op: _Operator
     linearized: bool
     max_iters: int
+    from_gradient: bool  # a cold start: the start vector is the unit gradient plus the (random) state vector
 
     def prepare(self, vector: PyTree, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        """``(value, grads, operands, x0, H unit(x0))``: the start ``x0`` (flat) and the first product along it.
+
+        In the preconditioned coordinates ``z = P^(1/2) theta`` the operator is ``S H S`` (``S = P^(-1/2)``),
+        its gradient ``S g``; the product along ``x0`` is the Hessian's along the tangent ``S x0``."""
         layout = self.op.layout
-        tangent = layout.unravel(_unit(layout.ravel(vector)))
-        if precond is not None:
-            scale = jax.tree.map(jax.lax.rsqrt, precond)
-            tangent = jax.tree.map(jnp.multiply, scale, tangent)
+        scale = None if precond is None else jax.tree.map(jax.lax.rsqrt, precond)
         value_and_grad = self.tracker._value_and_grad_fn(args)
+
+        def start(grads: PyTree | None) -> tuple[jax.Array, PyTree]:
+            x0 = layout.ravel(vector)
+            if grads is not None:
+                z_grads = grads if scale is None else jax.tree.map(jnp.multiply, scale, grads)
+                x0 = _gradient_mix(layout.ravel(z_grads), x0)
+            tangent = layout.unravel(_unit(x0))
+            return x0, tangent if scale is None else jax.tree.map(jnp.multiply, scale, tangent)
+
         if self.linearized:
             (value, grads), lin = jax.linearize(value_and_grad, params)
+            x0, tangent = start(grads if self.from_gradient else None)
             h_tangent = lin(tangent)[1]
             operands: tuple = (lin,)
+        elif self.from_gradient:
+            # The start needs the gradient first: one extra gradient, at the cold measurement only.
+            value, grads = value_and_grad(params)
+            x0, tangent = start(grads)
+            h_tangent = jax.jvp(value_and_grad, (params,), (tangent,))[1][1]
+            operands = (params, *args)
         else:
             # Forward-over-reverse: the primal output is (value, gradient), the tangent of the gradient is H t.
+            x0, tangent = start(None)
             (value, grads), (_, h_tangent) = jax.jvp(value_and_grad, (params,), (tangent,))
             operands = (params, *args)
-        if precond is not None:
+        if scale is not None:
             h_tangent = jax.tree.map(jnp.multiply, scale, h_tangent)
             operands = (precond, *operands)
-        return value, grads, operands, layout.ravel(h_tangent)
+        return value, grads, operands, x0, layout.ravel(h_tangent)
 
     def __call__(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
         d, t = self.driver, self.tracker
         if t.k > 1:  # block Lanczos from the previous k Ritz vectors; the fused product is along the first
             first_vector = jax.tree.map(lambda x: x[0], state.vector)
-            value, grads, operands, first = d.call(_Prepare(self), first_vector, params, args, precond)
-            x0 = jax.vmap(self.op.layout.ravel)(state.vector)
+            value, grads, operands, x_first, first = d.call(_Prepare(self), first_vector, params, args, precond)
+            x0 = jax.vmap(self.op.layout.ravel)(state.vector).at[0].set(x_first)
             eigenvalues0 = state.eigenvalue.astype(x0.dtype)
             block = _top_block(
                 d, self.op, x0, eigenvalues0, t.tol, t.residual_tol, self.max_iters, operands=operands, first=first
             )
             return value, grads, block
-        value, grads, operands, first = d.call(_Prepare(self), state.vector, params, args, precond)
-        x0 = self.op.layout.ravel(state.vector)
+        value, grads, operands, x0, first = d.call(_Prepare(self), state.vector, params, args, precond)
         eigenvalue0 = state.eigenvalue.astype(x0.dtype)
         pair = _top_pair(
             d,
