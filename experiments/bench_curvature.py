@@ -24,7 +24,13 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
 * cold time to the top eigenvalue at 1e-3 relative to a tight reference (Lanczos to residual 1e-6): the
   fewest iterations that reach 1e-3 for each library (bnjax Lanczos: leading blocks of a decomposition;
   PyHessian power iteration: its Rayleigh quotient sequence from its own random start), then the time of a
-  solve with exactly that many iterations (PyHessian: building its graph plus ``eigenvalues``);
+  solve with exactly that many iterations (PyHessian: building its graph plus ``eigenvalues``); bnjax also
+  from :func:`bnjax.curvature.gradient_start` (default placement, linearized; the gradient computed inside the
+  timed call), with PyHessian's power iteration from the same kind of start counted beside it (its
+  ``eigenvalues`` takes no start vector, so that count is not timed);
+* cold-start study: HVPs to 1e-3 from a random start and from the gradient start over 4 model
+  initialisations x 2 random vectors (quick: 2 x 1), the ratio per initialisation, its geometric mean with a
+  95% interval and the verdict on "fewer products from the gradient";
 * tracking along 200 full-batch GD steps, a measurement every 10 steps (20 checkpoints): bnjax's
   ``EoSTracker`` (default settings, fused ``value_and_grad``) costs the tracked loop's time minus a plain
   loop's; PyHessian runs cold at each checkpoint with the fewest power iterations that reach 1e-3 there (equal
@@ -56,6 +62,7 @@ import optax
 import bnjax
 from bnjax import curvature as cv
 from bnjax import loops
+from experiments import stats as stats_lib
 from experiments import train
 from experiments.bench_batchnorm import time_interleaved, write_payload
 from experiments.bench_warmstart import lanczos_steps_within, mnist1d_train
@@ -87,12 +94,24 @@ class Config:
     train_segment: int = 20
     rel_tol: float = 1e-3
     seed: int = 0
+    start_seeds: tuple[int, ...] = (0, 1, 2, 3)  # model initialisations of the cold-start study
+    start_keys: int = 2  # random start vectors per initialisation
 
 
 PRESETS = {
-    "quick": Config(repeats=3, product_repeats=7, tracking_repeats=1, solver_iters=5, gd_steps=60, train_segment=10)
+    "quick": Config(
+        repeats=3,
+        product_repeats=7,
+        tracking_repeats=1,
+        solver_iters=5,
+        gd_steps=60,
+        train_segment=10,
+        start_seeds=(0, 1),
+        start_keys=1,
+    )  # fmt: skip
 }
 COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
+GRADIENT_VARIANT = "gradient_start"  # auto placement, linearized, from cv.gradient_start (its gradient timed too)
 
 
 def log(msg: str) -> None:
@@ -185,10 +204,20 @@ def torch_twin(kind: str, params: Any, stats: Any) -> tuple[Any, Callable]:
 
 
 def pyhessian_rayleigh_trace(
-    net: Any, criterion: Any, x: Any, y: Any, iters: int, seed: int, ref: float | None = None, rel_tol: float = 0.0
+    net: Any,
+    criterion: Any,
+    x: Any,
+    y: Any,
+    iters: int,
+    seed: int,
+    ref: float | None = None,
+    rel_tol: float = 0.0,
+    from_gradient: bool = False,
 ) -> list[float]:
     """Rayleigh quotients of PyHessian's power iteration (its own code path, seeded) after each HVP; with
-    ``ref``, stops at the first one within ``rel_tol`` of it."""
+    ``ref``, stops at the first one within ``rel_tol`` of it. ``from_gradient``: start from the unit gradient
+    plus the unit random vector, as :func:`bnjax.curvature.gradient_start` (PyHessian's ``eigenvalues`` takes
+    no start vector; this counts what the same start would save it)."""
     import torch
     from pyhessian import hessian
     from pyhessian.utils import group_product, hessian_vector_product, normalization
@@ -196,6 +225,9 @@ def pyhessian_rayleigh_trace(
     comp = hessian(net, criterion, data=(x, y), cuda=False)
     torch.manual_seed(seed)
     v = normalization([torch.randn(p.size()) for p in comp.params])
+    if from_gradient:
+        g = normalization([q.detach().clone() for q in comp.gradsH])
+        v = normalization([a + b for a, b in zip(g, v)])
     out = []
     for _ in range(iters):
         net.zero_grad()
@@ -224,6 +256,39 @@ def first_within(values: np.ndarray, ref: float, rel_tol: float) -> int | None:
     """1-based index of the first value within ``rel_tol`` of ``ref`` (None if none)."""
     ok = np.abs(np.asarray(values) - ref) <= rel_tol * abs(ref)
     return int(np.argmax(ok)) + 1 if ok.any() else None
+
+
+def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, Any]:
+    """Cold HVPs to ``rel_tol`` from a random start and from :func:`bnjax.curvature.gradient_start`, over model
+    initialisations (``cfg.start_seeds``) and random vectors (``cfg.start_keys`` each, the same one in both
+    starts), against a tight reference; per initialisation the ratio of the mean counts, their geometric mean
+    with a 95% interval and the verdict on "the gradient start needs fewer products" (ratio below 1)."""
+    model, loss, _ = MODELS[kind]
+    random_hvps, gradient_hvps = [], []
+    for seed in cfg.start_seeds:
+        variables = model.init(jax.random.key(seed), x[:8])
+        params, stats = variables["params"], variables.get("batch_stats")
+        fns = cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
+        hess, batch = cv.hessian_matvec(fns.loss_fn), (x, y)
+        g = jax.grad(fns.loss_fn)(params, batch, stats)
+        ref = cv.lanczos_top(hess, g, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
+        lam = float(ref.eigenvalue)
+        counts: dict[str, list[int]] = {"random": [], "gradient": []}
+        for k in range(cfg.start_keys):
+            key = jax.random.key(100 + k)
+            for name, v0 in (("random", cv.random_like(key, params)), ("gradient", cv.gradient_start(key, g))):
+                dec = cv.lanczos_decomposition(hess, v0, params, batch, stats, num_iters=40)
+                counts[name].append(lanczos_steps_within(dec, lam, cfg.rel_tol) or 41)
+        random_hvps.append(counts["random"])
+        gradient_hvps.append(counts["gradient"])
+    ratio = stats_lib.ratio_interval(np.mean(gradient_hvps, axis=1), np.mean(random_hvps, axis=1))
+    return {
+        "seeds": list(cfg.start_seeds),
+        "random_hvps": random_hvps,
+        "gradient_hvps": gradient_hvps,
+        "gradient_over_random": ratio._asdict(),
+        "verdict_fewer": stats_lib.interval_verdict(ratio, "below", 1.0),
+    }
 
 
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
@@ -307,11 +372,20 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         for name, (pl, b) in SOLVER_VARIANTS.items()
         if name in COLD_VARIANTS
     }
+    # From the gradient (cv.gradient_start with v's random vector): the gradient is computed inside the timed call.
+    start = jax.jit(lambda p: cv.gradient_start(jax.random.key(1), grad(p, batch, stats)))
+    dec_g = cv.lanczos_decomposition(hess, start(params), params, batch, stats, num_iters=40)
+    m_g = lanczos_steps_within(dec_g, lam, cfg.rel_tol) or 40
+    cold_solves[GRADIENT_VARIANT] = lambda: cv.lanczos_top(
+        hess, start(params), params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=m_g
+    )
     cold_fns: dict[str, Callable[[], Any]] = dict(cold_solves)
     cold: dict[str, Any] = {
         "reference": lam,
         "bnjax_hvps": m,
+        "bnjax_hvps_gradient_start": m_g,
         "bnjax_rel_error": abs(float(cold_solves["host_linearized"]().eigenvalue) - lam) / abs(lam),
+        "bnjax_rel_error_gradient_start": abs(float(cold_solves[GRADIENT_VARIANT]().eigenvalue) - lam) / abs(lam),
     }
     if peer:
         import torch
@@ -336,6 +410,8 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
             )
         trace = pyhessian_rayleigh_trace(net, criterion, tx, ty, 100, cfg.seed)
         m_peer = first_within(np.asarray(trace), lam, cfg.rel_tol) or 100
+        trace_g = pyhessian_rayleigh_trace(net, criterion, tx, ty, 100, cfg.seed, lam, cfg.rel_tol, from_gradient=True)
+        cold["pyhessian_hvps_gradient_start"] = first_within(np.asarray(trace_g), lam, cfg.rel_tol) or 100
         cold_fns["pyhessian"] = lambda: pyhessian_top(net, criterion, tx, ty, m_peer, 0.0, cfg.seed)
         own = pyhessian_top(net, criterion, tx, ty, 100, 1e-3, cfg.seed)  # its own default stopping rule
         cold.update(
@@ -367,7 +443,9 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     log("cold solves timed")
     cold["seconds"] = tc
     if peer:
-        cold["bnjax_over_pyhessian"] = {k: tc[k] / tc["pyhessian"] for k in COLD_VARIANTS}
+        cold["bnjax_over_pyhessian"] = {k: tc[k] / tc["pyhessian"] for k in (*COLD_VARIANTS, GRADIENT_VARIANT)}
+    cold["starts_over_seeds"] = start_study(kind, mode, x, y, cfg)
+    log("cold-start study done")
 
     # 3. Tracking along GD (bnjax fused tracker vs a plain loop; PyHessian cold per checkpoint).
     step = jax.jit(lambda p, g: jax.tree.map(lambda a, d: a - cfg.lr * d, p, g))
@@ -530,16 +608,32 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
             lambda r: "{} / {}".format(r["cold"]["bnjax_hvps"], r["cold"].get("pyhessian_hvps", "–")),
         ),
         row(
-            "cold time to 1e-3 (s): bnjax device loop / bnjax host + linearized / PyHessian",
-            lambda r: "{:.2f} / {:.2f} / {}".format(
+            "HVPs to 1e-3 from the gradient start: bnjax Lanczos / PyHessian power (counted, not its API)",
+            lambda r: "{} / {}".format(
+                r["cold"]["bnjax_hvps_gradient_start"], r["cold"].get("pyhessian_hvps_gradient_start", "–")
+            ),
+        ),
+        row(
+            "cold HVPs over initialisations, gradient start ÷ random start [95%], verdict on fewer",
+            lambda r: "{} ({})".format(
+                stats_lib.format_ratio(stats_lib.Interval(**r["cold"]["starts_over_seeds"]["gradient_over_random"])),
+                r["cold"]["starts_over_seeds"]["verdict_fewer"],
+            ),
+        ),
+        row(
+            "cold time to 1e-3 (s): bnjax device loop / host + linearized / gradient start / PyHessian",
+            lambda r: "{:.2f} / {:.2f} / {:.2f} / {}".format(
                 r["cold"]["seconds"]["device"],
                 r["cold"]["seconds"]["host_linearized"],
+                r["cold"]["seconds"][GRADIENT_VARIANT],
                 f"{r['cold']['seconds']['pyhessian']:.2f}" if "pyhessian" in r["cold"]["seconds"] else "–",
             ),
         ),
         row(
-            "cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized",
-            lambda r: ", ".join(f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in COLD_VARIANTS),
+            "cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized, gradient start",
+            lambda r: ", ".join(
+                f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in (*COLD_VARIANTS, GRADIENT_VARIANT)
+            ),
         ),
         row(
             "PyHessian's own stopping rule (tol 1e-3): relative error",
