@@ -108,7 +108,7 @@ PRESETS = {
         train_segment=10,
         start_seeds=(0, 1),
         start_keys=1,
-    )  # fmt: skip
+    )
 }
 COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
 GRADIENT_VARIANT = "gradient_start"  # auto placement, linearized, from cv.gradient_start (its gradient timed too)
@@ -258,17 +258,23 @@ def first_within(values: np.ndarray, ref: float, rel_tol: float) -> int | None:
     return int(np.argmax(ok)) + 1 if ok.any() else None
 
 
+def init_model(kind: str, mode: str, x: jax.Array, seed: int) -> tuple[Any, Any, Any]:
+    """``(params, batch_stats, fns)`` of model ``kind`` initialised with ``seed``; ``fns`` its curvature
+    functions in BN mode ``mode`` (none for a model without BN)."""
+    model, loss, _ = MODELS[kind]
+    variables = model.init(jax.random.key(seed), x[:8])
+    params, stats = variables["params"], variables.get("batch_stats")
+    return params, stats, cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
+
+
 def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, Any]:
     """Cold HVPs to ``rel_tol`` from a random start and from :func:`bnjax.curvature.gradient_start`, over model
     initialisations (``cfg.start_seeds``) and random vectors (``cfg.start_keys`` each, the same one in both
     starts), against a tight reference; per initialisation the ratio of the mean counts, their geometric mean
     with a 95% interval and the verdict on "the gradient start needs fewer products" (ratio below 1)."""
-    model, loss, _ = MODELS[kind]
     random_hvps, gradient_hvps = [], []
     for seed in cfg.start_seeds:
-        variables = model.init(jax.random.key(seed), x[:8])
-        params, stats = variables["params"], variables.get("batch_stats")
-        fns = cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
+        params, stats, fns = init_model(kind, mode, x, seed)
         hess, batch = cv.hessian_matvec(fns.loss_fn), (x, y)
         g = jax.grad(fns.loss_fn)(params, batch, stats)
         ref = cv.lanczos_top(hess, g, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
@@ -292,10 +298,8 @@ def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config) -
 
 
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
-    model, loss, loss_name = MODELS[kind]
-    variables = model.init(jax.random.key(cfg.seed), x[:8])
-    params, stats = variables["params"], variables.get("batch_stats")
-    fns = cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
+    model, _, loss_name = MODELS[kind]
+    params, stats, fns = init_model(kind, mode, x, cfg.seed)
     batch = (x, y)
     loss_fn = fns.loss_fn
     hess = cv.hessian_matvec(loss_fn)

@@ -346,8 +346,8 @@ def main() -> None:
     for b in BENCHES:
         runs = [record(b, x, y, cfg, seed) for seed in cfg.seeds]
         per_seed = [{"seed": seed, **evaluate(cps, default_rules())} for seed, cps in zip(cfg.seeds, runs, strict=True)]
-        pooled = evaluate([c for cps in runs for c in cps], default_rules())  # all seeds' checkpoints
-        every = [c for cps in runs for c in cps]
+        every = [c for cps in runs for c in cps]  # all seeds' checkpoints, pooled
+        pooled = evaluate(every, default_rules())
         results.append(
             {"model": b.name, **pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed), "sweep": sweep(every)}
         )

@@ -371,19 +371,19 @@ def test_cold_start_spans_the_krylov_space_of_its_start(cold_start, rule, budget
     with jax.enable_x64(True):
         problem, loss_fn, batch = _problem()
         stats, params = problem["stats"], problem["params"]
-        grad = jax.grad(loss_fn)(params, batch, stats)
-        h = explicit_hessian({**problem, "params": params}, "train")
-        d, kwargs = np.ones(h.shape[0]), {}
+        kwargs = {}
         if rule == "adam":
             opt = optax.adam(1e-2)
             opt_state = opt.init(params)
             for _ in range(2):
                 updates, opt_state = opt.update(jax.grad(loss_fn)(params, batch, stats), opt_state)
                 params = optax.apply_updates(params, updates)
-            grad = jax.grad(loss_fn)(params, batch, stats)
-            h = explicit_hessian({**problem, "params": params}, "train")
-            d = 1 / np.sqrt(np.asarray(ravel_pytree(cv.adam_preconditioner(opt_state))[0]))
             kwargs = {"opt_state": opt_state}
+        grad = jax.grad(loss_fn)(params, batch, stats)
+        h = explicit_hessian({**problem, "params": params}, "train")
+        d = np.ones(h.shape[0])
+        if rule == "adam":
+            d = 1 / np.sqrt(np.asarray(ravel_pytree(cv.adam_preconditioner(kwargs["opt_state"]))[0]))
         tracker = cv.EoSTracker(
             loss_fn, cv.adam_rule(1e-2) if rule == "adam" else cv.gd_rule(0.5), every=1, tol=0.0,
             residual_tol=0.0, max_iters=1, placement=placement, linearize_budget=budget, cold_start=cold_start,
