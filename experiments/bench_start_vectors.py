@@ -33,7 +33,6 @@ the ratio, the share within 1e-3 (95% intervals over seeds, :func:`experiments.s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -54,10 +53,10 @@ from experiments.bench_stopping import (
     TARGET,
     Checkpoint,
     change_rule,
-    evaluate,
-    over_seeds,
     ritz_sequences,
+    seeded_cli,
     stop_step,
+    summarise_runs,
 )
 from experiments.bench_warmstart import BENCHES, mnist1d_train
 
@@ -176,14 +175,10 @@ def run_seed(x: jax.Array, y: jax.Array, cfg: Config, seed: int) -> tuple[dict[s
 
 
 def summarise(runs: list[dict[str, list[Checkpoint]]], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per start: :func:`~experiments.bench_stopping.evaluate` of :data:`RULES` pooled over the seeds and per
-    seed, and :func:`~experiments.bench_stopping.over_seeds`."""
-    out = []
-    for s in STARTS:
-        per_seed = [{"seed": seed, **evaluate(run[s.name], RULES)} for seed, run in zip(seeds, runs, strict=True)]
-        pooled = evaluate([c for run in runs for c in run[s.name]], RULES)
-        out.append({"start": dataclasses.asdict(s), **pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed)})
-    return out
+    """Per start: :func:`~experiments.bench_stopping.summarise_runs` of :data:`RULES` over the seeds' chains."""
+    return [
+        {"start": dataclasses.asdict(s), **summarise_runs([run[s.name] for run in runs], seeds, RULES)} for s in STARTS
+    ]
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -208,14 +203,13 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the first 300 GD steps of seeds 0 and 1 only")
-    parser.add_argument("--seeds", help="comma-separated initialisation seeds (default: the preset's)")
-    parser.add_argument("--out", default="experiments/results/bench_start_vectors.json")
-    args = parser.parse_args()
-    cfg = PRESETS["quick"] if args.quick else Config()
-    if args.seeds:
-        cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    cfg, out, command = seeded_cli(
+        "bench_start_vectors",
+        __doc__.splitlines()[0],
+        "the first 300 GD steps of seeds 0 and 1 only",
+        PRESETS,
+        Config(),
+    )
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     runs, same = [], []
@@ -226,9 +220,7 @@ def main() -> None:
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     results = summarise(runs, cfg.seeds)
     payload = {
-        "command": "PYTHONPATH=. python experiments/bench_start_vectors.py"
-        + (" --quick" if args.quick else "")
-        + (f" --seeds {args.seeds}" if args.seeds else ""),
+        "command": command,
         "date": datetime.date.today().isoformat(),
         "config": dataclasses.asdict(cfg),
         "accuracy": ACCURACY,
@@ -243,7 +235,7 @@ def main() -> None:
         + ", ".join(f"{a:.0%}" for a in same)
         + " of the checkpoints (per seed).",
     }
-    write_payload(payload, args.out)
+    write_payload(payload, out)
 
 
 if __name__ == "__main__":

@@ -331,31 +331,51 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the first 600 GD steps of seeds 0 and 1 only")
+def summarise_runs(
+    runs: list[list[Checkpoint]], seeds: tuple[int, ...], rules: dict[str, Callable[[Checkpoint, int], bool]]
+) -> dict[str, Any]:
+    """:func:`evaluate` of ``rules`` over every seed's checkpoints pooled, and per seed (``runs[i]`` the
+    checkpoints of ``seeds[i]``), with :func:`over_seeds` of the per-seed results."""
+    per_seed = [{"seed": seed, **evaluate(cps, rules)} for seed, cps in zip(seeds, runs, strict=True)]
+    pooled = evaluate([c for cps in runs for c in cps], rules)
+    return {**pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed)}
+
+
+def seeded_cli(script: str, description: str, quick_help: str, presets: dict[str, Any], default: Any) -> tuple:
+    """``(config, out, command)`` from the command line shared by the seeded studies: ``--quick`` (the
+    ``"quick"`` preset), ``--seeds`` (comma-separated, replacing the config's ``seeds``) and ``--out``
+    (default ``experiments/results/<script>.json``); ``command`` is the line that reproduces the run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seeds", help="comma-separated initialisation seeds (default: the preset's)")
-    parser.add_argument("--out", default="experiments/results/bench_stopping.json")
+    parser.add_argument("--out", default=f"experiments/results/{script}.json")
     args = parser.parse_args()
-    cfg = PRESETS["quick"] if args.quick else Config()
+    cfg = presets["quick"] if args.quick else default
     if args.seeds:
         cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    command = (
+        f"PYTHONPATH=. python experiments/{script}.py"
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {args.seeds}" if args.seeds else "")
+    )
+    return cfg, args.out, command
+
+
+def main() -> None:
+    cfg, out, command = seeded_cli(
+        "bench_stopping", __doc__.splitlines()[0], "the first 600 GD steps of seeds 0 and 1 only", PRESETS, Config()
+    )
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     results = []
+    rules = default_rules()
     for b in BENCHES:
         runs = [record(b, x, y, cfg, seed) for seed in cfg.seeds]
-        per_seed = [{"seed": seed, **evaluate(cps, default_rules())} for seed, cps in zip(cfg.seeds, runs, strict=True)]
         every = [c for cps in runs for c in cps]  # all seeds' checkpoints, pooled
-        pooled = evaluate(every, default_rules())
-        results.append(
-            {"model": b.name, **pooled, "per_seed": per_seed, "over_seeds": over_seeds(per_seed), "sweep": sweep(every)}
-        )
+        results.append({"model": b.name, **summarise_runs(runs, cfg.seeds, rules), "sweep": sweep(every)})
         print(b.name, f"{time.perf_counter() - t0:.0f} s", flush=True)
     payload = {
-        "command": "PYTHONPATH=. python experiments/bench_stopping.py"
-        + (" --quick" if args.quick else "")
-        + (f" --seeds {args.seeds}" if args.seeds else ""),
+        "command": command,
         "date": datetime.date.today().isoformat(),
         "config": dataclasses.asdict(cfg),
         "device": f"{jax.devices()[0].platform}, {jax.device_count()} devices",
@@ -365,7 +385,7 @@ def main() -> None:
         "table": table(results),
         "sweep_table": sweep_table(results),
     }
-    write_payload(payload, args.out)
+    write_payload(payload, out)
     print(payload["sweep_table"])
 
 
