@@ -68,19 +68,20 @@ def _compiled(forward, params, x):
     return {"forward": lambda: fwd(x, params), "forward+backward": lambda: fwd_bwd(x, params)}
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2, samples: bool = False) -> dict:
     """Median seconds per call of each zero-argument function, timed round-robin so noise hits all alike
-    (after ``warmup`` untimed calls of each, the first of which compiles)."""
+    (after ``warmup`` untimed calls of each, the first of which compiles). With ``samples`` the lists of
+    per-round seconds instead: entry ``i`` of every list comes from the same round, so ratios can be paired."""
     for f in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(f())
-    samples = {k: [] for k in fns}
+    rounds: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(f())
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            rounds[k].append(time.perf_counter() - t0)
+    return rounds if samples else {k: statistics.median(v) for k, v in rounds.items()}
 
 
 def write_payload(payload: dict, out: str) -> None:

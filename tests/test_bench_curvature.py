@@ -27,3 +27,21 @@ def test_tables_mark_missing_parts() -> None:
     text = bc.tables([result], "PyHessian comparison skipped (--no-peer).")
     assert "| parameters | 10 |" in text and "| gradient, plain jit (ms) | 1.0 |" in text
     assert "| – |" in text and text.endswith("PyHessian comparison skipped (--no-peer).")
+
+
+def test_time_interleaved_samples_are_paired_rounds() -> None:
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    rounds = bc.time_interleaved(fns, 3, warmup=1, samples=True)
+    assert set(rounds) == {"a", "b"} and all(len(v) == 3 for v in rounds.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then round-robin: entry i of both from round i
+    medians = bc.time_interleaved(fns, 3, warmup=0)
+    assert all(isinstance(v, float) for v in medians.values())
+
+
+def test_per_round_cell_and_verdict_from_paired_ratios() -> None:
+    hvp, grad = np.array([1.5, 1.52, 1.48, 1.5]), np.ones(4)
+    iv = bc.stats_lib.ratio_interval(hvp, grad)
+    assert bc.stats_lib.interval_verdict(iv, "below", 1.6) == "held"
+    cell = bc.per_round_cell(iv._asdict())
+    assert cell.startswith("1.5x [") and cell.endswith(", 4 rounds")
