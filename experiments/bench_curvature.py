@@ -20,7 +20,8 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
   average carries one linearization per 5 products) for each loop placement (``device``: one ``while_loop``
   program; ``host``: Python-driven) with and without linearization, plus the marginal cost of one more product
   in the default placement (a 15-product solve minus a 5-product one, over 10; both with their own gradient
-  timed beside them, 21 interleaved repeats);
+  timed beside them, 21 interleaved repeats); the two target ratios also per round (paired with the gradient of
+  the same round): geometric mean, 95% interval and the verdict on "at most 1.6";
 * cold time to the top eigenvalue at 1e-3 relative to a tight reference (Lanczos to residual 1e-6): the
   fewest iterations that reach 1e-3 for each library (bnjax Lanczos: leading blocks of a decomposition;
   PyHessian power iteration: its Rayleigh quotient sequence from its own random start), then the time of a
