@@ -359,7 +359,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     tm = {k: float(np.median(val)) for k, val in tm_rounds.items()}
     # The two target ratios also per round (each pair timed side by side): geometric mean, 95% interval and the
     # verdict on "at most the target", so a noisy median is not read as met or missed. A round whose 15-product
-    # solve was not slower than its 5-product one (load spike) has no marginal and is left out (counted in n).
+    # solve was not slower than its 5-product one (load spike) has no marginal and is left out (n counts fewer rounds).
     marginal_rounds = (np.asarray(tm_rounds["long"]) - np.asarray(tm_rounds["short"])) / (2 * cfg.solver_iters)
     target = TARGETS["linearized_hvp_over_grad"]
     intervals = {
