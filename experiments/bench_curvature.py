@@ -599,7 +599,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
 def per_round_cell(d: dict[str, Any]) -> str:
     """``1.52x [1.48, 1.57], 21 rounds`` from a stored per-round ratio interval."""
     iv = stats_lib.Interval(d["mean"], d["low"], d["high"], d["n"])
-    return stats_lib.format_ratio(iv).replace("seeds", "rounds").replace("seed", "round")
+    return stats_lib.format_ratio(iv, unit="round")
 
 
 def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:

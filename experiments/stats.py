@@ -106,13 +106,14 @@ def format_mean(values: Sequence[float] | np.ndarray) -> str:
     return f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
 
 
-def format_ratio(iv: Interval) -> str:
-    """``0.46x [0.31, 0.68], 3 seeds`` (three significant digits throughout)."""
+def format_ratio(iv: Interval, unit: str = "seed") -> str:
+    """``0.46x [0.31, 0.68], 3 seeds`` (three significant digits throughout); ``unit`` names what ``n`` counts
+    (``"round"`` for paired timing rounds)."""
     if iv.n == 0:
-        return "no seed finished"
+        return f"no {unit} finished"
     if iv.n == 1:
-        return f"{iv.mean:.3g}x, 1 seed (no interval)"
-    return f"{iv.mean:.3g}x [{iv.low:.3g}, {iv.high:.3g}], {iv.n} seeds"
+        return f"{iv.mean:.3g}x, 1 {unit} (no interval)"
+    return f"{iv.mean:.3g}x [{iv.low:.3g}, {iv.high:.3g}], {iv.n} {unit}s"
 
 
 def format_effect(iv: Interval) -> str:
