@@ -29,9 +29,12 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
   from :func:`bnjax.curvature.gradient_start` (default placement, linearized; the gradient computed inside the
   timed call), with PyHessian's power iteration from the same kind of start counted beside it (its
   ``eigenvalues`` takes no start vector, so that count is not timed);
-* cold-start study: HVPs to 1e-3 from a random start and from the gradient start over 4 model
+* cold-start study: HVPs to 1e-3 from a random start and from the gradient start over 8 model
   initialisations x 2 random vectors (quick: 2 x 1), the ratio per initialisation, its geometric mean with a
-  95% interval and the verdict on "fewer products from the gradient";
+  95% interval and the verdict on "fewer products from the gradient"; with the peer (eval mode) also the cold
+  time target at every initialisation (bnjax from each start and PyHessian, each with its fewest iterations
+  to 1e-3 there, interleaved): the geometric mean of the per-initialisation ratios, a 95% interval and the
+  verdict on "at most 0.5";
 * tracking along 200 full-batch GD steps, a measurement every 10 steps (20 checkpoints): bnjax's
   ``EoSTracker`` (default settings, fused ``value_and_grad``) costs the tracked loop's time minus a plain
   loop's; PyHessian runs cold at each checkpoint with the fewest power iterations that reach 1e-3 there (equal
@@ -95,7 +98,7 @@ class Config:
     train_segment: int = 20
     rel_tol: float = 1e-3
     seed: int = 0
-    start_seeds: tuple[int, ...] = (0, 1, 2, 3)  # model initialisations of the cold-start study
+    start_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # model initialisations of the cold-start study
     start_keys: int = 2  # random start vectors per initialisation
 
 
@@ -268,16 +271,26 @@ def init_model(kind: str, mode: str, x: jax.Array, seed: int) -> tuple[Any, Any,
     return params, stats, cv.flax_curvature_fns(model.apply, loss, bn_mode=mode if stats is not None else None)
 
 
-def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config) -> dict[str, Any]:
+def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool = False) -> dict[str, Any]:
     """Cold HVPs to ``rel_tol`` from a random start and from :func:`bnjax.curvature.gradient_start`, over model
     initialisations (``cfg.start_seeds``) and random vectors (``cfg.start_keys`` each, the same one in both
     starts), against a tight reference; per initialisation the ratio of the mean counts, their geometric mean
-    with a 95% interval and the verdict on "the gradient start needs fewer products" (ratio below 1)."""
+    with a 95% interval and the verdict on "the gradient start needs fewer products" (ratio below 1).
+
+    With ``peer`` (eval mode, PyHessian installed) also the cold *time* target at every initialisation: bnjax
+    from the first random vector and from its gradient start (the gradient inside the timed call), each with
+    exactly the iterations that reach ``rel_tol`` there, against PyHessian (graph plus ``eigenvalues``) with the
+    fewest power iterations that reach it from its own seeded start; interleaved, ``cfg.repeats`` times,
+    medians; per start the geometric mean of the per-initialisation ratios bnjax / PyHessian with a 95%
+    interval and the verdict on "at most the target"."""
     random_hvps, gradient_hvps = [], []
+    seconds: dict[str, list[float]] = {"random": [], "gradient": [], "pyhessian": []}
+    peer_hvps: list[int] = []
     for seed in cfg.start_seeds:
         params, stats, fns = init_model(kind, mode, x, seed)
         hess, batch = cv.hessian_matvec(fns.loss_fn), (x, y)
-        g = jax.grad(fns.loss_fn)(params, batch, stats)
+        grad = jax.jit(jax.grad(fns.loss_fn))
+        g = grad(params, batch, stats)
         ref = cv.lanczos_top(hess, g, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
         lam = float(ref.eigenvalue)
         counts: dict[str, list[int]] = {"random": [], "gradient": []}
@@ -288,14 +301,74 @@ def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config) -
                 counts[name].append(lanczos_steps_within(dec, lam, cfg.rel_tol) or 41)
         random_hvps.append(counts["random"])
         gradient_hvps.append(counts["gradient"])
+        if peer:
+            timed = _cold_times(kind, x, y, cfg, seed, (params, stats, hess, grad), lam, counts)
+            peer_hvps.append(timed.pop("pyhessian_hvps"))
+            for name, t in timed.items():
+                seconds[name].append(t)
     ratio = stats_lib.ratio_interval(np.mean(gradient_hvps, axis=1), np.mean(random_hvps, axis=1))
-    return {
+    out = {
         "seeds": list(cfg.start_seeds),
         "random_hvps": random_hvps,
         "gradient_hvps": gradient_hvps,
         "gradient_over_random": ratio._asdict(),
         "verdict_fewer": stats_lib.interval_verdict(ratio, "below", 1.0),
     }
+    if peer:
+        out["time"] = cold_time_summary(seconds, peer_hvps)
+    return out
+
+
+def cold_time_summary(seconds: dict[str, list[float]], pyhessian_hvps: list[int]) -> dict[str, Any]:
+    """Per-initialisation cold seconds (``random``, ``gradient``, ``pyhessian``; entry ``i`` of each from
+    initialisation ``i``) to the stored summary: for each bnjax start the geometric mean of the ratios
+    bnjax / PyHessian with a 95% interval and the verdict on "at most the cold-time target"."""
+    out: dict[str, Any] = {"seconds": seconds, "pyhessian_hvps": pyhessian_hvps}
+    for name in ("random", "gradient"):
+        iv = stats_lib.ratio_interval(seconds[name], seconds["pyhessian"])
+        out[f"{name}_over_pyhessian"] = {
+            **iv._asdict(),
+            "verdict_at_most_target": stats_lib.interval_verdict(iv, "below", TARGETS["cold_time_vs_pyhessian"]),
+        }
+    return out
+
+
+def _cold_times(
+    kind: str,
+    x: jax.Array,
+    y: jax.Array,
+    cfg: Config,
+    seed: int,
+    model: tuple[Any, Any, Any, Callable],
+    lam: float,
+    counts: dict[str, list[int]],
+) -> dict[str, Any]:
+    """One initialisation of :func:`start_study`'s time comparison: seconds of bnjax's cold solve from the first
+    random vector and from its gradient start (``counts[...][0]`` iterations each) and of PyHessian's cold solve
+    with its oracle count (returned as ``pyhessian_hvps``)."""
+    import torch
+
+    params, stats, hess, grad = model
+    batch, key = (x, y), jax.random.key(100)
+    v0 = cv.random_like(key, params)
+    start = jax.jit(lambda p: cv.gradient_start(key, grad(p, batch, stats)))
+    net, criterion = torch_twin(kind, params, stats)
+    tx, ty = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y), dtype=torch.long)
+    trace = pyhessian_rayleigh_trace(net, criterion, tx, ty, 100, seed, lam, cfg.rel_tol)
+    m_peer = first_within(np.asarray(trace), lam, cfg.rel_tol) or 100
+    m, m_g = counts["random"][0], counts["gradient"][0]
+    t = time_interleaved(
+        {
+            "random": lambda: cv.lanczos_top(hess, v0, params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=m),
+            "gradient": lambda: cv.lanczos_top(
+                hess, start(params), params, batch, stats, tol=0.0, residual_tol=0.0, max_iters=m_g
+            ),
+            "pyhessian": lambda: pyhessian_top(net, criterion, tx, ty, m_peer, 0.0, seed),
+        },
+        cfg.repeats,
+        warmup=1,
+    )
+    return {**t, "pyhessian_hvps": m_peer}
 
 
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
@@ -468,7 +541,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     cold["seconds"] = tc
     if peer:
         cold["bnjax_over_pyhessian"] = {k: tc[k] / tc["pyhessian"] for k in (*COLD_VARIANTS, GRADIENT_VARIANT)}
-    cold["starts_over_seeds"] = start_study(kind, mode, x, y, cfg)
+    cold["starts_over_seeds"] = start_study(kind, mode, x, y, cfg, peer)
     log("cold-start study done")
 
     # 3. Tracking along GD (bnjax fused tracker vs a plain loop; PyHessian cold per checkpoint).
@@ -675,6 +748,19 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
             "cold time, bnjax / PyHessian (target ≤ 0.5): device loop, host + linearized, gradient start",
             lambda r: ", ".join(
                 f"{r['cold']['bnjax_over_pyhessian'][k]:.2f}" for k in (*COLD_VARIANTS, GRADIENT_VARIANT)
+            ),
+        ),
+        row(
+            "cold time over initialisations, bnjax / PyHessian [95%], verdict on ≤ 0.5: random start; gradient start",
+            lambda r: "; ".join(
+                "{} ({})".format(
+                    stats_lib.format_ratio(stats_lib.Interval(**{k: d[k] for k in ("mean", "low", "high", "n")})),
+                    d["verdict_at_most_target"],
+                )
+                for d in (
+                    r["cold"]["starts_over_seeds"]["time"]["random_over_pyhessian"],
+                    r["cold"]["starts_over_seeds"]["time"]["gradient_over_pyhessian"],
+                )
             ),
         ),
         row(

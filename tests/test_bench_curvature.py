@@ -45,3 +45,24 @@ def test_per_round_cell_and_verdict_from_paired_ratios() -> None:
     assert bc.stats_lib.interval_verdict(iv, "below", 1.6) == "held"
     cell = bc.per_round_cell(iv._asdict())
     assert cell.startswith("1.5x [") and cell.endswith(", 4 rounds")
+
+
+def test_cold_time_summary_ratios_over_initialisations_and_table_row() -> None:
+    seconds = {"random": [0.2, 0.3, 0.25], "gradient": [0.1, 0.12, 0.11], "pyhessian": [0.5, 0.5, 0.55]}
+    out = bc.cold_time_summary(seconds, [9, 10, 11])
+    for name, verdict in (("random", "inconclusive"), ("gradient", "held")):
+        d = out[f"{name}_over_pyhessian"]
+        expected = np.exp(np.mean(np.log(np.asarray(seconds[name]) / np.asarray(seconds["pyhessian"]))))
+        np.testing.assert_allclose(d["mean"], expected, rtol=1e-12)
+        assert d["n"] == 3 and d["low"] < d["mean"] < d["high"]
+        assert d["verdict_at_most_target"] == verdict
+    assert out["pyhessian_hvps"] == [9, 10, 11]
+    result = {
+        "model": "cnn",
+        "mode": "eval",
+        "params": 10,
+        "products": {},
+        "cold": {"starts_over_seeds": {"time": out}},
+    }
+    row = [line for line in bc.tables([result], None).splitlines() if line.startswith("| cold time over")][0]
+    assert "3 seeds (inconclusive); 0.213x [" in row and "3 seeds (held) |" in row
