@@ -53,6 +53,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +116,7 @@ PRESETS = {
     )
 }
 COLD_VARIANTS = ("device", "host_linearized")  # the old default loop and the new default on CPU conv nets
+OUT = "experiments/results/bench_curvature.json"
 GRADIENT_VARIANT = "gradient_start"  # auto placement, linearized, from cv.gradient_start (its gradient timed too)
 
 
@@ -151,6 +153,7 @@ def square_loss(out: jax.Array, y: jax.Array) -> jax.Array:
 
 MODELS = {"cnn": (BNCNN(), cross_entropy, "cross_entropy"), "mlp": (MLP(), square_loss, "square")}
 CASES = [("cnn", "eval"), ("cnn", "train"), ("mlp", "eval")]  # the MLP has no BN: one mode
+DEFAULT_CASES = ",".join(f"{k}/{m}" for k, m in CASES)
 
 
 # -- the PyTorch twin (optional peer) ------------------------------------------------------------------------
@@ -811,28 +814,47 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
     return "\n".join(lines)
 
 
+def memory_environment() -> dict[str, str | None]:
+    """The allocator setting that changes every conv-net timing here: ``GLIBC_TUNABLES`` (with
+    ``glibc.malloc.hugetlb=1`` glibc >= 2.35 asks for transparent huge pages on its large allocations) and the
+    kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``; None off Linux)."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        thp = text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        thp = None
+    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"), "transparent_hugepage": thp}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a shorter GD run")
     parser.add_argument("--no-peer", action="store_true", help="skip the PyHessian comparison")
-    parser.add_argument("--cases", default=",".join(f"{k}/{m}" for k, m in CASES), help="e.g. cnn/eval,mlp/eval")
-    parser.add_argument("--out", default="experiments/results/bench_curvature.json")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="e.g. cnn/eval,mlp/eval")
+    parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     cfg = PRESETS["quick"] if args.quick else Config()
     note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
     if note:
         print(note)
+    log(f"allocator: {memory_environment()}")
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     cases = [tuple(c.split("/")) for c in args.cases.split(",")]
     # PyHessian measures eval mode only (it calls model.eval()), so it is compared on the eval-mode cases.
     results = [run_case(kind, mode, x, y, cfg, note is None and mode == "eval") for kind, mode in cases]
     payload = {
-        "command": "PYTHONPATH=. python experiments/bench_curvature.py" + (" --quick" if args.quick else ""),
+        "command": (f"GLIBC_TUNABLES={tunables} " if (tunables := os.environ.get("GLIBC_TUNABLES")) else "")
+        + "PYTHONPATH=. python experiments/bench_curvature.py"
+        + (" --quick" if args.quick else "")
+        + (" --no-peer" if args.no_peer else "")
+        + (f" --cases {args.cases}" if args.cases != DEFAULT_CASES else "")
+        + (f" --out {args.out}" if args.out != OUT else ""),
         "date": datetime.date.today().isoformat(),
         "config": dataclasses.asdict(cfg),
         "targets": TARGETS,
         "device": f"{jax.devices()[0].platform}, {jax.device_count()} devices",
+        "memory_environment": memory_environment(),
         "wall_s": time.perf_counter() - t0,
         "results": results,
         "table": tables(results, note),

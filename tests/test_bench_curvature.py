@@ -66,3 +66,12 @@ def test_cold_time_summary_ratios_over_initialisations_and_table_row() -> None:
     }
     row = [line for line in bc.tables([result], None).splitlines() if line.startswith("| cold time over")][0]
     assert "3 seeds (inconclusive); 0.213x [" in row and "3 seeds (held) |" in row
+
+
+def test_memory_environment_reports_the_allocator_setting(monkeypatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    env = bc.memory_environment()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert env["transparent_hugepage"] in (None, "always", "madvise", "never")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert bc.memory_environment()["GLIBC_TUNABLES"] is None
