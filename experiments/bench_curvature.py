@@ -54,6 +54,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -305,8 +306,8 @@ def start_study(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, p
         random_hvps.append(counts["random"])
         gradient_hvps.append(counts["gradient"])
         if peer:
-            timed = _cold_times(kind, x, y, cfg, seed, (params, stats, hess, grad), lam, counts)
-            peer_hvps.append(timed.pop("pyhessian_hvps"))
+            timed, m_peer = _cold_times(kind, x, y, cfg, seed, (params, stats, hess, grad), lam, counts)
+            peer_hvps.append(m_peer)
             for name, t in timed.items():
                 seconds[name].append(t)
     ratio = stats_lib.ratio_interval(np.mean(gradient_hvps, axis=1), np.mean(random_hvps, axis=1))
@@ -345,10 +346,10 @@ def _cold_times(
     model: tuple[Any, Any, Any, Callable],
     lam: float,
     counts: dict[str, list[int]],
-) -> dict[str, Any]:
-    """One initialisation of :func:`start_study`'s time comparison: seconds of bnjax's cold solve from the first
-    random vector and from its gradient start (``counts[...][0]`` iterations each) and of PyHessian's cold solve
-    with its oracle count (returned as ``pyhessian_hvps``)."""
+) -> tuple[dict[str, float], int]:
+    """One initialisation of :func:`start_study`'s time comparison: ``(seconds, m)``, the seconds of bnjax's cold
+    solve from the first random vector and from its gradient start (``counts[...][0]`` iterations each) and of
+    PyHessian's cold solve with its oracle count ``m``."""
     import torch
 
     params, stats, hess, grad = model
@@ -371,7 +372,7 @@ def _cold_times(
         cfg.repeats,
         warmup=1,
     )
-    return {**t, "pyhessian_hvps": m_peer}
+    return t, m_peer
 
 
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
@@ -672,10 +673,14 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     return out
 
 
+def interval_cell(d: dict[str, Any], unit: str = "seed") -> str:
+    """``0.46x [0.31, 0.68], 8 seeds`` from a stored ratio interval (its other keys, such as a verdict, ignored)."""
+    return stats_lib.format_ratio(stats_lib.Interval(d["mean"], d["low"], d["high"], d["n"]), unit=unit)
+
+
 def per_round_cell(d: dict[str, Any]) -> str:
     """``1.52x [1.48, 1.57], 21 rounds`` from a stored per-round ratio interval."""
-    iv = stats_lib.Interval(d["mean"], d["low"], d["high"], d["n"])
-    return stats_lib.format_ratio(iv, unit="round")
+    return interval_cell(d, unit="round")
 
 
 def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
@@ -734,7 +739,7 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
         row(
             "cold HVPs over initialisations, gradient start ÷ random start [95%], verdict on fewer",
             lambda r: "{} ({})".format(
-                stats_lib.format_ratio(stats_lib.Interval(**r["cold"]["starts_over_seeds"]["gradient_over_random"])),
+                interval_cell(r["cold"]["starts_over_seeds"]["gradient_over_random"]),
                 r["cold"]["starts_over_seeds"]["verdict_fewer"],
             ),
         ),
@@ -756,10 +761,7 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
         row(
             "cold time over initialisations, bnjax / PyHessian [95%], verdict on ≤ 0.5: random start; gradient start",
             lambda r: "; ".join(
-                "{} ({})".format(
-                    stats_lib.format_ratio(stats_lib.Interval(**{k: d[k] for k in ("mean", "low", "high", "n")})),
-                    d["verdict_at_most_target"],
-                )
+                "{} ({})".format(interval_cell(d), d["verdict_at_most_target"])
                 for d in (
                     r["cold"]["starts_over_seeds"]["time"]["random_over_pyhessian"],
                     r["cold"]["starts_over_seeds"]["time"]["gradient_over_pyhessian"],
@@ -819,7 +821,7 @@ def memory_environment() -> dict[str, str | None]:
     ``glibc.malloc.hugetlb=1`` glibc >= 2.35 asks for transparent huge pages on its large allocations) and the
     kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``; None off Linux)."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
         thp = text[text.index("[") + 1 : text.index("]")]
     except (OSError, ValueError):
         thp = None
@@ -837,14 +839,15 @@ def main() -> None:
     note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
     if note:
         print(note)
-    log(f"allocator: {memory_environment()}")
+    memory = memory_environment()
+    log(f"allocator: {memory}")
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
     cases = [tuple(c.split("/")) for c in args.cases.split(",")]
     # PyHessian measures eval mode only (it calls model.eval()), so it is compared on the eval-mode cases.
     results = [run_case(kind, mode, x, y, cfg, note is None and mode == "eval") for kind, mode in cases]
     payload = {
-        "command": (f"GLIBC_TUNABLES={tunables} " if (tunables := os.environ.get("GLIBC_TUNABLES")) else "")
+        "command": (f"GLIBC_TUNABLES={memory['GLIBC_TUNABLES']} " if memory["GLIBC_TUNABLES"] else "")
         + "PYTHONPATH=. python experiments/bench_curvature.py"
         + (" --quick" if args.quick else "")
         + (" --no-peer" if args.no_peer else "")
@@ -854,7 +857,7 @@ def main() -> None:
         "config": dataclasses.asdict(cfg),
         "targets": TARGETS,
         "device": f"{jax.devices()[0].platform}, {jax.device_count()} devices",
-        "memory_environment": memory_environment(),
+        "memory_environment": memory,
         "wall_s": time.perf_counter() - t0,
         "results": results,
         "table": tables(results, note),
