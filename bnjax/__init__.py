@@ -16,6 +16,10 @@ Batch normalization
   train_only_batch_norm                                  -- optimizer for fine-tuning BN scale/bias only
   torch_interop.from_torch / to_torch                    -- PyTorch BN state dicts (NumPy, no torch)
 
+Process settings
+  retain_freed_memory  -- keep freed memory in the process on Linux CPUs (XLA:CPU buffers stop page-faulting);
+                          call it before JAX's first computation (``bnjax.allocator``)
+
 Frameworks
   as_functional, Functional  -- an NNX module or Equinox (model, state) as a linen-style (apply, variables),
                                 the form every model-level helper below takes
@@ -25,8 +29,9 @@ Analysis
   landscape  -- smoothness measures, internal covariate shift, activation statistics, loss slices
 """
 
-from bnjax import curvature, landscape, loops, nnx, torch_interop
+from bnjax import allocator, curvature, landscape, loops, nnx, torch_interop
 from bnjax.adapters import Functional, as_functional
+from bnjax.allocator import retain_freed_memory
 from bnjax.batchnorm import BatchNormState, batch_moments, batch_norm, init_state
 from bnjax.folding import fold_batch_norm
 from bnjax.frozen import train_only_batch_norm
@@ -46,6 +51,7 @@ __all__ = [
     "Moments",
     "NoisyBatchNorm",
     "add_nonstationary_noise",
+    "allocator",
     "as_functional",
     "batch_moments",
     "batch_norm",
@@ -58,6 +64,7 @@ __all__ = [
     "noisy_batch_norm",
     "nnx",
     "precise_batch_stats",
+    "retain_freed_memory",
     "torch_interop",
     "train_only_batch_norm",
 ]

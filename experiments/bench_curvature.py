@@ -1,7 +1,9 @@
 """Curvature speed where batch norm lives: bnjax against PyHessian on a BN conv net and an MLP (MNIST-1D).
 
-Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick] [--no-peer]``. Writes
-``experiments/results/bench_curvature.json`` and prints markdown tables. The PyHessian side needs the optional
+Command: ``PYTHONPATH=. python experiments/bench_curvature.py [--quick] [--no-peer] [--default-malloc]``.
+Writes ``experiments/results/bench_curvature.json`` and prints markdown tables. It calls
+:func:`bnjax.retain_freed_memory` first (removes XLA:CPU's page faults; PyTorch in the same process gains
+too), unless ``--default-malloc``; the payload records the allocator settings. The PyHessian side needs the optional
 extra ``pip install -e '.[peer]'`` (torch + pyhessian); without it that part is skipped with a message.
 
 Models (1000 MNIST-1D training examples, float32):
@@ -816,8 +818,9 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
     return "\n".join(lines)
 
 
-def memory_environment() -> dict[str, str | None]:
-    """The allocator setting that changes every conv-net timing here: ``GLIBC_TUNABLES`` (with
+def memory_environment(retained: bool = False) -> dict[str, Any]:
+    """The allocator settings that change every conv-net timing here: whether
+    :func:`bnjax.retain_freed_memory` ran (``retain_freed_memory``), ``GLIBC_TUNABLES`` (with
     ``glibc.malloc.hugetlb=1`` glibc >= 2.35 asks for transparent huge pages on its large allocations) and the
     kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``; None off Linux)."""
     try:
@@ -825,7 +828,11 @@ def memory_environment() -> dict[str, str | None]:
         thp = text[text.index("[") + 1 : text.index("]")]
     except (OSError, ValueError):
         thp = None
-    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"), "transparent_hugepage": thp}
+    return {
+        "retain_freed_memory": retained,
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+        "transparent_hugepage": thp,
+    }
 
 
 def main() -> None:
@@ -834,12 +841,16 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip the PyHessian comparison")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="e.g. cnn/eval,mlp/eval")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="skip bnjax.retain_freed_memory() (glibc's default settings)"
+    )
     args = parser.parse_args()
+    retained = not args.default_malloc and bnjax.retain_freed_memory()  # first: it must precede JAX's backend
     cfg = PRESETS["quick"] if args.quick else Config()
     note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
     if note:
         print(note)
-    memory = memory_environment()
+    memory = memory_environment(retained)
     log(f"allocator: {memory}")
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
@@ -851,6 +862,7 @@ def main() -> None:
         + "PYTHONPATH=. python experiments/bench_curvature.py"
         + (" --quick" if args.quick else "")
         + (" --no-peer" if args.no_peer else "")
+        + (" --default-malloc" if args.default_malloc else "")
         + (f" --cases {args.cases}" if args.cases != DEFAULT_CASES else "")
         + (f" --out {args.out}" if args.out != OUT else ""),
         "date": datetime.date.today().isoformat(),

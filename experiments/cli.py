@@ -25,6 +25,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bnjax import allocator
 from experiments import EXPERIMENTS, data, report, runtimes
 
 _SCALAR_FORMATS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
@@ -196,6 +197,7 @@ def _experiment_parser(name: str, module: types.ModuleType) -> argparse.Argument
     parser = _Parser(
         prog=prog,
         usage=f"{prog} [{' | '.join('--' + p for p in module.PRESETS)}] [--out DIR [--overwrite]] [--debug] "
+        "[--default-malloc] "
         "[--FIELD VALUE ...]",
         description=f"{runtimes.describe(name)}\n\n{inspect.cleandoc(config_cls.__doc__ or '')}",
         formatter_class=argparse.RawTextHelpFormatter,  # keeps each option's "default: ..." on its own line
@@ -206,6 +208,12 @@ def _experiment_parser(name: str, module: types.ModuleType) -> argparse.Argument
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<name>-<timestamp>/)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (otherwise bnjax.retain_freed_memory() runs first, which "
+        "removes XLA:CPU's page faults on conv nets; results are the same either way)",
+    )
     defaults = config_cls()
     parser.examples = {}
     for field in dataclasses.fields(config_cls):
@@ -319,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = argv[0]
     module = importlib.import_module(EXPERIMENTS[name][0])
     args = _experiment_parser(name, module).parse_args(argv[1:])
+    if not args.default_malloc and not allocator.backend_started():  # in a fresh process only: it must
+        allocator.retain_freed_memory()  # precede JAX's backend, and main() called in-process (tests) skips it
     prog = f"python -m experiments {name}"
     out = None
     try:
