@@ -35,12 +35,13 @@ import ctypes.util
 import platform
 import warnings
 
-__all__ = ["DEFAULT_PAD_BYTES", "backend_started", "retain_freed_memory"]
+__all__ = ["DEFAULT_PAD_BYTES", "backend_started", "retain_freed_memory", "retained"]
 
 DEFAULT_PAD_BYTES = 256 << 20  # 256 MiB: four times the smallest pad that stopped the CNN's faults
 # glibc <malloc.h>: (parameter, value); the pad is appended by retain_freed_memory
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30))
+_STATE = {"retained": False}
 _TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 
 
@@ -87,4 +88,11 @@ def retain_freed_memory(pad_bytes: int = DEFAULT_PAD_BYTES) -> bool:
             stacklevel=2,
         )
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return all([bool(libc.mallopt(param, value)) for param, value in (*_SETTINGS, (_M_TOP_PAD, pad_bytes))])
+    ok = all([bool(libc.mallopt(param, value)) for param, value in (*_SETTINGS, (_M_TOP_PAD, pad_bytes))])
+    _STATE["retained"] = _STATE["retained"] or ok
+    return ok
+
+
+def retained() -> bool:
+    """Whether :func:`retain_freed_memory` has made its settings in this process (recorded by the experiments)."""
+    return _STATE["retained"]

@@ -25,6 +25,8 @@ import jax
 import matplotlib
 import numpy as np
 
+from bnjax import allocator
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
@@ -134,6 +136,7 @@ def write_config(out: pathlib.Path, name: str, config: Any, preset: str | None) 
                 "jax": jax.__version__,
                 "backend": jax.default_backend(),
                 "devices": [str(d) for d in jax.devices()],
+                "retain_freed_memory": allocator.retained(),
             },
         },
     )

@@ -18,6 +18,7 @@ _SCRIPT = """
 import json, resource, sys, warnings
 import bnjax
 applied = bnjax.retain_freed_memory() if sys.argv[1] == "on" else None
+assert bnjax.allocator.retained() is (applied is True)
 import jax, jax.numpy as jnp
 def loss(w, x):
     for k in w:
