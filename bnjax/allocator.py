@@ -63,7 +63,7 @@ def retain_freed_memory(pad_bytes: int = DEFAULT_PAD_BYTES) -> bool:
 
     Args:
       pad_bytes: positive int below 2 GiB: freed bytes the heap always keeps (``M_TOP_PAD``, default 256 MiB;
-        16 MiB left the CNN's faults, 64 MiB removed them).
+        as the only setting, 16 MiB left the CNN's faults and 64 MiB removed them in the process tried).
 
     Returns:
       ``True`` when glibc accepted every setting (Linux with glibc); ``False`` elsewhere, where nothing is
