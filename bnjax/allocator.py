@@ -38,11 +38,11 @@ import warnings
 __all__ = ["DEFAULT_PAD_BYTES", "backend_started", "retain_freed_memory", "retained"]
 
 DEFAULT_PAD_BYTES = 256 << 20  # 256 MiB: four times the smallest pad that stopped the CNN's faults
-# glibc <malloc.h>: (parameter, value); the pad is appended by retain_freed_memory
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30))
+_M_TOP_PAD = -2  # glibc <malloc.h>; its value is retain_freed_memory's pad_bytes
+# The fixed settings: (mallopt parameter from <malloc.h>, GLIBC_TUNABLES name, value).
+_SETTINGS = ((-8, "arena_max", 1), (-3, "mmap_threshold", 32 << 20), (-1, "trim_threshold", 1 << 30))
+_TUNABLES = ":".join(f"glibc.malloc.{name}={value}" for _, name, value in _SETTINGS)
 _STATE = {"retained": False}
-_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 
 
 def backend_started() -> bool:
@@ -88,7 +88,8 @@ def retain_freed_memory(pad_bytes: int = DEFAULT_PAD_BYTES) -> bool:
             stacklevel=2,
         )
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    ok = all([bool(libc.mallopt(param, value)) for param, value in (*_SETTINGS, (_M_TOP_PAD, pad_bytes))])
+    settings = [(param, value) for param, _, value in _SETTINGS] + [(_M_TOP_PAD, pad_bytes)]
+    ok = all([bool(libc.mallopt(param, value)) for param, value in settings])  # a list: every call is made
     _STATE["retained"] = _STATE["retained"] or ok
     return ok
 

@@ -818,7 +818,7 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
     return "\n".join(lines)
 
 
-def memory_environment(retained: bool = False) -> dict[str, Any]:
+def memory_environment() -> dict[str, Any]:
     """The allocator settings that change every conv-net timing here: whether
     :func:`bnjax.retain_freed_memory` ran (``retain_freed_memory``), ``GLIBC_TUNABLES`` (with
     ``glibc.malloc.hugetlb=1`` glibc >= 2.35 asks for transparent huge pages on its large allocations) and the
@@ -829,7 +829,7 @@ def memory_environment(retained: bool = False) -> dict[str, Any]:
     except (OSError, ValueError):
         thp = None
     return {
-        "retain_freed_memory": retained,
+        "retain_freed_memory": bnjax.allocator.retained(),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "transparent_hugepage": thp,
     }
@@ -845,12 +845,13 @@ def main() -> None:
         "--default-malloc", action="store_true", help="skip bnjax.retain_freed_memory() (glibc's default settings)"
     )
     args = parser.parse_args()
-    retained = not args.default_malloc and bnjax.retain_freed_memory()  # first: it must precede JAX's backend
+    if not args.default_malloc:
+        bnjax.retain_freed_memory()  # first: it must precede JAX's backend
     cfg = PRESETS["quick"] if args.quick else Config()
     note = "PyHessian comparison skipped (--no-peer)." if args.no_peer else peer_available()
     if note:
         print(note)
-    memory = memory_environment(retained)
+    memory = memory_environment()
     log(f"allocator: {memory}")
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()

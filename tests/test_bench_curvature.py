@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from bnjax import allocator as bnjax_allocator
 from experiments import bench_curvature as bc
 
 
@@ -73,5 +74,6 @@ def test_memory_environment_reports_the_allocator_setting(monkeypatch) -> None:
     env = bc.memory_environment()
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert env["transparent_hugepage"] in (None, "always", "madvise", "never")
+    assert env["retain_freed_memory"] is bnjax_allocator.retained()
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert bc.memory_environment()["GLIBC_TUNABLES"] is None
