@@ -68,16 +68,24 @@ def _compiled(forward, params, x):
     return {"forward": lambda: fwd(x, params), "forward+backward": lambda: fwd_bwd(x, params)}
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 2, samples: bool = False) -> dict:
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2, samples: bool = False, lead: int = 0) -> dict:
     """Median seconds per call of each zero-argument function, timed round-robin so noise hits all alike
     (after ``warmup`` untimed calls of each, the first of which compiles). With ``samples`` the lists of
-    per-round seconds instead: entry ``i`` of every list comes from the same round, so ratios can be paired."""
+    per-round seconds instead: entry ``i`` of every list comes from the same round, so ratios can be paired.
+
+    ``lead`` untimed calls of a function come right before each of its timed calls, so a timed call never
+    follows another function's call directly. Use it where the functions belong to different frameworks: a
+    JAX gradient of the benchmark's CNN right after a PyTorch call took 21-25 ms against 16-18 ms after one of
+    its own (2 cores; PyTorch's OpenMP workers keep spinning for a while after each operation, and the caches
+    hold the other framework's buffers), which is not how either runs in a user's program."""
     for f in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(f())
     rounds: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            for _ in range(lead):
+                jax.block_until_ready(f())
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             rounds[k].append(time.perf_counter() - t0)

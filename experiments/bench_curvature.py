@@ -23,7 +23,9 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
   program; ``host``: Python-driven) with and without linearization, plus the marginal cost of one more product
   in the default placement (a 15-product solve minus a 5-product one, over 10; both with their own gradient
   timed beside them, 21 interleaved repeats); the two target ratios also per round (paired with the gradient of
-  the same round): geometric mean, 95% interval and the verdict on "at most 1.6";
+  the same round): geometric mean, 95% interval and the verdict on "at most 1.6"; for the BN CNN also the same
+  model with ``flax.linen.BatchNorm`` (the peer for the BN layer; same variables) in the same rounds: its
+  linearized HVP over its gradient, and bnjax's gradient and product over Flax's, per round;
 * cold time to the top eigenvalue at 1e-3 relative to a tight reference (Lanczos to residual 1e-6): the
   fewest iterations that reach 1e-3 for each library (bnjax Lanczos: leading blocks of a decomposition;
   PyHessian power iteration: its Rayleigh quotient sequence from its own random start), then the time of a
@@ -31,7 +33,7 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
   from :func:`bnjax.curvature.gradient_start` (default placement, linearized; the gradient computed inside the
   timed call), with PyHessian's power iteration from the same kind of start counted beside it (its
   ``eigenvalues`` takes no start vector, so that count is not timed);
-* cold-start study: HVPs to 1e-3 from a random start and from the gradient start over 8 model
+* cold-start study: HVPs to 1e-3 from a random start and from the gradient start over 16 model
   initialisations x 2 random vectors (quick: 2 x 1), the ratio per initialisation, its geometric mean with a
   95% interval and the verdict on "fewer products from the gradient"; with the peer (eval mode) also the cold
   time target at every initialisation (bnjax from each start and PyHessian, each with its fewest iterations
@@ -45,6 +47,9 @@ Measured per model and mode, every timing a median of interleaved repeats in thi
   every checkpoint; plain, tracked and both PyHessian runs interleaved, 3 times, medians;
 * per product, both frameworks' own speed on the model: a gradient (JAX ``jit`` / PyTorch ``backward``) and an
   HVP (bnjax linearized / PyHessian's ``hessian_vector_product`` on its kept graph), interleaved;
+* wherever bnjax and PyTorch are timed in the same rounds (cold solves, per product), each timed call comes
+  right after an untimed call of the same function, never right after the other framework's (a JAX gradient
+  of the CNN straight after a PyTorch call took 21-25 ms instead of 16-18 ms);
 * training step time: a plain jitted step against ``experiments.train.full_batch_runner`` with each placement
   (per step, 20-step segments).
 """
@@ -102,7 +107,7 @@ class Config:
     train_segment: int = 20
     rel_tol: float = 1e-3
     seed: int = 0
-    start_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # model initialisations of the cold-start study
+    start_seeds: tuple[int, ...] = tuple(range(16))  # model initialisations of the cold-start study
     start_keys: int = 2  # random start vectors per initialisation
 
 
@@ -128,12 +133,14 @@ def log(msg: str) -> None:
 
 
 class BNCNN(nn.Module):
+    norm: Any = bnjax.BatchNorm  # flax.linen.BatchNorm gives the peer twin (the same variables)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         x = x[..., None]  # (B, 40) -> (B, 40, 1): NWC
-        for _ in range(3):
+        for i in range(3):
             x = nn.Conv(32, (5,), padding="SAME")(x)
-            x = nn.relu(bnjax.BatchNorm(use_running_average=not train)(x))
+            x = nn.relu(self.norm(use_running_average=not train, name=f"BatchNorm_{i}")(x))
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
@@ -373,6 +380,7 @@ def _cold_times(
         },
         cfg.repeats,
         warmup=1,
+        lead=1,  # two frameworks: no timed call right after the other's (see time_interleaved)
     )
     return t, m_peer
 
@@ -397,6 +405,19 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     apply_lin = jax.jit(lambda f, u: f(u))
     auto = loops.resolve_placement("auto", hess, v, params, batch, stats)
     auto_variant = f"{auto}_linearized"
+    # The peer for the BN layer: the same model and variables with flax.linen.BatchNorm, its gradient and
+    # linearized product timed in the same rounds, so the BN layer's share of the ratios shows.
+    twin: dict[str, Callable[[], Any]] = {}
+    if stats is not None:
+        flax_fns = cv.flax_curvature_fns(model.clone(norm=nn.BatchNorm).apply, MODELS[kind][1], bn_mode=mode)
+        flax_hess = cv.hessian_matvec(flax_fns.loss_fn)
+        flax_grad = jax.jit(jax.grad(flax_fns.loss_fn))
+        flax_lin = jax.jit(lambda p: jax.linearize(lambda u: flax_hess(u, p, batch, stats), v)[1])(params)
+        flax_loss_gap = abs(float(flax_fns.loss_fn(params, batch, stats)) - float(loss_fn(params, batch, stats)))
+        twin = {
+            "flax_grad": lambda: flax_grad(params, batch, stats),
+            "flax_hvp_linearized": lambda: apply_lin(flax_lin, v),
+        }
 
     def solve(placement: str, budget: int | None, iters: int) -> Callable[[], Any]:
         return lambda: cv.lanczos_top(
@@ -415,7 +436,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     # Plain products are cheap: many interleaved repeats, so their ratios are not one noisy sample.
     t_rounds = time_interleaved(
         {"grad": lambda: grad(params, batch, stats), "hvp": lambda: hvp(params, v),
-         "hvp_linearized": lambda: apply_lin(lin, v)},
+         "hvp_linearized": lambda: apply_lin(lin, v), **twin},
         cfg.product_repeats,
         warmup=2,
         samples=True,
@@ -460,6 +481,20 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
             for k, iv in intervals.items()
         },
     }
+    if twin:
+        products["flax_batchnorm"] = {
+            "loss_gap": flax_loss_gap,
+            "grad_ms": 1e3 * t["flax_grad"],
+            "linearized_hvp_over_grad": t["flax_hvp_linearized"] / t["flax_grad"],
+            "per_round": {
+                k: stats_lib.ratio_interval(t_rounds[a], t_rounds[b])._asdict()
+                for k, (a, b) in {
+                    "linearized_hvp_over_grad": ("flax_hvp_linearized", "flax_grad"),
+                    "bnjax_over_flax_grad": ("grad", "flax_grad"),
+                    "bnjax_over_flax_hvp": ("hvp_linearized", "flax_hvp_linearized"),
+                }.items()
+            },
+        }
 
     # 2. Cold time to the top eigenvalue at rel_tol of a tight reference.
     ref = cv.lanczos_top(hess, v, params, batch, stats, tol=1e-9, residual_tol=1e-6, max_iters=100)
@@ -540,9 +575,10 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
             },
             cfg.product_repeats,
             warmup=2,
+            lead=1,
         )
         cold["per_product_ms"] = {k: 1e3 * t for k, t in tp.items()}
-    tc = time_interleaved(cold_fns, cfg.repeats, warmup=1)
+    tc = time_interleaved(cold_fns, cfg.repeats, warmup=1, lead=int(peer))
     log("cold solves timed")
     cold["seconds"] = tc
     if peer:
@@ -720,6 +756,17 @@ def tables(results: list[dict[str, Any]], peer_note: str | None) -> str:
                 ("in_solver_marginal_hvp_over_grad", "one more HVP inside `lanczos_top` / gradient"),
             )
         ],
+        row(
+            "same model with `flax.linen.BatchNorm`: linearized HVP / gradient, plain jit, per round [95%]",
+            lambda r: per_round_cell(p(r)["flax_batchnorm"]["per_round"]["linearized_hvp_over_grad"]),
+        ),
+        row(
+            "bnjax ÷ `flax.linen.BatchNorm` in that model, per round [95%]: gradient; linearized HVP",
+            lambda r: "; ".join(
+                per_round_cell(p(r)["flax_batchnorm"]["per_round"][k])
+                for k in ("bnjax_over_flax_grad", "bnjax_over_flax_hvp")
+            ),
+        ),
         row("linearization memory (MiB)", lambda r: f"{p(r)['linearization_mb']:.0f}"),
         *[
             row(

@@ -40,6 +40,27 @@ def test_time_interleaved_samples_are_paired_rounds() -> None:
     assert all(isinstance(v, float) for v in medians.values())
 
 
+def test_time_interleaved_lead_calls_precede_each_timed_call() -> None:
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    rounds = bc.time_interleaved(fns, 2, warmup=0, samples=True, lead=1)
+    assert all(len(v) == 2 for v in rounds.values())
+    assert calls == ["a", "a", "b", "b"] * 2  # no timed call comes right after the other function's
+
+
+def test_cnn_flax_batchnorm_twin_has_the_same_variables_and_outputs() -> None:
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (16, 40))
+    ours, twin = bc.BNCNN(), bc.BNCNN(norm=nn.BatchNorm)
+    variables = ours.init(jax.random.key(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(twin.init(jax.random.key(1), x))
+    for train in (True, False):
+        a = ours.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+        b = twin.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+        np.testing.assert_allclose(np.asarray(jax.tree.leaves(a)[0]), np.asarray(jax.tree.leaves(b)[0]), atol=2e-5)
+
+
 def test_per_round_cell_and_verdict_from_paired_ratios() -> None:
     hvp, grad = np.array([1.5, 1.52, 1.48, 1.5]), np.ones(4)
     iv = bc.stats_lib.ratio_interval(hvp, grad)
