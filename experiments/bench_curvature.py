@@ -385,6 +385,12 @@ def _cold_times(
     return t, m_peer
 
 
+def linearize_at(hess: Callable, v: Any, params: Any, batch: Any, stats: Any) -> Callable:
+    """The linear map ``u -> H u`` at ``params`` (one jitted ``jax.linearize``): applying it runs only the
+    tangent pass, as the solvers' linearized products do."""
+    return jax.jit(lambda p: jax.linearize(lambda u: hess(u, p, batch, stats), v)[1])(params)
+
+
 def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer: bool) -> dict[str, Any]:
     model, _, loss_name = MODELS[kind]
     params, stats, fns = init_model(kind, mode, x, cfg.seed)
@@ -401,7 +407,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
     # 1. Products as plain jitted calls, and inside the solver for every placement and linearization.
     grad = jax.jit(jax.grad(loss_fn))
     hvp = jax.jit(lambda p, u: hess(u, p, batch, stats))
-    lin = jax.jit(lambda p: jax.linearize(lambda u: hess(u, p, batch, stats), v)[1])(params)
+    lin = linearize_at(hess, v, params, batch, stats)
     apply_lin = jax.jit(lambda f, u: f(u))
     auto = loops.resolve_placement("auto", hess, v, params, batch, stats)
     auto_variant = f"{auto}_linearized"
@@ -412,7 +418,7 @@ def run_case(kind: str, mode: str, x: jax.Array, y: jax.Array, cfg: Config, peer
         flax_fns = cv.flax_curvature_fns(model.clone(norm=nn.BatchNorm).apply, MODELS[kind][1], bn_mode=mode)
         flax_hess = cv.hessian_matvec(flax_fns.loss_fn)
         flax_grad = jax.jit(jax.grad(flax_fns.loss_fn))
-        flax_lin = jax.jit(lambda p: jax.linearize(lambda u: flax_hess(u, p, batch, stats), v)[1])(params)
+        flax_lin = linearize_at(flax_hess, v, params, batch, stats)
         flax_loss_gap = abs(float(flax_fns.loss_fn(params, batch, stats)) - float(loss_fn(params, batch, stats)))
         twin = {
             "flax_grad": lambda: flax_grad(params, batch, stats),
