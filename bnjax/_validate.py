@@ -10,28 +10,62 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "params") -> None:
+def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "params", same_dtype: bool = True) -> None:
     """Raise if ``vector`` does not have the pytree structure, shapes and float dtypes of ``params``.
 
+    ``params``' leaves must be floating point (they are differentiated); with ``same_dtype`` each leaf of
+    ``vector`` must have its parameter's dtype (a JVP requires it). Messages name the leaf by its path.
     Runs on abstract values, so it fails at trace time inside ``jit``.
     """
-    p_leaves, p_def = jax.tree.flatten(params)
+    p_with_path, p_def = jax.tree_util.tree_flatten_with_path(params)
     v_leaves, v_def = jax.tree.flatten(vector)
+    if not p_with_path:
+        raise ValueError(f"`{ref}` has no array leaves; there is nothing to differentiate.")
+    for path, p in p_with_path:
+        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+            raise TypeError(
+                f"`{ref}` leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(p)}; every leaf of `{ref}` "
+                "is differentiated, so all must be floating point. Pass integer state (step counters, "
+                "indices) through the function's other arguments instead."
+            )
     if p_def != v_def:  # type: ignore[operator]  # mypy cannot resolve jaxlib's PyTreeDef stub
         raise ValueError(
             f"`{name}` must have the same pytree structure as `{ref}`; got\n  {name}: {v_def}\n  {ref}: {p_def}\n"
             f"Build it with e.g. `jax.tree.map(jnp.zeros_like, {ref})`."
         )
-    for i, (p, v) in enumerate(zip(p_leaves, v_leaves)):
+    for (path, p), v in zip(p_with_path, v_leaves):
+        where = jax.tree_util.keystr(path)
         if jnp.shape(p) != jnp.shape(v):
             raise ValueError(
-                f"`{name}` leaf {i} has shape {jnp.shape(v)} but the matching `{ref}` leaf has shape "
+                f"`{name}` leaf {where} has shape {jnp.shape(v)} but the matching `{ref}` leaf has shape "
                 f"{jnp.shape(p)}; every leaf of `{name}` must match `{ref}` exactly."
             )
-        if not jnp.issubdtype(jnp.result_type(v), jnp.inexact):
-            raise TypeError(f"`{name}` leaf {i} has dtype {jnp.result_type(v)}; a floating dtype is required.")
-    if not p_leaves:
-        raise ValueError(f"`{ref}` has no array leaves; there is nothing to differentiate.")
+        v_dtype, p_dtype = jnp.result_type(v), jnp.result_type(p)
+        if not jnp.issubdtype(v_dtype, jnp.inexact):
+            raise TypeError(f"`{name}` leaf {where} has dtype {v_dtype}; a floating dtype is required.")
+        if same_dtype and v_dtype != p_dtype:
+            raise TypeError(
+                f"`{name}` leaf {where} has dtype {v_dtype} but the matching `{ref}` leaf has {p_dtype}; they "
+                f"must be equal. Build `{name}` from `{ref}` (e.g. `jax.tree.map(jnp.zeros_like, {ref})`) or "
+                "cast it leaf by leaf."
+            )
+
+
+def check_key(key: Any, name: str = "key") -> None:
+    """Raise unless ``key`` is one PRNG key: a typed key array of shape ``()`` (``jax.random.key``) or a raw
+    ``uint32`` key of shape ``(2,)`` (``jax.random.PRNGKey``). Works on abstract values (inside ``jit``)."""
+    dtype, shape = getattr(key, "dtype", None), np.shape(key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        raise ValueError(
+            f"`{name}` must be a single PRNG key; got a key array of shape {shape}. Pass one key (e.g. "
+            f"`jax.random.key(0)`, or one entry of `jax.random.split(...)`)."
+        )
+    if dtype is not None and np.dtype(dtype) == np.uint32 and shape == (2,):
+        return
+    shown = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
+    raise TypeError(f"`{name}` must be a PRNG key such as `jax.random.key(0)`; got {shown}.")
 
 
 def check_positive_int(value: Any, name: str) -> int:

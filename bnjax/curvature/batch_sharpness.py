@@ -39,13 +39,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import loops
-from bnjax._validate import check_positive_int
+from bnjax._validate import check_key, check_positive_int
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     _check_iters,
     _check_start,
     _check_tolerance,
     _driver_and_operator,
+    _rescaled,
     _top_pair,
     random_like,
 )
@@ -271,6 +272,7 @@ def batch_sharpness(
     piece = _GradCurvature(loss_fn)
     driver = loops.driver_for(placement, piece, params, _sample_batch(data, batch_size), args)
     plan = _BatchSharpnessSolve(driver, _Batch(n, batch_size), piece, num_batches, checked_average, str(dtype))
+    check_key(key)
     return driver.run(plan, key, params, data, args)
 
 
@@ -319,7 +321,10 @@ class _BatchLambdaMaxSolve:
 
 
 def _store_top(carry: tuple, i: Any, idx: jax.Array, value, iterations, converged, vector) -> tuple:
-    values, conv, indices, hvps, _ = carry
+    values, conv, indices, hvps, previous = carry
+    # A batch with a NaN/Inf gives a non-finite vector: the next batch starts from the last finite one instead
+    # (else every later batch would be NaN too), and the returned eigenvector is the last finite one.
+    vector = jnp.where(jnp.all(jnp.isfinite(vector)), vector, previous)
     return (
         values.at[i].set(value.astype(values.dtype)), conv.at[i].set(converged), indices.at[i].set(idx),
         hvps + iterations.astype(jnp.int32), vector,
@@ -380,6 +385,7 @@ def batch_lambda_max(
     Returns:
       :class:`BatchLambdaMax`; read ``converged`` before trusting the values.
     """
+    check_key(key)
     n, batch_size, num_batches = _check_batches(data, batch_size, num_batches)
     _check_tolerance(tol, "tol")
     _check_tolerance(residual_tol, "residual_tol")
@@ -390,6 +396,7 @@ def batch_lambda_max(
     driver, op = _driver_and_operator(matvec, v0, (params, example, *args), placement, linearize_budget)
     x0 = op.layout.ravel(v0)
     _check_start(x0)
+    x0 = _rescaled(x0)
     max_iters = _check_iters(max_iters, op.layout.size, "max_iters")
     plan = _BatchLambdaMaxSolve(driver, _Batch(n, batch_size), op, num_batches, max_iters)
     return driver.run(plan, key, x0, params, data, args, tol, residual_tol)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import loops
-from bnjax._validate import check_positive_int
+from bnjax._validate import check_key, check_positive_int, check_scalar
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     LanczosDecomposition,
@@ -118,6 +118,7 @@ def hutchinson_trace(
     """
     num_samples = _check_num_samples(num_samples)
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
+    check_key(key)
     return driver.run(_Hutchinson(op, driver, num_samples), key, params)
 
 
@@ -207,6 +208,7 @@ def hutchinson_diagonal(
     """
     num_samples = _check_num_samples(num_samples)
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
+    check_key(key)
     return driver.run(_HutchinsonDiagonal(op, driver, num_samples), key, params)
 
 
@@ -349,6 +351,7 @@ def hutchpp_trace(
             f"`rank`={rank} exceeds the operator dimension {op.layout.size}: the sketch spans at most n "
             f"directions. Use rank <= {op.layout.size}."
         )
+    check_key(key)
     return driver.run(_HutchPlusPlus(op, driver, rank, num_samples), key, params)
 
 
@@ -365,7 +368,9 @@ class SpectralDensity(NamedTuple):
     dimension: jax.Array  # () int: n, the operator dimension
 
     def smoothed(self, grid: jax.Array, sigma: float) -> jax.Array:
-        """Density on ``grid`` (shape ``(g,)``) with each node replaced by a Gaussian of width ``sigma``; ``(g,)``."""
+        """Density on ``grid`` (shape ``(g,)``) with each node replaced by a Gaussian of width ``sigma`` (``> 0``);
+        ``(g,)``."""
+        check_scalar(sigma, "sigma", low=0.0, low_open=True, hint=" It is the width of each node's Gaussian.")
         z = (grid[:, None, None] - self.nodes[None]) / sigma
         kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
         return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=-1), axis=-1)
@@ -421,4 +426,5 @@ def slq_density(
     num_probes = check_positive_int(num_probes, "num_probes")
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
     num_iters = _check_iters(num_iters, op.layout.size)
+    check_key(key)
     return driver.run(_SLQ(op, driver, num_probes, num_iters), key, params)

@@ -46,7 +46,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from bnjax import loops
-from bnjax._validate import check_positive_int
+from bnjax._validate import check_key, check_positive_int
 from bnjax.curvature.hvp import Matvec
 
 PyTree = Any
@@ -90,24 +90,30 @@ class _Layout:
         if not leaves or sum(math.prod(s) for s in shapes) == 0:
             raise ValueError(f"`{name}` must be a nonempty pytree of arrays (a vector like the parameters).")
         dtypes = tuple(str(jnp.result_type(x)) for x in leaves)
-        dtype = jnp.result_type(*dtypes)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(f"`{name}` must be floating point; got dtype {dtype}.")
-        return _Layout(treedef, shapes, dtypes, str(dtype))
+        if any(d not in ("float32", "float64") for d in dtypes):
+            raise TypeError(
+                f"`{name}` must have float32 or float64 leaves; got dtypes {sorted(set(dtypes))}. The solvers and "
+                "estimators work in the vectors' dtype: bfloat16/float16 cannot resolve their tolerances and "
+                "complex vectors are not supported. Cast the parameters and the vector, e.g. "
+                "`jax.tree.map(lambda x: x.astype(jnp.float32), params)`."
+            )
+        return _Layout(treedef, shapes, dtypes, str(jnp.result_type(*dtypes)))
 
     @property
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
 
     def ravel(self, tree: PyTree) -> jax.Array:
-        leaves = jax.tree.leaves(tree)
-        flat = jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves]) if leaves else jnp.zeros(0)
-        if flat.shape != (self.size,):
+        leaves, treedef = jax.tree.flatten(tree)
+        shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
+        if treedef != self.treedef or shapes != self.shapes:
+            size = sum(math.prod(s) for s in shapes)
             raise ValueError(
-                f"`matvec` returned a vector with {flat.size} entries for an input with {self.size}; it must map "
-                "a pytree like `v0` to a pytree like `v0`. Check that `v0` is shaped like the parameters."
+                f"`matvec` returned a vector with structure {treedef} and leaf shapes {list(shapes)} ({size} "
+                f"entries) for an input with structure {self.treedef} and leaf shapes {list(self.shapes)}; it "
+                "must map a pytree like `v0` to a pytree like `v0`. Check that `v0` is shaped like the parameters."
             )
-        return flat
+        return jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves])
 
     def unravel(self, flat: jax.Array) -> PyTree:
         parts, start = [], 0
@@ -204,11 +210,33 @@ def _check_start(x0: jax.Array, name: str = "v0") -> None:
         )
 
 
+def _check_scalar_shape(value: Any, name: str) -> None:
+    """A solver's scalar argument must be a real number or a scalar array (it may be traced)."""
+    dtype = getattr(value, "dtype", None)
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if dtype is not None:
+        real = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    if not real or np.ndim(value) != 0:
+        shown = f"an array of shape {np.shape(value)} and dtype {dtype}" if dtype is not None else repr(value)
+        raise TypeError(f"`{name}` must be a real scalar (a number or a 0-d array); got {shown}.")
+
+
 def _check_tolerance(value: Any, name: str) -> None:
+    _check_scalar_shape(value, name)
     if loops.is_traced(value):
         return
     if not np.all(np.asarray(value, dtype=np.float64) >= 0):  # also rejects NaN
         raise ValueError(f"`{name}` must be >= 0 (a relative tolerance); got {value!r}.")
+
+
+def _check_eigenvalue0(value: Any) -> Any:
+    """``eigenvalue0`` as given, ``inf`` (no warm start) for None; a real scalar, not NaN."""
+    if value is None:
+        return jnp.inf
+    _check_scalar_shape(value, "eigenvalue0")
+    if not loops.is_traced(value) and np.isnan(np.asarray(value, np.float64)):
+        raise ValueError("`eigenvalue0` is NaN; pass the previous estimate, or inf (or None) for no warm start.")
+    return value
 
 
 def _driver_and_operator(
@@ -232,7 +260,15 @@ def _setup(
     driver, op = _driver_and_operator(matvec, v0, params, placement, linearize_budget)
     x0 = op.layout.ravel(v0)
     _check_start(x0)
-    return driver, op, x0
+    return driver, op, _rescaled(x0)
+
+
+def _rescaled(x: jax.Array) -> jax.Array:
+    """``x`` divided by its largest magnitude when that is outside ``[2**-30, 2**30]`` (else ``x`` itself, bit for
+    bit), so that its 2-norm neither underflows nor overflows (a raw gradient of 1e-22 is a valid start)."""
+    peak = jnp.max(jnp.abs(x))
+    fix = (peak > 0) & jnp.isfinite(peak) & ((peak < 2.0**-30) | (peak > 2.0**30))
+    return x / jnp.where(fix, peak, 1).astype(x.dtype)
 
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -494,6 +530,8 @@ class _LanczosAbsorb:
             theta, vec = thetas[-1], vecs[:, -1]
             res = jnp.where(theta == 0, inf, _safe_div(jnp.abs(betas[j] * vec[j]), jnp.abs(theta)))
             change = jnp.where(jnp.isfinite(s.theta), _safe_div(jnp.abs(theta - s.theta), jnp.abs(theta)), inf)
+            # An invariant Krylov subspace (beta = 0, e.g. the basis is complete) makes the Ritz values exact.
+            change = jnp.where(breakdown & jnp.isfinite(theta), 0, change)
             if self.gap_test:
                 gap = theta - thetas[-2]
                 estimate = jnp.where((j >= 1) & (gap > 0), _safe_div(res**2 * jnp.abs(theta), gap), inf)
@@ -781,7 +819,7 @@ def power_iteration(
       residual_tol: relative residual tolerance (``>= 0``).
       max_iters: maximum number of matvecs (positive int).
       eigenvalue0: previous eigenvalue estimate for a warm start: the first iteration's change is measured
-        against it, so a converged warm start stops after one matvec. ``inf`` (default) means none.
+        against it, so a converged warm start stops after one matvec. ``inf`` (default) or None means none.
       {placement}
 
     Returns:
@@ -791,6 +829,7 @@ def power_iteration(
     _check_tolerance(tol, "tol")
     _check_tolerance(residual_tol, "residual_tol")
     max_iters = check_positive_int(max_iters, "max_iters")
+    eigenvalue0 = _check_eigenvalue0(eigenvalue0)
     driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
     return driver.run(_TopSolve("power", op, driver, None), x0, params, eigenvalue0, tol, residual_tol, max_iters)
 
@@ -890,7 +929,15 @@ class _Smallest:
             shift, used, first = jnp.abs(top.lam), top.i, None
         state = d.call(_power_init, x0, jnp.inf, tol, residual_tol, max_iters, shift, empty)
         s = _power_solve(d, self.op, operands, state, first)
-        return EigenResult(s.lam + s.shift, self.op.layout.unravel(s.x), s.i + used, s.res, d.call(_power_converged, s))
+        return EigenResult(
+            s.lam + s.shift, self.op.layout.unravel(s.x), s.i + used, s.res, d.call(_shifted_converged, s)
+        )
+
+
+def _shifted_converged(s: _PowerState) -> jax.Array:
+    # A positive eigenvalue of A - shift I proves shift < lambda_max: the iteration may then have found the top
+    # of the spectrum instead of the bottom, so the result cannot count as the smallest eigenvalue.
+    return _power_converged(s) & (s.lam <= 0)
 
 
 def smallest_eigenvalue(
@@ -910,7 +957,9 @@ def smallest_eigenvalue(
     largest-magnitude eigenvalue is ``lambda_min - shift``. By default ``shift = |lambda|`` of the largest-
     magnitude eigenvalue, found first by :func:`power_iteration` (its matvecs are counted in ``iterations``).
     Convergence is slow when ``lambda_min`` is close to the next eigenvalues relative to ``shift``; for an
-    accurate bottom of the spectrum prefer ``lanczos(..., which="smallest")``.
+    accurate bottom of the spectrum prefer ``lanczos(..., which="smallest")``. An explicit ``shift`` below
+    ``lambda_max`` can make the iteration find the top of the spectrum instead; a positive eigenvalue of
+    ``A - shift I`` proves that, and ``converged`` is then False.
 
     Args:
       {placement}
@@ -922,6 +971,8 @@ def smallest_eigenvalue(
     _check_tolerance(tol, "tol")
     _check_tolerance(residual_tol, "residual_tol")
     max_iters = check_positive_int(max_iters, "max_iters")
+    if shift is not None:
+        _check_scalar_shape(shift, "shift")
     if shift is not None and not loops.is_traced(shift) and not np.isfinite(np.asarray(shift, np.float64)):
         raise ValueError(f"`shift` must be finite; got {shift!r}.")
     driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
@@ -954,6 +1005,7 @@ def lanczos_top(
     """
     _check_tolerance(tol, "tol")
     _check_tolerance(residual_tol, "residual_tol")
+    eigenvalue0 = _check_eigenvalue0(eigenvalue0)
     driver, op, x0 = _setup(matvec, v0, params, placement, linearize_budget)
     max_iters = _check_iters(max_iters, op.layout.size, "max_iters")
     plan = _TopSolve("lanczos", op, driver, max_iters)
@@ -1032,7 +1084,11 @@ class _LanczosPairs:
 
     def __call__(self, dec: LanczosDecomposition, residual_tol: Any) -> EigenResult:
         m = dec.alphas.shape[0]
-        theta, s = jnp.linalg.eigh(_tridiagonal(dec.alphas, dec.betas))
+        # A NaN/Inf product (a bad batch) stops the decomposition with non-finite coefficients; eigh would then
+        # sort them anywhere and the padding zeros could pass as converged pairs. Such a solve reports NaN.
+        finite = jnp.all(jnp.isfinite(dec.alphas)) & jnp.all(jnp.isfinite(dec.betas))
+        theta, s = jnp.linalg.eigh(_tridiagonal(jnp.where(finite, dec.alphas, 0), jnp.where(finite, dec.betas, 0)))
+        theta = jnp.where(finite, theta, jnp.nan)
         order = jnp.arange(m - 1, m - 1 - self.k, -1) if self.which == "largest" else jnp.arange(self.k)
         theta, s = theta[order], s[:, order]
         vectors = s.T @ dec.basis
@@ -1088,6 +1144,8 @@ for _solver in (power_iteration, power_iteration_topk, smallest_eigenvalue, lanc
 
 def random_like(key: jax.Array, params: PyTree, num: int | None = None) -> PyTree:
     """Standard-normal pytree like ``params`` (float leaves), or ``num`` of them stacked on a leading axis."""
+    check_key(key)
+    _check_float_leaves(params, "params")
     flat, unravel = ravel_pytree(params)
     if num is None:
         return unravel(jax.random.normal(key, flat.shape, flat.dtype))
@@ -1109,13 +1167,23 @@ def gradient_start(key: jax.Array, gradient: PyTree) -> PyTree:
     solver; :class:`~bnjax.curvature.EoSTracker` starts its first measurement this way with
     ``cold_start="gradient"``.
     """
+    check_key(key)
+    _check_float_leaves(gradient, "gradient")
     flat, unravel = ravel_pytree(gradient)
-    if flat.size == 0 or not jnp.issubdtype(flat.dtype, jnp.floating):
-        raise ValueError(
-            "`gradient` must be a pytree of float arrays like the parameters; got "
-            f"{jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), gradient)}."
-        )
     return unravel(_gradient_mix(flat, jax.random.normal(key, flat.shape, flat.dtype)))
+
+
+def _check_float_leaves(tree: PyTree, name: str) -> None:
+    leaves = jax.tree.leaves(tree)
+    if (
+        not leaves
+        or sum(np.size(x) for x in leaves) == 0
+        or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves)
+    ):
+        raise ValueError(
+            f"`{name}` must be a nonempty pytree of float arrays like the parameters; got "
+            f"{jax.tree.map(lambda x: (jnp.shape(x), str(jnp.result_type(x))), tree)}."
+        )
 
 
 def _gradient_mix(gradient: jax.Array, vector: jax.Array) -> jax.Array:

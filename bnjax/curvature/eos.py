@@ -733,7 +733,7 @@ class EoSTracker:
         if opt_state is None:
             raise ValueError(f"The {self.rule.name!r} rule measures preconditioned sharpness: pass `opt_state=`.")
         precond = rule_preconditioner(self.rule, opt_state)
-        check_like(precond, params, name="the preconditioner (the optimizer state's second moment)")
+        check_like(precond, params, name="the preconditioner (the optimizer state's second moment)", same_dtype=False)
         return precond
 
     def _record(self, step: int, loss: jax.Array, pair: _TopPair) -> dict[str, Any]:

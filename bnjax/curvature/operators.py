@@ -177,6 +177,7 @@ def chunked_mean(
       ``sum_c n_c * fn(chunk_c) / N``: full chunks of ``chunk_size`` examples, and if ``N/D`` is not a
       multiple of ``chunk_size/D`` a last chunk of ``D * (N/D mod chunk_size/D)`` examples (the rest of every
       shard). Full chunks run in the chunk loop; the smaller last chunk is one extra call (its shape differs).
+      Integer or bool leaves of ``fn``'s result are averaged in floating point (at least float32).
     """
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     _check_chunk_loop(chunk_loop)
@@ -200,11 +201,12 @@ def chunked_mean(
 
     weight = local_chunk if split else chunk_size  # examples behind each mean
     jaxpr, out_shape = jax.make_jaxpr(lambda: evaluate(0, local_chunk), return_shape=True)()
-    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    # Integer or bool results (a count, an accuracy as a 0/1 mean) are averaged in floating point, not truncated.
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, _mean_dtype(s.dtype)), out_shape)
 
     def body(total: PyTree, i: Any) -> tuple[PyTree, None]:
         chunk_mean = evaluate(i * local_chunk, local_chunk)
-        return jax.tree.map(lambda t, y: t + weight * y, total, chunk_mean), None
+        return jax.tree.map(lambda t, y: t + weight * y.astype(t.dtype), total, chunk_mean), None
 
     if chunk_loop == "auto":
         unroll = num_full <= MAX_UNROLL and jax.default_backend() == "cpu" and loops.has_convolution(jaxpr.jaxpr)
@@ -216,10 +218,15 @@ def chunked_mean(
             total, _ = body(total, i)
     if rest:
         tail = evaluate(num_full * local_chunk, rest)
-        total = jax.tree.map(lambda t, y: t + (rest if split else shards * rest) * y, total, tail)
+        total = jax.tree.map(lambda t, y: t + (rest if split else shards * rest) * y.astype(t.dtype), total, tail)
     if split:  # the one reduction across devices
         total = jax.tree.map(lambda t: jnp.sum(t, axis=0), total)
     return jax.tree.map(lambda t: (t / n).astype(t.dtype), total)
+
+
+def _mean_dtype(dtype: Any) -> Any:
+    """The dtype a mean of ``dtype`` values is accumulated and returned in: ``dtype`` when it is inexact."""
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.promote_types(dtype, jnp.float32)
 
 
 def dataset_loss(
@@ -382,6 +389,16 @@ class FlaxCurvatureFns(NamedTuple):
     per_example: bool = True
 
 
+def _pair(batch: Any) -> tuple[Any, Any]:
+    """``batch`` as the ``(inputs, targets)`` pair of :func:`flax_curvature_fns`, or a ValueError naming it."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    shown = f"an array of shape {jnp.shape(batch)}" if hasattr(batch, "shape") else f"a {type(batch).__name__}"
+    raise ValueError(
+        f"`batch` must be an (inputs, targets) pair, e.g. `(x, y)` with leading axes of the same size; got {shown}."
+    )
+
+
 def flax_curvature_fns(
     apply_fn: Callable[..., Any],
     loss: Callable[[jax.Array, jax.Array], jax.Array],
@@ -412,7 +429,7 @@ def flax_curvature_fns(
         raise ValueError(f"`bn_mode` must be 'train', 'eval' or None (model without batch_stats); got {bn_mode!r}.")
 
     def output_fn(params: PyTree, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
-        inputs = batch[0]
+        inputs = _pair(batch)[0]
         if batch_stats is None:
             flag = {} if bn_mode is None else {train_kwarg: bn_mode == "train"}
             return apply_fn({"params": params}, inputs, **flag)
@@ -430,7 +447,7 @@ def flax_curvature_fns(
 
     def output_loss(outputs: jax.Array, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
         del batch_stats
-        return loss(outputs, batch[1])
+        return loss(outputs, _pair(batch)[1])
 
     def loss_fn(params: PyTree, batch: tuple[Any, Any], batch_stats: PyTree | None) -> jax.Array:
         return output_loss(output_fn(params, batch, batch_stats), batch, batch_stats)

@@ -137,7 +137,7 @@ def internal_covariate_shift(
       :class:`CovariateShiftResult`. Costs one gradient per layer plus one.
     """
     groups = layer_groups(params, layers)
-    check_like(updates, params, name="updates")
+    check_like(updates, params, name="updates", same_dtype=False)
     layer_of = {k: i for i, g in enumerate(groups) for k in g}
     index = jax.tree_util.tree_map_with_path(lambda path, _: layer_of[_key_name(path[0])], params)
     num_layers = len(groups)

@@ -41,7 +41,7 @@ def filter_normalize(direction: PyTree, params: PyTree, *, filter_axis: int = -1
     Returns:
       A pytree like ``params``, in ``direction``'s dtypes.
     """
-    check_like(direction, params, name="direction")
+    check_like(direction, params, name="direction", same_dtype=False)
     if isinstance(filter_axis, bool) or not isinstance(filter_axis, int):
         raise ValueError(f"`filter_axis` must be an int (the axis indexing filters); got {filter_axis!r}.")
     if bias_bn not in ("zero", "weights"):
@@ -87,7 +87,7 @@ def _losses_along(
 ) -> jax.Array:
     """float[K]: ``loss_fn(origin + sum_j coefficients[k, j] * directions[j], batch, *args)`` for every k."""
     for i, d in enumerate(directions):
-        check_like(d, origin, name=f"direction {i}")
+        check_like(d, origin, name=f"direction {i}", same_dtype=False)
 
     def at(c: jax.Array) -> jax.Array:
         point = origin
@@ -111,7 +111,7 @@ def interpolation(
 
     ``loss_fn(params, batch, *args) -> scalar``; ``alphas`` float[K] may extend beyond [0, 1].
     """
-    check_like(params_b, params_a, name="params_b", ref="params_a")
+    check_like(params_b, params_a, name="params_b", ref="params_a", same_dtype=False)
     alphas = _coords(alphas, "alphas")
     return _losses_along(
         loss_fn, params_a, [otu.tree_sub(params_b, params_a)], alphas[:, None], batch, args, chunk_size

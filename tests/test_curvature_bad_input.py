@@ -1,0 +1,191 @@
+"""Bad input to the curvature solvers and estimators: a clear error naming the argument at trace time, or a
+result that says it did not converge, never a silent wrong answer (found by an audit of the public API)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax import curvature as cv
+
+X = jax.random.normal(jax.random.key(0), (16, 3))
+Y = jnp.sin(X[:, :2])
+PARAMS = {"w": 0.5 * jax.random.normal(jax.random.key(1), (3, 2)), "b": jnp.zeros(2)}
+V0 = cv.random_like(jax.random.key(2), PARAMS)
+
+
+def loss_fn(p, batch):
+    x, y = batch
+    return jnp.mean((jnp.tanh(x @ p["w"] + p["b"][None]) - y) ** 2)
+
+
+MV = cv.hessian_matvec(loss_fn)
+
+
+def explicit_hessian(data=(X, Y)):
+    flat, unravel = jax.flatten_util.ravel_pytree(PARAMS)
+    h = jax.hessian(lambda f: loss_fn(unravel(f), data))(flat)
+    return np.linalg.eigvalsh(np.asarray(h, np.float64))
+
+
+def test_lanczos_pairs_of_a_nan_operator_are_nan_and_not_converged():
+    bad = (X.at[3, 0].set(jnp.nan), Y)
+    mv = cv.dataset_hessian_matvec(loss_fn, 5)
+    for run in (cv.lanczos, jax.jit(cv.lanczos, static_argnums=0, static_argnames=("k", "num_iters"))):
+        r = run(mv, V0, PARAMS, bad, k=2, num_iters=6)
+        assert not np.any(np.asarray(r.converged))
+        assert np.all(np.isnan(np.asarray(r.eigenvalue)))
+    clean = cv.lanczos(MV, V0, PARAMS, (X, Y), k=2, num_iters=8)  # the finite case is untouched
+    np.testing.assert_allclose(clean.eigenvalue, explicit_hessian()[::-1][:2], rtol=1e-4)
+    assert np.all(np.asarray(clean.converged))
+
+
+def test_smallest_eigenvalue_with_a_shift_below_lambda_max_is_not_converged():
+    eig = explicit_hessian()
+    assert eig[0] < 0 < eig[-1]
+    for shift in (0.0, jnp.float32(0.0)):
+        r = cv.smallest_eigenvalue(MV, V0, PARAMS, (X, Y), shift=shift, max_iters=300)
+        assert not bool(r.converged)  # it found lambda_max here: a positive shifted value proves shift < lambda_max
+    r = cv.smallest_eigenvalue(MV, V0, PARAMS, (X, Y), shift=2 * eig[-1], max_iters=3000, tol=1e-9)
+    assert bool(r.converged)
+    np.testing.assert_allclose(r.eigenvalue, eig[0], rtol=1e-3)
+
+
+def test_a_complete_krylov_basis_counts_as_converged():
+    n = sum(x.size for x in jax.tree.leaves(PARAMS))
+    r = cv.lanczos_top(MV, V0, PARAMS, (X, Y), max_iters=n, tol=0.0, residual_tol=1e-6)
+    assert bool(r.converged)
+    np.testing.assert_allclose(r.eigenvalue, explicit_hessian()[-1], rtol=1e-5)
+
+
+def test_batch_lambda_max_recovers_after_a_nan_batch():
+    x = jax.random.normal(jax.random.key(3), (64, 3)).at[5, 0].set(jnp.nan)
+    data = (x, jnp.sin(x[:, :2]))
+    r = cv.batch_lambda_max(loss_fn, PARAMS, data, batch_size=8, num_batches=10, key=jax.random.key(4), max_iters=8)
+    vector = jax.flatten_util.ravel_pytree(r.eigenvector)[0]
+    assert np.all(np.isfinite(np.asarray(vector)))
+    hit = np.array([5 in np.asarray(i) for i in np.asarray(r.indices)])
+    assert hit.any() and not hit.all()
+    values = np.asarray(r.eigenvalues)
+    assert np.all(np.isfinite(values[~hit])) and np.all(np.asarray(r.converged)[~hit])
+    assert not np.any(np.asarray(r.converged)[hit])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.complex64])
+def test_solvers_name_unsupported_dtypes(dtype):
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    v0 = jax.tree.map(lambda x: x.astype(dtype), V0)
+    with pytest.raises(TypeError, match=r"`v0` must have float32 or float64 leaves"):
+        cv.lanczos_top(MV, v0, params, (X, Y))
+    with pytest.raises(TypeError, match=r"`like` must have float32 or float64 leaves"):
+        cv.hutchpp_trace(MV, jax.random.key(0), v0, params, (X, Y), rank=2, num_samples=2)
+
+
+def test_start_vector_dtype_must_match_the_parameters():
+    v0 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), V0)
+    with pytest.raises(TypeError, match=r"`vector` leaf \['b'\] has dtype bfloat16 but the matching `params` leaf"):
+        cv.hvp(loss_fn, PARAMS, v0, (X, Y))
+
+
+def test_integer_parameter_leaves_are_named():
+    params = {**PARAMS, "step": jnp.int32(3)}
+    with pytest.raises(TypeError, match=r"`params` leaf \['step'\] has dtype int32"):
+        cv.hvp(loss_fn, params, {**V0, "step": jnp.float32(0)}, (X, Y))
+    with pytest.raises(ValueError, match=r"`params` must be a nonempty pytree of float arrays"):
+        cv.random_like(jax.random.key(0), params)
+    with pytest.raises(ValueError, match=r"nonempty pytree"):
+        cv.random_like(jax.random.key(0), {})
+
+
+@pytest.mark.parametrize("key", [0, np.int32(3), jnp.zeros(3), jax.random.split(jax.random.key(0), 2)])
+def test_keys_are_checked(key):
+    with pytest.raises((TypeError, ValueError), match=r"`key` must be"):
+        cv.hutchinson_trace(MV, key, V0, PARAMS, (X, Y), num_samples=2)
+    with pytest.raises((TypeError, ValueError), match=r"`key` must be"):
+        cv.random_like(key, PARAMS)
+    with pytest.raises((TypeError, ValueError), match=r"`key` must be"):
+        cv.batch_lambda_max(loss_fn, PARAMS, (X, Y), batch_size=4, num_batches=2, key=key, max_iters=8)
+
+
+def test_raw_and_typed_keys_work():
+    for key in (jax.random.PRNGKey(0), jax.random.key(0)):
+        assert np.isfinite(float(cv.hutchinson_trace(MV, key, V0, PARAMS, (X, Y), num_samples=2).trace))
+
+
+def test_scalar_arguments_must_be_scalars():
+    with pytest.raises(TypeError, match=r"`eigenvalue0` must be a real scalar.*shape \(2,\)"):
+        cv.lanczos_top(MV, V0, PARAMS, (X, Y), eigenvalue0=jnp.ones(2), max_iters=8)
+    with pytest.raises(TypeError, match=r"`tol` must be a real scalar.*'1e-4'"):
+        cv.power_iteration(MV, V0, PARAMS, (X, Y), tol="1e-4")
+    with pytest.raises(TypeError, match=r"`residual_tol` must be a real scalar"):
+        cv.lanczos(MV, V0, PARAMS, (X, Y), k=1, num_iters=4, residual_tol=jnp.array([1e-4, 1e-3]))
+    with pytest.raises(TypeError, match=r"`shift` must be a real scalar"):
+        cv.smallest_eigenvalue(MV, V0, PARAMS, (X, Y), shift=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"`eigenvalue0` is NaN"):
+        cv.power_iteration(MV, V0, PARAMS, (X, Y), eigenvalue0=float("nan"))
+    # None means no warm start, as inf does
+    a = cv.lanczos_top(MV, V0, PARAMS, (X, Y), eigenvalue0=None, max_iters=8)
+    b = cv.lanczos_top(MV, V0, PARAMS, (X, Y), max_iters=8)
+    assert float(a.eigenvalue) == float(b.eigenvalue) and int(a.iterations) == int(b.iterations)
+
+
+@pytest.mark.parametrize("scale", [1e-22, 1e22])
+def test_start_vectors_of_extreme_magnitude(scale):
+    v0 = jax.tree.map(lambda x: x * scale, V0)
+    top = cv.lanczos_top(MV, v0, PARAMS, (X, Y), tol=1e-6, residual_tol=1e-4, max_iters=8)
+    power = cv.power_iteration(MV, v0, PARAMS, (X, Y), max_iters=500, tol=1e-7, residual_tol=1e-3)
+    for r in (top, power):
+        assert bool(r.converged)
+        np.testing.assert_allclose(r.eigenvalue, explicit_hessian()[-1], rtol=1e-3)
+
+
+def test_ordinary_start_vectors_are_untouched_bit_for_bit():
+    from bnjax.curvature.eigen import _rescaled
+
+    x = jax.flatten_util.ravel_pytree(V0)[0]
+    assert np.array_equal(np.asarray(_rescaled(x)), np.asarray(x))
+
+
+def test_matvec_returning_another_structure_is_rejected():
+    def swapped(v, p, batch):
+        out = MV(v, p, batch)
+        return {"b": out["w"].reshape(-1)[:2], "w": jnp.concatenate([out["b"], out["w"].reshape(-1)[2:]]).reshape(3, 2)}
+
+    def as_list(v, p, batch):
+        out = MV(v, p, batch)
+        return [out["b"], out["w"]]
+
+    for mv in (as_list,):
+        with pytest.raises(ValueError, match=r"`matvec` returned a vector with structure"):
+            cv.lanczos_top(mv, V0, PARAMS, (X, Y), max_iters=8)
+    r = cv.lanczos_top(swapped, V0, PARAMS, (X, Y), max_iters=8)  # same structure and shapes: the caller's business
+    assert np.isfinite(float(r.eigenvalue))
+
+
+def test_chunked_mean_averages_integer_results_in_float():
+    data = jnp.arange(8)
+    got = cv.chunked_mean(lambda c: jnp.mean(c).astype(jnp.int32), data, 3)  # chunk means 1, 4, 6 (truncated)
+    assert jnp.issubdtype(got.dtype, jnp.floating)
+    np.testing.assert_allclose(got, (3 * 1 + 3 * 4 + 2 * 6) / 8)
+    flags = cv.chunked_mean(lambda c: jnp.all(c < 5), data, 4)  # bool: the share of chunks (weighted)
+    np.testing.assert_allclose(flags, 0.5)
+
+
+def test_flax_loss_needs_an_inputs_targets_pair():
+    model = nn.Dense(2)
+    p = model.init(jax.random.key(0), X)["params"]
+    fns = cv.flax_curvature_fns(model.apply, lambda out, y: jnp.mean((out - y) ** 2), bn_mode=None)
+    np.testing.assert_allclose(fns.loss_fn(p, (X, Y), None), jnp.mean((model.apply({"params": p}, X) - Y) ** 2))
+    for batch in (jnp.concatenate([X[:, :2], Y], 0), {"x": X, "y": Y}, (X,)):
+        with pytest.raises(ValueError, match=r"`batch` must be an \(inputs, targets\) pair"):
+            fns.loss_fn(p, batch, None)
+
+
+def test_smoothed_density_needs_a_positive_width():
+    d = cv.slq_density(MV, jax.random.key(0), V0, PARAMS, (X, Y), num_probes=2, num_iters=4)
+    grid = jnp.linspace(-1, 1, 5)
+    assert np.all(np.isfinite(np.asarray(d.smoothed(grid, 0.1))))
+    for sigma in (0.0, -0.1):
+        with pytest.raises(ValueError, match=r"`sigma`"):
+            d.smoothed(grid, sigma)
