@@ -189,3 +189,41 @@ def test_smoothed_density_needs_a_positive_width():
     for sigma in (0.0, -0.1):
         with pytest.raises(ValueError, match=r"`sigma`"):
             d.smoothed(grid, sigma)
+
+
+def masked_loss(p, x, y):
+    """Square loss over the rows with a finite target: a NaN label gives a finite loss and a NaN gradient."""
+    r = (jnp.tanh(x @ p["w"] + p["b"][None]) - y) ** 2
+    keep = jnp.isfinite(y)
+    return jnp.sum(jnp.where(keep, r, 0.0)) / jnp.sum(keep)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_tracker_recovers_after_a_checkpoint_with_a_nan_gradient(k):
+    tracker = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, k=k, max_iters=8)
+    state = tracker.init(PARAMS, jax.random.key(0))
+    _, state = tracker.measure(state, 0, PARAMS, X, Y)
+    bad, state_bad = tracker.measure(state, 1, PARAMS, X, Y.at[0, 0].set(jnp.nan))
+    assert np.isfinite(bad["loss"]) and not bad["converged"]
+    for leaf in jax.tree.leaves(state_bad):
+        assert np.all(np.isfinite(np.asarray(leaf)))  # the last finite state is kept
+    again, _ = tracker.measure(state_bad, 2, PARAMS, X, Y)
+    assert again["converged"]
+    np.testing.assert_allclose(again["sharpness"], explicit_hessian()[-1], rtol=1e-3)
+
+
+def test_tracker_before_the_first_adam_update_records_no_sharpness():
+    import optax
+
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(PARAMS)
+    tracker = cv.EoSTracker(lambda p, x, y: masked_loss(p, x, y), cv.adam_rule(1e-2), every=1, max_iters=8)
+    state = tracker.init(PARAMS, jax.random.key(0))
+    (value, grads), record, new_state = tracker.value_and_grad(state, 0, PARAMS, X, Y, opt_state=opt_state)
+    assert np.isnan(record["sharpness"]) and record["hvps"] == 0 and not record["converged"]
+    assert new_state is state
+    np.testing.assert_allclose(value, masked_loss(PARAMS, X, Y), rtol=1e-6)
+    updates, opt_state = opt.update(grads, opt_state, PARAMS)
+    params = optax.apply_updates(PARAMS, updates)
+    record, _ = tracker.measure(state, 1, params, X, Y, opt_state=opt_state)
+    assert record["converged"] and record["hvps"] > 0 and record["sharpness"] < 1e5

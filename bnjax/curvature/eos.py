@@ -415,6 +415,22 @@ def adam_preconditioner(
     return jax.tree.map(lambda v: jnp.sqrt(v) + jnp.asarray(eps, v.dtype), second)
 
 
+def _before_first_update(rule: StabilityRule, opt_state: Any) -> bool:
+    """Whether ``opt_state``'s second moment has seen no update yet (``count == 0``, or without a count every
+    ``nu`` is zero): there is no preconditioner yet. False when traced (unknown at trace time)."""
+    names = _ADAM_STATES if rule.preconditioner == "adam" else _RMS_STATES
+    found = [x for x in _second_moment_states(opt_state) if type(x).__name__ in names]
+    if len(found) != 1:
+        return False  # rule_preconditioner reports it
+    state = found[0]
+    try:
+        if "count" in state._fields:
+            return bool(np.all(np.asarray(state.count) == 0))
+        return all(not np.any(np.asarray(n)) for n in jax.tree.leaves(state.nu))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False
+
+
 def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
     """The preconditioner ``P`` that a preconditioned ``rule`` measures with, from ``opt_state``."""
     if not rule.preconditioned:
@@ -758,11 +774,33 @@ class EoSTracker:
         ``record`` is a dict of Python scalars: ``step``, ``loss``, ``sharpness`` (preconditioned for Adam,
         AdamW, RMSProp), ``threshold`` (the rule's :meth:`~StabilityRule.threshold_at` ``step``), ``hvps``
         (Hessian-vector products used), ``residual`` (relative, of the reported eigenpair), ``converged`` (the
-        stopping rule held within ``max_iters``) and ``preconditioned``.
+        stopping rule held within ``max_iters``) and ``preconditioned``. With a preconditioned rule and an
+        ``opt_state`` from before the optimizer's first update (Adam's ``count`` 0, or an RMSProp ``nu`` of
+        zeros) there is no preconditioner yet: the record has ``sharpness`` NaN, ``hvps`` 0 and ``converged``
+        False, and the state is returned unchanged. A checkpoint whose products are not finite (a NaN
+        gradient at a finite loss) records ``converged`` False and also leaves the state unchanged, so the
+        next checkpoint starts from the last finite vector.
         """
-        value, _, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
+        precond = self._preconditioner(opt_state, params)
+        if self._unpreconditioned(opt_state):
+            value, _ = self._value_and_grad(params, args)
+            return self._unmeasured(step, value[0] if self.has_aux else value), state
+        value, _, pair = self._measure(state, params, args, precond)
         loss = value[0] if self.has_aux else value
-        return self._record_all(step, loss, pair), self._next_state(params, pair)
+        return self._record_all(step, loss, pair), self._next_state(state, params, pair)
+
+    def _unpreconditioned(self, opt_state: Any) -> bool:
+        """A preconditioned rule given an optimizer state from before its first update (no preconditioner)."""
+        return self.rule.preconditioned and _before_first_update(self.rule, opt_state)
+
+    def _unmeasured(self, step: int, loss: jax.Array) -> dict[str, Any]:
+        """The record of a checkpoint whose preconditioner does not exist yet: NaN sharpness, no HVPs."""
+        nan = _TopPair(*(jnp.asarray(x) for x in (np.nan, np.nan, 0, np.nan, False, np.nan)))
+        record = self._record(step, loss, nan)
+        if self.k > 1:
+            k = int(self.k)
+            record.update(eigenvalues=[np.nan] * k, residuals=[np.nan] * k, pairs_converged=[False] * k)
+        return record
 
     def _record_all(self, step: int, loss: jax.Array, pair: _TopPair | _TopBlock) -> dict[str, Any]:
         """:meth:`_record` of the top pair, plus with ``k > 1`` every pair's value, residual and convergence."""
@@ -773,11 +811,17 @@ class EoSTracker:
             record["pairs_converged"] = [bool(x) for x in np.asarray(pair.pairs_converged)]
         return record
 
-    def _next_state(self, params: PyTree, pair: _TopPair | _TopBlock) -> TrackerState:
+    def _next_state(self, state: TrackerState, params: PyTree, pair: _TopPair | _TopBlock) -> TrackerState:
+        """The warm start for the next measurement; ``state`` itself when this one was not finite (a NaN
+        gradient or Hessian-vector product at one checkpoint must not leave every later one NaN)."""
         layout = _Layout.of(params, "params")
-        if isinstance(pair, _TopBlock):
-            return TrackerState(jax.vmap(layout.unravel)(pair.vectors), pair.eigenvalues)
-        return TrackerState(layout.unravel(pair.warm), pair.eigenvalue)
+        block = isinstance(pair, _TopBlock)
+        vectors, values = (pair.vectors, pair.eigenvalues) if block else (pair.warm, pair.eigenvalue)
+        if not (bool(jnp.all(jnp.isfinite(vectors))) and bool(jnp.all(jnp.isfinite(values)))):
+            return state
+        if block:
+            return TrackerState(jax.vmap(layout.unravel)(vectors), values)
+        return TrackerState(layout.unravel(vectors), values)
 
     def update(
         self, state: TrackerState, step: int, params: PyTree, *args: Any, opt_state: Any = None
@@ -807,9 +851,14 @@ class EoSTracker:
         if not self.due(step):
             self._check_shards(args)
             return self._value_and_grad(params, args), None, state
-        value, grads, pair = self._measure(state, params, args, self._preconditioner(opt_state, params))
+        precond = self._preconditioner(opt_state, params)
+        if self._unpreconditioned(opt_state):
+            self._check_shards(args)
+            value, grads = self._value_and_grad(params, args)
+            return (value, grads), self._unmeasured(step, value[0] if self.has_aux else value), state
+        value, grads, pair = self._measure(state, params, args, precond)
         loss = value[0] if self.has_aux else value
-        return (value, grads), self._record_all(step, loss, pair), self._next_state(params, pair)
+        return (value, grads), self._record_all(step, loss, pair), self._next_state(state, params, pair)
 
 
 @dataclasses.dataclass(frozen=True)
