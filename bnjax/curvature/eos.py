@@ -815,11 +815,13 @@ class EoSTracker:
         """The warm start for the next measurement; ``state`` itself when this one was not finite (a NaN
         gradient or Hessian-vector product at one checkpoint must not leave every later one NaN)."""
         layout = _Layout.of(params, "params")
-        block = isinstance(pair, _TopBlock)
-        vectors, values = (pair.vectors, pair.eigenvalues) if block else (pair.warm, pair.eigenvalue)
+        if isinstance(pair, _TopBlock):
+            vectors, values = pair.vectors, pair.eigenvalues
+        else:
+            vectors, values = pair.warm, pair.eigenvalue
         if not (bool(jnp.all(jnp.isfinite(vectors))) and bool(jnp.all(jnp.isfinite(values)))):
             return state
-        if block:
+        if isinstance(pair, _TopBlock):
             return TrackerState(jax.vmap(layout.unravel)(vectors), values)
         return TrackerState(layout.unravel(vectors), values)
 
