@@ -12,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax import statistics
@@ -56,13 +57,14 @@ def init_state(
     mean's dtype (float32 by default, as in Flax; a complex dtype for a complex scan carry); the variance
     takes its real counterpart.
     """
-    shape = tuple(feature_shape)
-    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+    shape = (feature_shape,) if isinstance(feature_shape, (int, np.integer)) else tuple(feature_shape)
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
         raise ValueError(f"feature_shape must be a sequence of non-negative ints, got {feature_shape!r}.")
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"dtype must be a floating-point or complex dtype for the running mean, got {dtype!r}.")
     count = jnp.zeros((), jnp.int32) if with_count else None
     nonfinite = jnp.zeros((), jnp.int32) if track_nonfinite else None
+    shape = tuple(int(d) for d in shape)
     mean = jnp.zeros(shape, dtype)
     return BatchNormState(mean, jnp.ones(shape, statistics.real_dtype(mean.dtype)), count, nonfinite)
 
@@ -86,12 +88,15 @@ def _layout(
 ) -> _Layout:
     """``devices``: how many devices' elements are pooled (see :func:`statistics.merged_devices`), so that one
     element per device (``vmap`` over single examples, ``pmap`` with one example per device) is allowed."""
-    if isinstance(axis, int):
+    if isinstance(axis, (int, np.integer)):
         axis = (axis,)
+    if not isinstance(axis, (tuple, list)):
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
     given = []
     for a in axis:
-        if not isinstance(a, int) or isinstance(a, bool):
+        if not isinstance(a, (int, np.integer)) or isinstance(a, (bool, np.bool_)):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        a = int(a)
         if not -x.ndim <= a < x.ndim:
             raise ValueError(
                 f"axis={a} is out of range for an input of rank {x.ndim} (shape {x.shape}); expected an "
@@ -151,7 +156,18 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
         )
     named = [("scale", scale), ("bias", bias)]
     if state is not None:
+        if not isinstance(state, BatchNormState):
+            raise TypeError(
+                f"state must be a BatchNormState (from init_state, or the module's batch_stats); got "
+                f"{type(state).__name__}."
+            )
         named += [("state.mean", state.mean), ("state.var", state.var)]
+        for name, value in named[2:]:
+            if not jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+                raise TypeError(
+                    f"{name} has dtype {jnp.result_type(value)}; running statistics must be floating point (an "
+                    "integer state would truncate every update). Build it with init_state."
+                )
     for name, value in named:
         if value is not None and tuple(jnp.shape(value)) != feature_shape:
             raise ValueError(
@@ -172,6 +188,18 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
                 f"mask of shape {jnp.shape(mask)} would broadcast the input of shape {x.shape} to a larger "
                 "shape; it must be broadcastable to the input shape."
             )
+
+
+def _check_train(train: Any) -> bool:
+    """``train`` as a Python bool; it selects the computation at trace time, so it must be static."""
+    if isinstance(train, (bool, np.bool_)):
+        return bool(train)
+    hint = (
+        " A traced flag cannot select the computation: mark it static (static_argnames)."
+        if isinstance(train, jax.core.Tracer)
+        else ""
+    )
+    raise TypeError(f"`train` must be True or False (a static Python bool); got {train!r}.{hint}")
 
 
 def _check_options(momentum: float | None, epsilon: float, convention: Convention, state) -> None:
@@ -299,7 +327,10 @@ def batch_norm(
         (``n / (n - 1)``), as PyTorch does, and counts batches in ``state.count`` when it is not None.
       mask: optional boolean array broadcastable to ``x``; statistics use the ``True`` elements only (all
         elements are still normalized). If no element is valid (globally), the batch statistics fall back to
-        the running ones, so outputs stay finite and the running statistics stay unchanged.
+        the running ones, so outputs stay finite and the running statistics stay unchanged. With
+        ``state=None`` there are none to fall back to: such a feature gets mean 0 and variance 0, so its
+        outputs are ``x / sqrt(epsilon)`` (times ``scale``, plus ``bias``), finite on purpose so that fully
+        masked padding cannot turn a masked loss's gradient NaN; Flax returns NaN there.
       axis_name: device axis name (or tuple of names) bound by ``pmap``/``shard_map``/``vmap``; statistics are
         an exact count-weighted merge across it. Leave None under plain ``jit`` with sharded arrays.
       axis_index_groups: optional groups of device indices along ``axis_name`` to merge within.
@@ -329,6 +360,7 @@ def batch_norm(
       train mode, mismatched shapes, bad axes or masks, an unknown ``sync`` (see README, "Failure behaviour").
     """
     x = jnp.asarray(x)
+    train = _check_train(train)
     _check_options(momentum, epsilon, convention, state)
     statistics.check_sync(sync)
     devices = statistics.merged_devices(axis_name, axis_index_groups) if train else 1

@@ -2,8 +2,10 @@
 
 In eval mode a BN layer after a linear layer is a per-output-feature affine map, so
 ``BN(W x + b) = (W * k) x + ((b - mean) * k + beta)`` with ``k = gamma / sqrt(var + epsilon)``, scaling the
-kernel's output-feature (last) axis. Flax's ``Dense`` kernel is ``[in, out]`` and ``Conv``'s
-``[*window, in / groups, out]``, so both scale along the last axis (``ConvTranspose`` too).
+kernel's output-feature axis. Flax's ``Dense`` kernel is ``[in, out]``, ``Conv``'s ``[*window, in / groups,
+out]`` and ``ConvTranspose``'s ``[*window, in, out]``: all scale along the last axis. ``ConvTranspose(...,
+transpose_kernel=True)`` stores ``[*window, out, in]``; the variables cannot tell it apart from a plain
+``ConvTranspose`` with as many inputs as outputs, so name such layers in ``transposed_kernels``.
 
 The folded model is the same architecture *without* the folded BN layers and with ``use_bias=True`` on
 the layers they were folded into (a conv without bias gains one). Flax's automatic names (``Conv_0``,
@@ -13,13 +15,13 @@ unchanged and the returned variables fit the BN-free model directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from flax.core import unfreeze
 
-from bnjax._validate import check_scalar
+from bnjax._validate import check_scalar, check_values
 
 Path = str | tuple[str, ...]
 
@@ -29,6 +31,7 @@ def fold_batch_norm(
     pairs: Mapping[Path, Path],
     *,
     epsilon: float | Mapping[Path, float] = 1e-5,
+    transposed_kernels: Collection[Path] = (),
 ) -> dict[str, Any]:
     """Variables of the model with each BN of ``pairs`` folded into its preceding linear layer.
 
@@ -40,6 +43,8 @@ def fold_batch_norm(
         names, e.g. ``{"Conv_0": "BatchNorm_0", "Block_0/Dense_0": "Block_0/BatchNorm_0"}``. The BN must
         act directly on the linear layer's output (nothing in between).
       epsilon: the BN layers' ``epsilon`` (one value, or ``{bn_layer: epsilon}`` for every folded BN).
+      transposed_kernels: linear layers (paths as in ``pairs``) whose kernel is ``[..., out, in]``:
+        ``nn.ConvTranspose(..., transpose_kernel=True)``. Their second-to-last axis is scaled.
 
     Returns:
       New variables: the linear layers' ``kernel`` scaled and ``bias`` replaced (created if absent), in
@@ -49,8 +54,18 @@ def fold_batch_norm(
     Raises:
       ValueError: a path that is missing, a linear layer without a ``kernel``, a BN without ``mean``/``var``,
         a BN whose statistics or parameters (or the linear layer's bias) do not have the kernel's output
-        size (naming both layers and both shapes), or an ``epsilon`` that is not a finite number ``> 0``.
+        size (naming both layers and both shapes), a negative or non-finite ``var``, or an ``epsilon`` that is
+        not a finite number ``> 0``.
     """
+    if isinstance(transposed_kernels, str):
+        transposed_kernels = (transposed_kernels,)
+    transposed = {_split(p) for p in transposed_kernels}
+    unknown = transposed - {_split(p) for p in pairs}
+    if unknown:
+        raise ValueError(
+            f"transposed_kernels names {sorted('/'.join(p) for p in unknown)}, which are not linear layers of "
+            f"`pairs` ({list(pairs)})."
+        )
     for name in ("params", "batch_stats"):
         if name not in variables:
             raise ValueError(f"variables has collections {sorted(variables)}; folding needs {name!r}.")
@@ -65,7 +80,8 @@ def fold_batch_norm(
         if "mean" not in bn_stats or "var" not in bn_stats:
             raise ValueError(f"BN layer {bn_path!r} has batch_stats {sorted(bn_stats)}; expected 'mean' and 'var'.")
         kernel = lin["kernel"]
-        out = kernel.shape[-1]
+        out_axis = kernel.ndim - 2 if _split(linear_path) in transposed else kernel.ndim - 1
+        out = kernel.shape[out_axis]
         if bn_stats["mean"].shape != (out,):
             raise ValueError(
                 f"BN layer {bn_path!r} has statistics of shape {bn_stats['mean'].shape} but linear layer "
@@ -82,6 +98,7 @@ def fold_batch_norm(
                     f"{out} output features (kernel shape {kernel.shape}) and BN layer {bn_path!r} has mean "
                     f"of shape {bn_stats['mean'].shape}; both must be ({out},)."
                 )
+        check_values(bn_stats["var"], f"BN layer {bn_path!r} batch_stats 'var'", low=0.0)
         eps = _epsilon(epsilon, bn_path)
         acc = jnp.promote_types(kernel.dtype, jnp.float32)
         mul = bn_params.get("scale", jnp.ones(out, acc)).astype(acc) * jnp.reciprocal(
@@ -91,8 +108,8 @@ def fold_batch_norm(
         new_bias = (bias.astype(acc) - bn_stats["mean"].astype(acc)) * mul
         if "bias" in bn_params:
             new_bias = new_bias + bn_params["bias"].astype(acc)
-        # Scale the kernel's last (output-feature) axis; explicit reshape, no implicit rank promotion.
-        mul_k = mul.reshape((1,) * (kernel.ndim - 1) + (out,))
+        # Scale the kernel's output-feature axis; explicit reshape, no implicit rank promotion.
+        mul_k = mul.reshape(tuple(out if a == out_axis else 1 for a in range(kernel.ndim)))
         lin["kernel"] = (kernel.astype(acc) * mul_k).astype(kernel.dtype)
         lin["bias"] = new_bias.astype(bias.dtype)
         _delete(params, _split(bn_path))

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from bnjax.batchnorm import Axes, BatchNormState, Convention, batch_norm, init_state
@@ -123,9 +124,11 @@ class BatchNorm(nn.Module):
         are the options specific to ``norm_fn``. Called from a ``@nn.compact`` method.
         """
         x = jnp.asarray(x)
-        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
-        # Shapes only; norm_fn validates the axes themselves with a clear message.
-        feature_shape = tuple(x.shape[a] for a in axes if -x.ndim <= a < x.ndim)
+        axes = (self.axis,) if isinstance(self.axis, (int, np.integer)) else tuple(self.axis)
+        # Shapes only, in ascending axis order as Flax orders them (axis=(2, 1) gives scale (x.shape[1],
+        # x.shape[2])); norm_fn validates the axes themselves with a clear message.
+        in_range = {int(a) % x.ndim for a in axes if isinstance(a, (int, np.integer)) and -x.ndim <= a < x.ndim}
+        feature_shape = tuple(x.shape[a] for a in sorted(in_range))
         fresh = init_state(feature_shape, dtype=jnp.float32 if self.force_float32_reductions else self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         ra_var = self.variable("batch_stats", "var", lambda: fresh.var)

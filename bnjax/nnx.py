@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bnjax.batchnorm import Axes, BatchNormState, Convention, _check_options, batch_norm, init_state
@@ -75,7 +76,7 @@ class BatchNorm(nnx.Module):
         track_nonfinite: bool = False,
     ):
         check_sync(sync)
-        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        shape = (int(num_features),) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
         fresh = init_state(shape, with_count=convention == "torch", track_nonfinite=track_nonfinite)
         _check_options(momentum, epsilon, convention, fresh)
         self.mean = nnx.BatchStat(fresh.mean)

@@ -252,7 +252,10 @@ def _common_shift(count: jax.Array, mean: jax.Array, axis: int | None = None) ->
     count, mean = lax.stop_gradient(count), lax.stop_gradient(mean)
     weighted = count * mean if axis is None else jnp.sum(count * mean, axis=axis)
     n = count if axis is None else jnp.sum(count, axis=axis)
-    return weighted / jnp.maximum(n, 1.0)
+    shift = weighted / jnp.maximum(n, 1.0)
+    # A NaN/Inf on one device must not make x - K* non-finite on every device (as local_moments' shift):
+    # such a feature falls back to the running statistics and its finite elements stay finite.
+    return jnp.where(jnp.isfinite(shift), shift, 0.0)
 
 
 def _gather_merge(local: Moments, names: tuple, group) -> Moments:

@@ -113,3 +113,34 @@ def test_errors():
         fold_batch_norm(variables, {"BatchNorm_0": "BatchNorm_0"})
     with pytest.raises(ValueError, match="batch_stats"):
         fold_batch_norm({"params": variables["params"]}, {"Dense_0": "BatchNorm_0"})
+
+
+class TransposeNet(nn.Module):
+    transpose_kernel: bool
+    with_bn: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.ConvTranspose(4, (3, 3), transpose_kernel=self.transpose_kernel, use_bias=True)(x)
+        return bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)(x) if self.with_bn else x
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_conv_transpose_kernels_fold_along_their_output_axis(transpose_kernel):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))  # as many inputs as outputs: the layouts look alike
+    net = TransposeNet(transpose_kernel)
+    variables = _randomize(net.init(jax.random.key(1), x), 3)
+    named = ("ConvTranspose_0",) if transpose_kernel else ()
+    folded = fold_batch_norm(variables, {"ConvTranspose_0": "BatchNorm_0"}, epsilon=1e-3, transposed_kernels=named)
+    got = TransposeNet(transpose_kernel, with_bn=False).apply(folded, x)
+    np.testing.assert_allclose(got, net.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_rejects_negative_variances_and_unknown_transposed_layers():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    variables = _randomize(TransposeNet(False).init(jax.random.key(1), x), 3)
+    bad = jax.tree_util.tree_map_with_path(lambda p, v: -v if p[-1].key == "var" else v, variables)
+    with pytest.raises(ValueError, match=r"batch_stats 'var'.*>= 0"):
+        fold_batch_norm(bad, {"ConvTranspose_0": "BatchNorm_0"})
+    with pytest.raises(ValueError, match=r"transposed_kernels names \['Conv_9'\]"):
+        fold_batch_norm(variables, {"ConvTranspose_0": "BatchNorm_0"}, transposed_kernels=("Conv_9",))

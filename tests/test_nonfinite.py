@@ -138,6 +138,25 @@ def test_nonfinite_on_one_device_keeps_statistics_on_every_device():
     np.testing.assert_allclose(np.asarray(means)[:, 1:], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sync", ["gather", "allreduce"])
+def test_nonfinite_on_one_device_leaves_the_other_elements_finite(sync):
+    """The merged shift must not carry one device's NaN into every device's x - K*: the feature falls back to
+    the running statistics and only the NaN element itself comes out NaN, as on one device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
+    x = _batch(np.nan, shape=(8, 3), bad=(5, 1))
+
+    def local(x):
+        return bnjax.batch_norm(x, state=STATE, train=True, axis_name="d", sync=sync)[0]
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+    y = np.asarray(jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("d")))))
+    single = np.asarray(bnjax.batch_norm(x, state=STATE, train=True)[0])
+    assert np.isfinite(y).sum() == x.size - 1
+    np.testing.assert_allclose(y, single, rtol=1e-5, atol=1e-6)
+    pm = jax.pmap(lambda a: bnjax.batch_norm(a, state=STATE, train=True, axis_name="d", sync=sync)[0], "d")
+    np.testing.assert_allclose(np.asarray(pm(x.reshape(4, 2, 3))).reshape(8, 3), single, rtol=1e-5, atol=1e-6)
+
+
 class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):

@@ -192,3 +192,41 @@ def test_validation_helpers():
     seen = []
     jax.jit(lambda v: seen.append(check_values(v, "v")) or v)(jnp.ones(2))
     assert seen == [None]  # traced: unknown at trace time, accepted
+
+
+def test_train_flag_and_state_are_checked():
+    for train in (None, 0, "yes"):
+        with pytest.raises(TypeError, match=r"`train` must be True or False"):
+            bnjax.batch_norm(X, state=STATE, train=train)
+    with pytest.raises(TypeError, match=r"mark it static"):
+        jax.jit(lambda x, t: bnjax.batch_norm(x, state=STATE, train=t)[0])(X, True)
+    assert np.array_equal(
+        bnjax.batch_norm(X, state=STATE, train=np.bool_(True))[0], bnjax.batch_norm(X, state=STATE, train=True)[0]
+    )
+    int_state = bnjax.BatchNormState(jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32))
+    with pytest.raises(TypeError, match=r"state.mean has dtype int32; running statistics must be floating"):
+        bnjax.batch_norm(X, state=int_state, train=True)
+    with pytest.raises(TypeError, match=r"state must be a BatchNormState.*dict"):
+        bnjax.batch_norm(X, state={"mean": STATE.mean, "var": STATE.var}, train=True)
+
+
+def test_numpy_integers_as_axes_and_sizes():
+    x = np.random.default_rng(1).standard_normal((8, 4, 3)).astype(np.float32)
+    ref = bnjax.batch_norm(x, state=bnjax.init_state((3,)), train=True, axis=-1)[0]
+    got = bnjax.batch_norm(x, state=bnjax.init_state(np.int64(3)), train=True, axis=np.int64(-1))[0]
+    np.testing.assert_array_equal(got, ref)
+    assert bnjax.init_state(3).mean.shape == (3,)
+    variables = bnjax.BatchNorm(use_running_average=False, axis=np.int64(-1)).init(jax.random.key(0), x)
+    assert variables["params"]["scale"].shape == (3,)
+    assert bnjax.nnx.BatchNorm(np.int64(3), rngs=nnx.Rngs(0))(x).shape == x.shape
+
+
+def test_unsorted_axes_match_flax():
+    x = np.random.default_rng(2).standard_normal((8, 4, 3)).astype(np.float32)
+    ours = bnjax.BatchNorm(use_running_average=False, axis=(2, 1))
+    theirs = nn.BatchNorm(use_running_average=False, axis=(2, 1))
+    v_ours, v_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+    assert v_ours["params"]["scale"].shape == v_theirs["params"]["scale"].shape == (4, 3)
+    y_ours, _ = ours.apply(v_ours, x, mutable=["batch_stats"])
+    y_theirs, _ = theirs.apply(v_theirs, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
