@@ -227,3 +227,60 @@ def test_tracker_before_the_first_adam_update_records_no_sharpness():
     params = optax.apply_updates(PARAMS, updates)
     record, _ = tracker.measure(state, 1, params, X, Y, opt_state=opt_state)
     assert record["converged"] and record["hvps"] > 0 and record["sharpness"] < 1e5
+
+
+def test_injected_hyperparameters_must_match_the_rule():
+    import optax
+
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b2=0.9)
+    state = opt.init(PARAMS)
+    with pytest.raises(ValueError, match=r"has b2=0.9 but the 'adam' rule was built with b2=0.999"):
+        cv.rule_preconditioner(cv.adam_rule(1e-3), state)
+    p = cv.rule_preconditioner(cv.adam_rule(1e-3, b2=0.9), state)  # the matching rule reads it
+    assert jax.tree.structure(p) == jax.tree.structure(PARAMS)
+    rms = optax.inject_hyperparams(optax.rmsprop)(learning_rate=1e-3, decay=0.8).init(PARAMS)
+    with pytest.raises(ValueError, match=r"has decay=0.8"):
+        cv.rule_preconditioner(cv.rmsprop_rule(1e-3), rms)
+
+
+def test_rules_take_scalar_arrays_and_reject_missing_momentum():
+    assert cv.gd_rule(jnp.array(0.1)).threshold_at(0) == pytest.approx(20.0)
+    assert cv.heavy_ball_rule(0.1, jnp.array(0.9)).threshold_at(0) == pytest.approx(38.0)
+    for rule in (cv.heavy_ball_rule, cv.nesterov_rule):
+        with pytest.raises(ValueError, match=r"`beta` must be in \[0, 1\); got None"):
+            rule(0.1, None)
+    with pytest.raises(ValueError, match=r"`eps` must be finite"):
+        cv.adam_rule(1e-3, eps=float("inf"))
+    with pytest.raises(ValueError, match=r"`weight_decay` must be finite"):
+        cv.adamw_rule(1e-3, weight_decay=float("inf"))
+
+
+def test_tracker_names_jit_and_bad_steps():
+    tracker = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, max_iters=8)
+    state = tracker.init(PARAMS, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"run in the Python training loop"):
+        jax.jit(lambda s, p: tracker.measure(s, 0, p, X, Y)[1])(state, PARAMS)
+    with pytest.raises(TypeError, match=r"`step` must be an integer"):
+        tracker.measure(state, 2.7, PARAMS, X, Y)
+    record, _ = tracker.measure(state, np.int64(3), PARAMS, X, Y)
+    assert record["step"] == 3
+
+
+def test_records_of_different_k_and_bad_files(tmp_path):
+    r1 = {"step": 0, "sharpness": 1.0, "converged": True}
+    r3 = {**r1, "eigenvalues": [1.0, 0.5, 0.2]}
+    with pytest.raises(ValueError, match=r"Record 1 has fields"):
+        cv.save_records([r1, r3], tmp_path / "a.npz")
+    with pytest.raises(ValueError, match=r"hold \[2, 3\] eigenvalues"):
+        cv.records_to_arrays([r3, {**r1, "eigenvalues": [1.0, 0.5]}])
+    for name, content in (("e.json", b""), ("d.json", b'{"step": 0}'), ("e.npz", b""), ("c.npz", b"not a zip")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=r"does not hold records saved by save_records"):
+            cv.load_records(path)
+    with pytest.raises(ValueError, match=r"Unsupported suffix '.txt'"):
+        cv.load_records(tmp_path / "r.txt")
+    with pytest.raises(FileNotFoundError):
+        cv.load_records(tmp_path / "missing.json")
+    saved = cv.save_records([r3, r3], tmp_path / "k3.npz")
+    assert cv.load_records(saved) == [r3, r3]

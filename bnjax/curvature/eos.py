@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -179,11 +180,22 @@ def _value_at(value: float | Schedule, step: int, name: str) -> float:
     return out
 
 
+def _number(value: Any) -> Any:
+    """A concrete 0-d real NumPy/JAX array as a Python float (``jnp.array(0.1)`` is a valid rate); else as is."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or np.ndim(value) != 0 or isinstance(value, (np.generic, jax.core.Tracer)):
+        return value
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        return value
+    return float(value)
+
+
 def _check_lr(lr: Any, name: str = "lr") -> float | Schedule:
     """A positive number as a float, or a schedule (callable ``step -> value``), checked at step 0."""
     if callable(lr):
         _value_at(lr, 0, name)
         return lr
+    lr = _number(lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not lr > 0:
         raise ValueError(
             f"The learning rate `{name}` must be a positive number or an optax schedule (a callable step -> lr); "
@@ -193,14 +205,18 @@ def _check_lr(lr: Any, name: str = "lr") -> float | Schedule:
 
 
 def _check_beta(value: Any, name: str) -> float:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
         raise ValueError(f"`{name}` must be in [0, 1); got {value!r}.")
     return float(value)
 
 
 def _check_eps(value: Any, name: str) -> float:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
         raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite; got {value!r}.")
     return float(value)
 
 
@@ -236,7 +252,7 @@ def heavy_ball_rule(lr: float | Schedule, beta: float) -> StabilityRule:
     unit disc through ``z = -1`` when ``p(-1) = 2 + 2 beta - lr a`` turns negative (the other Jury conditions,
     ``p(1) = lr a > 0`` and ``beta < 1``, hold), i.e. when ``a > (2 + 2 beta) / lr``.
     """
-    return StabilityRule("heavy_ball", _check_lr(lr), _momentum_coefficient(beta, False, "beta"))
+    return StabilityRule("heavy_ball", _check_lr(lr), _momentum_coefficient(_check_beta(beta, "beta"), False, "beta"))
 
 
 def nesterov_rule(lr: float | Schedule, beta: float) -> StabilityRule:
@@ -251,7 +267,7 @@ def nesterov_rule(lr: float | Schedule, beta: float) -> StabilityRule:
     ``beta = 0.9``, against ``3.8 / lr`` for heavy ball: the look-ahead makes the method less tolerant of
     curvature). ``beta = 0`` gives gradient descent's ``2 / lr``.
     """
-    return StabilityRule("nesterov", _check_lr(lr), _momentum_coefficient(beta, True, "beta"))
+    return StabilityRule("nesterov", _check_lr(lr), _momentum_coefficient(_check_beta(beta, "beta"), True, "beta"))
 
 
 def rmsprop_rule(
@@ -415,6 +431,27 @@ def adam_preconditioner(
     return jax.tree.map(lambda v: jnp.sqrt(v) + jnp.asarray(eps, v.dtype), second)
 
 
+def _check_step(step: Any) -> int:
+    """``step`` as a Python int: a concrete integer (NumPy and 0-d integer arrays too)."""
+    if isinstance(step, jax.core.Tracer):
+        _check_eager(step)
+    if isinstance(step, (bool, np.bool_)) or not (
+        isinstance(step, (int, np.integer)) or (hasattr(step, "dtype") and jnp.issubdtype(step.dtype, jnp.integer))
+    ):
+        raise TypeError(f"`step` must be an integer (the training step); got {step!r}.")
+    return int(step)
+
+
+def _check_eager(*trees: Any) -> None:
+    """The tracker runs in the Python training loop: it picks its solver per call and returns Python scalars."""
+    if loops.is_traced(*trees):
+        raise TypeError(
+            "EoSTracker's measure/update/value_and_grad run in the Python training loop (they choose the solver "
+            "per call and return records of Python scalars), so they cannot be called inside jax.jit, lax.scan "
+            "or vmap. Jit the training step and call the tracker between steps with concrete values."
+        )
+
+
 def _before_first_update(rule: StabilityRule, opt_state: Any) -> bool:
     """Whether ``opt_state``'s second moment has seen no update yet (``count == 0``, or without a count every
     ``nu`` is zero): there is no preconditioner yet. False when traced (unknown at trace time)."""
@@ -435,9 +472,36 @@ def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
     """The preconditioner ``P`` that a preconditioned ``rule`` measures with, from ``opt_state``."""
     if not rule.preconditioned:
         raise ValueError(f"The {rule.name!r} rule measures plain sharpness; it has no preconditioner.")
+    _check_injected_hyperparams(rule, opt_state)
     return adam_preconditioner(
         opt_state, rule.b2, rule.eps, eps_root=rule.eps_root, eps_in_sqrt=rule.eps_in_sqrt, kind=rule.preconditioner
     )
+
+
+def _check_injected_hyperparams(rule: StabilityRule, opt_state: Any) -> None:
+    """``optax.inject_hyperparams`` states hold the optimizer's ``b2``/``decay``/``eps``: they must be the rule's
+    (a rule built with Adam's default ``b2`` for an optimizer run with ``b2=0.9`` misreads the preconditioner)."""
+    is_injected = lambda x: isinstance(getattr(x, "hyperparams", None), dict) and hasattr(x, "inner_state")
+    names = {"b2": "b2", "eps": "eps", "eps_root": "eps_root"} if rule.preconditioner == "adam" else {}
+    if rule.preconditioner == "rms":
+        names = {"decay": "b2", "eps": "eps"}
+    for node in jax.tree.leaves(opt_state, is_leaf=is_injected):
+        if not is_injected(node):
+            continue
+        for key, field in names.items():
+            if key not in node.hyperparams:
+                continue
+            try:
+                have = float(node.hyperparams[key])
+            except (TypeError, jax.errors.ConcretizationTypeError):
+                continue
+            want = float(getattr(rule, field))
+            if not math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12):
+                rule_arg = "decay" if key == "decay" else key
+                raise ValueError(
+                    f"The optimizer state (optax.inject_hyperparams) has {key}={have:g} but the {rule.name!r} rule "
+                    f"was built with {rule_arg}={want:g}; build the rule with the optimizer's value."
+                )
 
 
 def preconditioned_matvec(matvec: Matvec) -> Matvec:
@@ -645,7 +709,7 @@ class EoSTracker:
 
     def due(self, step: int) -> bool:
         """Whether :meth:`update` and :meth:`value_and_grad` measure at ``step``."""
-        return int(step) % self.every == 0
+        return _check_step(step) % self.every == 0
 
     # -- the functions of the parameters that a measurement needs ------------------------------------------
 
@@ -781,6 +845,8 @@ class EoSTracker:
         gradient at a finite loss) records ``converged`` False and also leaves the state unchanged, so the
         next checkpoint starts from the last finite vector.
         """
+        _check_step(step)
+        _check_eager(state, params)
         precond = self._preconditioner(opt_state, params)
         if self._unpreconditioned(opt_state):
             value, _ = self._value_and_grad(params, args)
@@ -853,6 +919,7 @@ class EoSTracker:
         if not self.due(step):
             self._check_shards(args)
             return self._value_and_grad(params, args), None, state
+        _check_eager(state, params)
         precond = self._preconditioner(opt_state, params)
         if self._unpreconditioned(opt_state):
             self._check_shards(args)
@@ -956,6 +1023,16 @@ def records_to_arrays(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Stack a list of records into a dict of 1-D NumPy arrays (one entry per field)."""
     if not records:
         raise ValueError("No records to convert: was the tracker ever due (step % every == 0)?")
+    fields = set(records[0])
+    for i, r in enumerate(records):
+        if set(r) != fields:
+            raise ValueError(
+                f"Record {i} has fields {sorted(r)} but record 0 has {sorted(fields)}: records of trackers with "
+                "different `k` (or edited records) cannot be stacked; convert or save them separately."
+            )
+    lengths = {len(r["eigenvalues"]) for r in records} if "eigenvalues" in fields else set()
+    if len(lengths) > 1:
+        raise ValueError(f"The records hold {sorted(lengths)} eigenvalues each (trackers of different `k`).")
     return {k: np.asarray([r[k] for r in records]) for k in records[0]}
 
 
@@ -975,12 +1052,25 @@ def save_records(records: list[dict[str, Any]], path: str | Path) -> Path:
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Inverse of :func:`save_records`: a list of dicts of Python scalars."""
     path = Path(path)
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    if path.suffix not in (".json", ".npz"):
+        raise ValueError(f"Unsupported suffix {path.suffix!r} of {path}: records are saved as .json or .npz.")
+    try:
+        if path.suffix == ".json":
+            records = json.loads(path.read_text())
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise ValueError("expected a JSON list of records (dicts)")
+            return records
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        sizes = {len(v) for v in arrays.values() if v.ndim}
+        if not arrays or len(sizes) != 1 or any(v.ndim == 0 for v in arrays.values()):
+            raise ValueError("expected one array per field, all with one entry per record")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} does not hold records saved by save_records: {err}") from err
     # tolist(): a Python scalar from a scalar field, a list from a per-pair field (k > 1)
-    return [{k: v[i].tolist() for k, v in arrays.items()} for i in range(len(next(iter(arrays.values()))))]
+    return [{k: v[i].tolist() for k, v in arrays.items()} for i in range(sizes.pop())]
 
 
 def plot_records(records: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
