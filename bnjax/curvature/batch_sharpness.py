@@ -263,6 +263,7 @@ def batch_sharpness(
     Returns:
       :class:`BatchSharpness`; dtype of the parameters. A 95% interval is about ``estimate ± 1.96 stderr``.
     """
+    check_key(key)
     n, batch_size, num_batches = _check_batches(data, batch_size, num_batches)
     checked_average = _check_average(average)
     leaves = jax.tree.leaves(params)
@@ -272,7 +273,6 @@ def batch_sharpness(
     piece = _GradCurvature(loss_fn)
     driver = loops.driver_for(placement, piece, params, _sample_batch(data, batch_size), args)
     plan = _BatchSharpnessSolve(driver, _Batch(n, batch_size), piece, num_batches, checked_average, str(dtype))
-    check_key(key)
     return driver.run(plan, key, params, data, args)
 
 

@@ -116,9 +116,9 @@ def hutchinson_trace(
       num_samples: number of probes = matvecs (static, >= 2 for a standard error).
       placement, linearize_budget: as in :func:`~bnjax.curvature.power_iteration`.
     """
+    check_key(key)
     num_samples = _check_num_samples(num_samples)
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
-    check_key(key)
     return driver.run(_Hutchinson(op, driver, num_samples), key, params)
 
 
@@ -206,9 +206,9 @@ def hutchinson_diagonal(
     Returns:
       A :class:`DiagonalEstimate` whose fields are pytrees like ``like``.
     """
+    check_key(key)
     num_samples = _check_num_samples(num_samples)
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
-    check_key(key)
     return driver.run(_HutchinsonDiagonal(op, driver, num_samples), key, params)
 
 
@@ -343,6 +343,7 @@ def hutchpp_trace(
       num_samples: probes of the deflated part (static, >= 2 for a standard error).
       placement, linearize_budget: as in :func:`~bnjax.curvature.power_iteration`.
     """
+    check_key(key)
     num_samples = _check_num_samples(num_samples)
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
     rank = check_positive_int(rank, "rank")
@@ -351,7 +352,6 @@ def hutchpp_trace(
             f"`rank`={rank} exceeds the operator dimension {op.layout.size}: the sketch spans at most n "
             f"directions. Use rank <= {op.layout.size}."
         )
-    check_key(key)
     return driver.run(_HutchPlusPlus(op, driver, rank, num_samples), key, params)
 
 
@@ -423,8 +423,8 @@ def slq_density(
     Costs ``num_probes * num_iters`` matvecs; memory ``num_iters * n`` for one basis at a time (probes run
     one after the other). ``placement`` and ``linearize_budget`` as in :func:`~bnjax.curvature.power_iteration`.
     """
+    check_key(key)
     num_probes = check_positive_int(num_probes, "num_probes")
     driver, op = _driver_and_operator(matvec, like, params, placement, linearize_budget, "like")
     num_iters = _check_iters(num_iters, op.layout.size)
-    check_key(key)
     return driver.run(_SLQ(op, driver, num_probes, num_iters), key, params)

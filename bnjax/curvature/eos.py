@@ -478,13 +478,15 @@ def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
     )
 
 
+# Per preconditioner kind: optimizer hyperparameter (inject_hyperparams name) -> the rule's field.
+_INJECTED_FIELDS = {"adam": {"b2": "b2", "eps": "eps", "eps_root": "eps_root"}, "rms": {"decay": "b2", "eps": "eps"}}
+
+
 def _check_injected_hyperparams(rule: StabilityRule, opt_state: Any) -> None:
     """``optax.inject_hyperparams`` states hold the optimizer's ``b2``/``decay``/``eps``: they must be the rule's
     (a rule built with Adam's default ``b2`` for an optimizer run with ``b2=0.9`` misreads the preconditioner)."""
     is_injected = lambda x: isinstance(getattr(x, "hyperparams", None), dict) and hasattr(x, "inner_state")
-    names = {"b2": "b2", "eps": "eps", "eps_root": "eps_root"} if rule.preconditioner == "adam" else {}
-    if rule.preconditioner == "rms":
-        names = {"decay": "b2", "eps": "eps"}
+    names = _INJECTED_FIELDS.get(str(rule.preconditioner), {})
     for node in jax.tree.leaves(opt_state, is_leaf=is_injected):
         if not is_injected(node):
             continue
@@ -497,10 +499,9 @@ def _check_injected_hyperparams(rule: StabilityRule, opt_state: Any) -> None:
                 continue
             want = float(getattr(rule, field))
             if not math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12):
-                rule_arg = "decay" if key == "decay" else key
                 raise ValueError(
                     f"The optimizer state (optax.inject_hyperparams) has {key}={have:g} but the {rule.name!r} rule "
-                    f"was built with {rule_arg}={want:g}; build the rule with the optimizer's value."
+                    f"was built with {key}={want:g}; build the rule with the optimizer's value."
                 )
 
 
