@@ -76,10 +76,30 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """``value`` if it is a Python bool (a static flag), else a ``TypeError`` naming the argument."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False (a static Python bool); got {value!r}.")
-    return value
+    """``value`` as a Python bool (a static flag; NumPy's ``bool_`` too), else a ``TypeError`` naming the argument
+    (with a hint when the value is traced: a flag that selects the computation cannot be)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    hint = (
+        " A traced flag cannot select the computation: mark it static (static_argnames)."
+        if isinstance(value, jax.core.Tracer)
+        else ""
+    )
+    raise TypeError(f"`{name}` must be True or False (a static Python bool); got {value!r}.{hint}")
+
+
+def check_float_tree(tree: Any, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``tree`` is a nonempty pytree of real float arrays."""
+    leaves = jax.tree.leaves(tree)
+    if (
+        not leaves
+        or sum(np.size(x) for x in leaves) == 0
+        or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves)
+    ):
+        raise ValueError(
+            f"`{name}` must be a nonempty pytree of float arrays like the parameters; got "
+            f"{jax.tree.map(lambda x: (jnp.shape(x), str(jnp.result_type(x))), tree)}."
+        )
 
 
 def check_scalar(

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from bnjax import statistics
-from bnjax._validate import check_scalar
+from bnjax._validate import check_bool, check_scalar
 from bnjax.statistics import AxisName, Moments, Sync
 
 Axes = int | Sequence[int]
@@ -176,7 +176,10 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
             )
     if mask is not None:
         if jnp.result_type(mask) != jnp.bool_:
-            raise TypeError(f"mask must be a boolean array, got dtype {jnp.result_type(mask)}.")
+            raise TypeError(
+                f"mask must be a boolean array, got dtype {jnp.result_type(mask)}. Statistics use the True elements "
+                "(a mask selects, it does not weight): pass `mask != 0` for a 0/1 mask."
+            )
         try:
             broadcast = jnp.broadcast_shapes(jnp.shape(mask), x.shape)
         except ValueError:
@@ -188,18 +191,6 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
                 f"mask of shape {jnp.shape(mask)} would broadcast the input of shape {x.shape} to a larger "
                 "shape; it must be broadcastable to the input shape."
             )
-
-
-def _check_train(train: Any) -> bool:
-    """``train`` as a Python bool; it selects the computation at trace time, so it must be static."""
-    if isinstance(train, (bool, np.bool_)):
-        return bool(train)
-    hint = (
-        " A traced flag cannot select the computation: mark it static (static_argnames)."
-        if isinstance(train, jax.core.Tracer)
-        else ""
-    )
-    raise TypeError(f"`train` must be True or False (a static Python bool); got {train!r}.{hint}")
 
 
 def _check_options(momentum: float | None, epsilon: float, convention: Convention, state) -> None:
@@ -360,7 +351,7 @@ def batch_norm(
       train mode, mismatched shapes, bad axes or masks, an unknown ``sync`` (see README, "Failure behaviour").
     """
     x = jnp.asarray(x)
-    train = _check_train(train)
+    train = check_bool(train, "train")
     _check_options(momentum, epsilon, convention, state)
     statistics.check_sync(sync)
     devices = statistics.merged_devices(axis_name, axis_index_groups) if train else 1

@@ -71,7 +71,9 @@ def from_torch(
 
     Raises:
       ValueError: missing or (with ``strict``) unexpected keys, all listed in one message; mismatched
-        shapes; non-finite values; a negative ``running_var`` (the indices are named).
+        shapes; non-finite values or values beyond float32's range; a negative ``running_var`` (the indices are
+        named); a ``num_batches_tracked`` that is not a non-negative integer.
+      TypeError: arrays that do not hold real numbers.
     """
     if convention not in ("flax", "torch"):
         raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
@@ -87,35 +89,60 @@ def from_torch(
             "track_running_stats=False has no running statistics to load; keys with a module prefix "
             "('bn1.weight') must have the prefix stripped; strict=False ignores unexpected keys."
         )
-    mean = np.asarray(state["running_mean"])
-    shape = mean.shape
-    if len(shape) != 1:
-        raise ValueError(f"running_mean must have shape [C], got {shape}.")
-    for key in ("running_var", "weight", "bias"):
-        if key in state and np.shape(state[key]) != shape:
-            raise ValueError(f"{key} has shape {np.shape(state[key])} but running_mean has shape {shape}.")
-    for key in ("running_mean", "running_var", "weight", "bias"):
-        if key in state:
-            bad = np.flatnonzero(~np.isfinite(np.asarray(state[key], np.float64)))
-            if bad.size:
-                raise ValueError(f"{key} has non-finite values at indices {bad[:10].tolist()}.")
-    negative = np.flatnonzero(np.asarray(state["running_var"]) < 0)
-    if negative.size:
-        raise ValueError(
-            f"running_var is negative at indices {negative[:10].tolist()} (e.g. "
-            f"{float(np.asarray(state['running_var'])[negative[0]])!r}); a variance must be >= 0."
-        )
+    _check_channels({k: state[k] for k in ("running_mean", "running_var", "weight", "bias") if k in state})
     f32 = lambda a: jnp.asarray(np.asarray(a), jnp.float32)  # noqa: E731
     params = {}
     if "weight" in state:
         params = {"scale": f32(state["weight"]), "bias": f32(state["bias"])}
-    stats = {"mean": f32(mean), "var": f32(state["running_var"])}
+    stats = {"mean": f32(state["running_mean"]), "var": f32(state["running_var"])}
     if convention == "torch":
-        n = int(np.asarray(state.get("num_batches_tracked", 0)))
-        if not 0 <= n <= np.iinfo(np.int32).max:
+        n = _count(state.get("num_batches_tracked", 0))
+        if n > np.iinfo(np.int32).max:
             raise ValueError(f"num_batches_tracked={n} does not fit bnjax's int32 counter.")
         stats["num_batches_tracked"] = jnp.asarray(n, jnp.int32)
     return {"params": params, "batch_stats": stats}
+
+
+def _check_channels(arrays: Mapping[str, Any]) -> None:
+    """One BN layer's per-channel arrays (the first is the reference): real numbers of one shape ``[C]``, finite
+    and within float32, the variance (``running_var`` or ``var``) non-negative; offending indices named."""
+    first, ref = next(iter(arrays.items()))
+    shape = np.shape(ref)
+    if len(shape) != 1:
+        raise ValueError(f"{first} must have shape [C], got {shape}.")
+    for key, value in arrays.items():
+        if np.shape(value) != shape:
+            raise ValueError(f"{key} has shape {np.shape(value)} but {first} has shape {shape}.")
+        a = np.asarray(value)
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == np.bool_:
+            raise TypeError(f"{key} must hold real numbers, got dtype {a.dtype}.")
+        a = a.astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(a))
+        if bad.size:
+            raise ValueError(f"{key} has non-finite values at indices {bad[:10].tolist()}.")
+        big = np.flatnonzero(np.abs(a) > np.finfo(np.float32).max)
+        if big.size:
+            raise ValueError(
+                f"{key} has values beyond float32's range at indices {big[:10].tolist()} "
+                f"(e.g. {float(a[big[0]])!r}); they would become inf."
+            )
+        if key in ("running_var", "var"):
+            negative = np.flatnonzero(a < 0)
+            if negative.size:
+                raise ValueError(
+                    f"{key} is negative at indices {negative[:10].tolist()} (e.g. {float(a[negative[0]])!r}); "
+                    "a variance must be >= 0."
+                )
+
+
+def _count(value: Any) -> int:
+    """``num_batches_tracked`` as a non-negative Python int (an integer scalar, or a float holding one)."""
+    a = np.asarray(value)
+    whole = a.shape == () and a.dtype != np.bool_ and (np.issubdtype(a.dtype, np.integer) or (
+        np.issubdtype(a.dtype, np.floating) and np.isfinite(a) and float(a) == np.floor(a)))  # fmt: skip
+    if not whole or int(a) < 0:
+        raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {value!r}.")
+    return int(a)
 
 
 def to_torch(
@@ -132,11 +159,25 @@ def to_torch(
       ``running_mean``, ``running_var`` (float32), ``num_batches_tracked`` (int64 scalar) and, when
       ``params`` has them, ``weight`` and ``bias`` (a missing ``scale`` exports as ones, a missing ``bias``
       as zeros, since PyTorch's affine layers have both).
+
+    Raises:
+      ValueError: missing ``mean``/``var`` or keys other than ``scale``/``bias`` in ``params`` (e.g. a whole
+        model's variables), mismatched shapes, non-finite or out-of-float32 values, a negative ``var``, or a
+        ``num_batches_tracked`` that is not a non-negative integer.
     """
+    missing = [k for k in ("mean", "var") if k not in batch_stats]
+    unknown = sorted(set(params) - {"scale", "bias"})
+    if missing or unknown:
+        raise ValueError(
+            f"to_torch takes one BN layer's variables: batch_stats needs 'mean' and 'var' (missing {missing}; "
+            f"given {sorted(batch_stats)}) and params holds only 'scale'/'bias' (unexpected {unknown}). Pass "
+            "variables['params']['bn1'] and variables['batch_stats']['bn1'], not the whole model's."
+        )
+    _check_channels({"mean": batch_stats["mean"], "var": batch_stats["var"], **params})
     mean = np.asarray(batch_stats["mean"], np.float32)
     out = {"running_mean": mean, "running_var": np.asarray(batch_stats["var"], np.float32)}
     n = batch_stats.get("num_batches_tracked", num_batches_tracked)
-    out["num_batches_tracked"] = np.asarray(0 if n is None else n, np.int64)
+    out["num_batches_tracked"] = np.asarray(0 if n is None else _count(n), np.int64)
     if "scale" in params or "bias" in params:
         out["weight"] = np.asarray(params.get("scale", np.ones_like(mean)), np.float32)
         out["bias"] = np.asarray(params.get("bias", np.zeros_like(mean)), np.float32)

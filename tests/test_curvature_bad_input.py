@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bnjax
 from bnjax import curvature as cv
 
 X = jax.random.normal(jax.random.key(0), (16, 3))
@@ -284,3 +285,42 @@ def test_records_of_different_k_and_bad_files(tmp_path):
         cv.load_records(tmp_path / "missing.json")
     saved = cv.save_records([r3, r3], tmp_path / "k3.npz")
     assert cv.load_records(saved) == [r3, r3]
+
+
+def test_tracker_loss_structure_is_checked_against_has_aux():
+    pair_fn = lambda p, batch: (loss_fn(p, batch), {"n": jnp.float32(1.0)})  # noqa: E731
+    cases = (
+        (cv.EoSTracker(loss_fn, cv.gd_rule(0.1), has_aux=True), r"has_aux=True\) needs `loss_fn` to return a pair"),
+        (cv.EoSTracker(pair_fn, cv.gd_rule(0.1)), r"returned a tuple of 2 items, not a scalar loss; pass has_aux"),
+        (
+            cv.EoSTracker(loss_fn, cv.gd_rule(0.1), has_aux=True, chunk_size=4),
+            r"it returned an array of shape \(\)",
+        ),
+    )
+    for tracker, message in cases:
+        state = tracker.init(PARAMS, jax.random.key(0))
+        with pytest.raises(TypeError, match=message):
+            tracker.measure(state, 0, PARAMS, (X, Y))
+        with pytest.raises(TypeError, match=message):
+            tracker.value_and_grad(state, 0, PARAMS, (X, Y))
+    tracker = cv.EoSTracker(pair_fn, cv.gd_rule(0.1), has_aux=True)  # the right structure still works
+    (value, _), record, _ = tracker.value_and_grad(tracker.init(PARAMS, jax.random.key(0)), 0, PARAMS, (X, Y))
+    np.testing.assert_allclose(record["sharpness"], explicit_hessian()[-1], rtol=1e-3)
+    assert float(value[1]["n"]) == 1.0
+
+
+def test_batch_sharpness_rejects_integer_params_like_the_solvers():
+    with pytest.raises(ValueError, match=r"`params` must be a nonempty pytree of float arrays"):
+        cv.batch_sharpness(
+            loss_fn, {"w": jnp.ones((3, 2), jnp.int32), "b": jnp.zeros(2)}, (X, Y), batch_size=4, num_batches=2,
+            key=jax.random.key(0),
+        )  # fmt: skip
+
+
+def test_flags_accept_numpy_bools_and_name_a_traced_one():
+    mv = cv.dataset_hessian_matvec(loss_fn, 4, per_example=np.bool_(False))
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]  # noqa: E731
+    np.testing.assert_allclose(flat(mv(V0, PARAMS, (X, Y))), flat(MV(V0, PARAMS, (X, Y))), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(TypeError, match=r"`train` must be True or False .* mark it static \(static_argnames\)"):
+        jax.jit(lambda x, t: bnjax.batch_norm(x, train=t)[0])(X, True)

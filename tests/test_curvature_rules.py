@@ -4,6 +4,8 @@ learning-rate schedules in the tracker's records."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,64 @@ def test_tracker_rmsprop_sharpness_matches_eigh_and_schedule_thresholds() -> Non
     for r in records:
         assert r["threshold"] == pytest.approx(2.0 / float(schedule(r["step"])), rel=1e-6)
     np.testing.assert_allclose(records[-1]["sharpness"], np.linalg.eigvalsh(d[:, None] * h * d[None])[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_weight_decay_edge_lies_between_the_decayed_and_undecayed_thresholds(seed: int) -> None:
+    """``optax.adamw(mask=...)`` on a coupled quadratic (the mask does not commute with the Hessian, so the
+    dynamics do not separate): below the rule's (decayed) threshold the real optimizer stays bounded, above the
+    undecayed one it diverges, as the warning and ``adamw_rule``'s docstring state."""
+    rule = cv.adamw_rule(LR, B1, eps=EPS, weight_decay=WD)
+    lower, upper = rule.threshold, rule.threshold + rule.decay_coefficient * WD
+    q = np.linalg.qr(np.random.default_rng(seed).normal(size=(4, 4)))[0]
+    shape = q @ np.diag([0.2, 0.5, 0.8, 1.0]) @ q.T  # top eigenvalue 1, every coordinate coupled
+    p = 1.0 + EPS  # P with nu held at 1
+    mask = {"a": True, "b": False}
+
+    def growth(top: float) -> float:
+        opt = optax.chain(
+            optax.scale_by_rms(decay=1.0, eps=EPS, initial_scale=1.0, eps_in_sqrt=False),
+            optax.ema(B1, debias=True),
+            optax.add_decayed_weights(WD, mask=mask),
+            optax.scale_by_learning_rate(LR),
+        )
+        with jax.enable_x64(True):
+            x0 = {"a": jnp.ones(2), "b": jnp.ones(2)}
+            h = jnp.asarray(top * p * shape)
+
+            def step(carry, _):
+                x, state = carry
+                flat, unravel = ravel_pytree(x)
+                updates, state = opt.update(unravel(h @ flat), state, x)
+                x = optax.apply_updates(x, updates)
+                return (x, state), jnp.linalg.norm(ravel_pytree(x)[0])
+
+            _, path = jax.lax.scan(step, (x0, opt.init(x0)), length=600)
+            path = np.asarray(path)
+        if not np.all(np.isfinite(path)):
+            return np.inf  # overflowed: diverged
+        return float(path[-100:].max() / path[200:300].max())
+
+    assert growth(0.97 * lower) < 1e-2
+    assert growth(1.03 * upper) > 1e2
+
+
+def test_a_masked_decay_warns_and_an_unmasked_one_does_not() -> None:
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    rule = cv.adamw_rule(0.01, weight_decay=0.1)
+    for mask, warns in (({"w": True, "b": False}, True), (None, False)):
+        opt = optax.adamw(0.01, weight_decay=0.1, mask=mask)
+        state = opt.update(grads, opt.init(params), params)[1]
+        if warns:
+            with pytest.warns(UserWarning, match=r"optax.masked .* between that threshold and the undecayed one"):
+                cv.rule_preconditioner(rule, state)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                cv.rule_preconditioner(rule, state)
+    opt = optax.adam(0.01)  # Adam has no decay: a mask elsewhere in the chain changes nothing it measures
+    masked = optax.chain(opt, optax.masked(optax.add_decayed_weights(0.1), {"w": True, "b": False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cv.rule_preconditioner(cv.adam_rule(0.01), masked.update(grads, masked.init(params), params)[1])

@@ -17,7 +17,7 @@ from bnjax._validate import check_scalar, check_values
 from bnjax.folding import fold_batch_norm
 from bnjax.noisy import sample_nonstationary_noise
 from bnjax.renorm import batch_renorm
-from bnjax.torch_interop import from_torch
+from bnjax.torch_interop import from_torch, to_torch
 
 X = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
 STATE = bnjax.init_state((3,))
@@ -174,6 +174,33 @@ def test_from_torch_is_strict_and_checks_values():
         from_torch({**state, "running_mean": np.array([np.nan, 0.0, 0.0], np.float32)})
     with pytest.raises(ValueError, match=r"missing keys \['bias'\]"):
         from_torch({k: v for k, v in state.items() if k != "bias"})
+    with pytest.raises(ValueError, match=r"weight has values beyond float32's range at indices \[2\]"):
+        from_torch({**state, "weight": np.array([1.0, 2.0, 1e39])})
+    for count in (2.5, np.array([5, 6]), True, -1):
+        with pytest.raises(ValueError, match=r"num_batches_tracked must be a non-negative integer scalar"):
+            from_torch({**state, "num_batches_tracked": count})
+    assert int(from_torch({**state, "num_batches_tracked": np.float32(7.0)})["batch_stats"]["num_batches_tracked"]) == 7
+    with pytest.raises(TypeError, match=r"bias must hold real numbers, got dtype complex"):
+        from_torch({**state, "bias": np.ones(3, np.complex64)})
+
+
+def test_to_torch_checks_its_input():
+    variables = from_torch(_torch_state())
+    params, stats = variables["params"], variables["batch_stats"]
+    assert sorted(to_torch(params, stats)) == ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    whole = {"params": {"bn1": params}, "batch_stats": {"bn1": stats}}
+    with pytest.raises(ValueError, match=r"batch_stats needs 'mean' and 'var' \(missing \['mean', 'var'\]"):
+        to_torch(whole["params"], whole["batch_stats"])
+    with pytest.raises(ValueError, match=r"unexpected \['kernel'\]"):
+        to_torch({**params, "kernel": np.ones((3, 3))}, stats)
+    with pytest.raises(ValueError, match=r"scale has shape \(4,\) but mean has shape \(3,\)"):
+        to_torch({**params, "scale": np.ones(4)}, stats)
+    with pytest.raises(ValueError, match=r"var is negative at indices \[0\]"):
+        to_torch(params, {**stats, "var": np.array([-1.0, 1.0, 1.0])})
+    with pytest.raises(ValueError, match=r"mean has non-finite values at indices \[1\]"):
+        to_torch(params, {**stats, "mean": np.array([0.0, np.inf, 0.0])})
+    with pytest.raises(ValueError, match=r"num_batches_tracked must be a non-negative integer scalar"):
+        to_torch(params, {k: v for k, v in stats.items() if k != "num_batches_tracked"}, num_batches_tracked=1.5)
 
 
 def test_validation_helpers():

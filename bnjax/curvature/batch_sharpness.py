@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax import loops
-from bnjax._validate import check_key, check_positive_int
+from bnjax._validate import check_float_tree, check_key, check_positive_int
 from bnjax.curvature.eigen import (
     DEFAULT_LINEARIZE_BUDGET,
     _check_iters,
@@ -266,10 +266,8 @@ def batch_sharpness(
     check_key(key)
     n, batch_size, num_batches = _check_batches(data, batch_size, num_batches)
     checked_average = _check_average(average)
-    leaves = jax.tree.leaves(params)
-    if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves):
-        raise TypeError("`params` must be a nonempty pytree of floating-point arrays.")
-    dtype = jnp.result_type(*leaves)
+    check_float_tree(params, "params")
+    dtype = jnp.result_type(*jax.tree.leaves(params))
     piece = _GradCurvature(loss_fn)
     driver = loops.driver_for(placement, piece, params, _sample_batch(data, batch_size), args)
     plan = _BatchSharpnessSolve(driver, _Batch(n, batch_size), piece, num_batches, checked_average, str(dtype))

@@ -46,7 +46,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from bnjax import loops
-from bnjax._validate import check_key, check_positive_int
+from bnjax._validate import check_float_tree, check_key, check_positive_int
 from bnjax.curvature.hvp import Matvec
 
 PyTree = Any
@@ -1145,7 +1145,7 @@ for _solver in (power_iteration, power_iteration_topk, smallest_eigenvalue, lanc
 def random_like(key: jax.Array, params: PyTree, num: int | None = None) -> PyTree:
     """Standard-normal pytree like ``params`` (float leaves), or ``num`` of them stacked on a leading axis."""
     check_key(key)
-    _check_float_leaves(params, "params")
+    check_float_tree(params, "params")
     flat, unravel = ravel_pytree(params)
     if num is None:
         return unravel(jax.random.normal(key, flat.shape, flat.dtype))
@@ -1168,22 +1168,9 @@ def gradient_start(key: jax.Array, gradient: PyTree) -> PyTree:
     ``cold_start="gradient"``.
     """
     check_key(key)
-    _check_float_leaves(gradient, "gradient")
+    check_float_tree(gradient, "gradient")
     flat, unravel = ravel_pytree(gradient)
     return unravel(_gradient_mix(flat, jax.random.normal(key, flat.shape, flat.dtype)))
-
-
-def _check_float_leaves(tree: PyTree, name: str) -> None:
-    leaves = jax.tree.leaves(tree)
-    if (
-        not leaves
-        or sum(np.size(x) for x in leaves) == 0
-        or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves)
-    ):
-        raise ValueError(
-            f"`{name}` must be a nonempty pytree of float arrays like the parameters; got "
-            f"{jax.tree.map(lambda x: (jnp.shape(x), str(jnp.result_type(x))), tree)}."
-        )
 
 
 def _gradient_mix(gradient: jax.Array, vector: jax.Array) -> jax.Array:

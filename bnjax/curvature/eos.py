@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -346,8 +347,10 @@ def adamw_rule(
     is *not* the effective operator ``P^{-1/2} H P^{-1/2} + wd I`` against Adam's threshold (true only for
     ``b1 = 0``): it is ``P^{-1/2} H P^{-1/2} + wd (1 + b1) / (1 - b1) I``, because the gradient enters each step
     with weight ``1 - b1`` and the decay with weight 1. ``lr wd >= 2`` is unstable at any curvature (threshold
-    <= 0). The rule assumes the decay applies to every parameter (no ``mask``); ``weight_decay`` may be a
-    schedule, like ``lr``.
+    <= 0). The rule assumes the decay applies to every parameter. With ``optax.adamw(mask=...)`` the tracker
+    warns: the dynamics no longer separate along eigenvectors, and the edge then lies between this threshold and
+    the undecayed one ``(2 + 2 b1) / ((1 - b1) lr)`` (checked numerically on random quadratics, not proven), so
+    the threshold reported is the lower end. ``weight_decay`` may be a schedule, like ``lr``.
     """
     b1, b2 = _check_beta(b1, "b1"), _check_beta(b2, "b2")
     wd = weight_decay if callable(weight_decay) else _check_eps(weight_decay, "weight_decay")
@@ -366,8 +369,9 @@ _ADAM_STATES = ("ScaleByAdamState",)
 _RMS_STATES = ("ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRStdDevState", "ScaleByRStdDevWithCountState")
 
 
-def _second_moment_states(opt_state: Any) -> list[Any]:
-    names = _ADAM_STATES + _RMS_STATES
+def _second_moment_states(opt_state: Any, kind: str | None = None) -> list[Any]:
+    """The second-moment states inside ``opt_state``: of ``kind`` ("adam" or "rms"), or of both kinds."""
+    names = {"adam": _ADAM_STATES, "rms": _RMS_STATES}.get(str(kind), _ADAM_STATES + _RMS_STATES)
     is_state = lambda x: type(x).__name__ in names
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
@@ -399,11 +403,8 @@ def adam_preconditioner(
     """
     if kind not in (None, "adam", "rms"):
         raise ValueError(f"`kind` must be None, 'adam' or 'rms'; got {kind!r}.")
-    found = _second_moment_states(opt_state)
+    found = _second_moment_states(opt_state, kind)
     wanted = {"adam": "Adam state (optax.adam / adamw)", "rms": "RMSProp state (optax.rmsprop / scale_by_rms)"}
-    if kind is not None:
-        names = _ADAM_STATES if kind == "adam" else _RMS_STATES
-        found = [x for x in found if type(x).__name__ in names]
     if len(found) != 1:
         what = wanted[kind] if kind else "Adam or RMSProp second-moment state"
         seen = sorted({type(x).__name__ for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "_fields"))})
@@ -431,6 +432,28 @@ def adam_preconditioner(
     return jax.tree.map(lambda v: jnp.sqrt(v) + jnp.asarray(eps, v.dtype), second)
 
 
+def _checked_loss(loss_fn: Callable, has_aux: bool) -> Callable:
+    """``loss_fn`` with its output's structure checked against ``has_aux`` at trace time."""
+
+    def loss(*args: Any) -> Any:
+        out = loss_fn(*args)
+        pair = isinstance(out, (tuple, list)) and len(out) == 2
+        if has_aux and not pair:
+            seen = f"an array of shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+            raise TypeError(
+                f"EoSTracker(has_aux=True) needs `loss_fn` to return a pair (loss, aux); it returned {seen}. "
+                "Pass has_aux=False for a loss function that returns the loss alone."
+            )
+        if not has_aux and isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"`loss_fn` returned a {type(out).__name__} of {len(out)} items, not a scalar loss; pass "
+                "has_aux=True if it returns (loss, aux)."
+            )
+        return out
+
+    return loss
+
+
 def _check_step(step: Any) -> int:
     """``step`` as a Python int: a concrete integer (NumPy and 0-d integer arrays too)."""
     if isinstance(step, jax.core.Tracer):
@@ -455,8 +478,7 @@ def _check_eager(*trees: Any) -> None:
 def _before_first_update(rule: StabilityRule, opt_state: Any) -> bool:
     """Whether ``opt_state``'s second moment has seen no update yet (``count == 0``, or without a count every
     ``nu`` is zero): there is no preconditioner yet. False when traced (unknown at trace time)."""
-    names = _ADAM_STATES if rule.preconditioner == "adam" else _RMS_STATES
-    found = [x for x in _second_moment_states(opt_state) if type(x).__name__ in names]
+    found = _second_moment_states(opt_state, rule.preconditioner)
     if len(found) != 1:
         return False  # rule_preconditioner reports it
     state = found[0]
@@ -473,9 +495,26 @@ def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
     if not rule.preconditioned:
         raise ValueError(f"The {rule.name!r} rule measures plain sharpness; it has no preconditioner.")
     _check_injected_hyperparams(rule, opt_state)
+    _warn_masked_decay(rule, opt_state)
     return adam_preconditioner(
         opt_state, rule.b2, rule.eps, eps_root=rule.eps_root, eps_in_sqrt=rule.eps_in_sqrt, kind=rule.preconditioner
     )
+
+
+def _warn_masked_decay(rule: StabilityRule, opt_state: Any) -> None:
+    """Warn when a decayed rule meets ``optax.masked`` state (``optax.adamw(mask=...)``): the threshold assumes
+    the decay on every parameter."""
+    if rule.decay_coefficient == 0.0 or (not callable(rule.weight_decay) and rule.weight_decay == 0.0):
+        return
+    is_masked = lambda x: type(x).__name__ == "MaskedState"
+    if any(is_masked(x) for x in jax.tree.leaves(opt_state, is_leaf=is_masked)):
+        warnings.warn(
+            f"The optimizer state holds an optax.masked state (e.g. optax.adamw(mask=...)), but the {rule.name!r} "
+            "rule's threshold assumes the weight decay on every parameter. With the decay masked, the edge lies "
+            f"between that threshold and the undecayed one, which is {rule.decay_coefficient:g} * weight_decay "
+            "higher: the reported threshold is the lower (conservative) end.",
+            stacklevel=3,
+        )
 
 
 # Per preconditioner kind: optimizer hyperparameter (inject_hyperparams name) -> the rule's field.
@@ -640,6 +679,7 @@ class EoSTracker:
     stopping: Literal["change", "gap"] = "change"
     cold_start: Literal["random", "gradient"] = "random"
     # Built in __post_init__ (set with object.__setattr__: the dataclass is frozen); not compared or shown.
+    _loss: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
     _scalar_loss: Callable[..., jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
     _hessian: Matvec = dataclasses.field(init=False, repr=False, compare=False)
     _hessian_preconditioned: Matvec = dataclasses.field(init=False, repr=False, compare=False)
@@ -676,7 +716,9 @@ class EoSTracker:
         loops.check_placement(self.placement)
         check_linearize_budget(self.linearize_budget)
         # Built once, so that the compiled pieces (keyed on these functions) are reused at every checkpoint.
-        scalar_loss = (lambda *a: self.loss_fn(*a)[0]) if self.has_aux else self.loss_fn
+        checked = _checked_loss(self.loss_fn, self.has_aux)
+        object.__setattr__(self, "_loss", checked)
+        scalar_loss = (lambda *a: checked(*a)[0]) if self.has_aux else checked
         if self.chunk_size is None:
             hessian = hessian_matvec(scalar_loss)
         else:
@@ -735,10 +777,10 @@ class EoSTracker:
         """``params -> (value, grads)`` of the training loss (``value`` is ``(loss, aux)`` with ``has_aux``)."""
         chunk_size = self.chunk_size
         if chunk_size is None:
-            return lambda params: jax.value_and_grad(self.loss_fn, has_aux=self.has_aux)(params, *args)
+            return lambda params: jax.value_and_grad(self._loss, has_aux=self.has_aux)(params, *args)
         data, rest = self._split_data(args)
         return lambda params: dataset_value_and_grad(
-            self.loss_fn,
+            self._loss,
             params,
             data,
             *rest,
