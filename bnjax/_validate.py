@@ -140,10 +140,18 @@ def check_scalar(
         inside = inside and (v > low if low_open else v >= low)
     if high is not None:
         inside = inside and (v < high if high_open else v <= high)
+    shown = value if isinstance(value, (int, float)) else v
     if not inside:
-        shown = value if isinstance(value, (int, float)) else v
         kind = "finite number" if finite else "number"
         raise ValueError(f"`{name}`={shown!r} is out of range: expected a {kind} in {interval}.{hint}")
+    if finite and abs(v) > _FLOAT32_MAX:
+        raise ValueError(
+            f"`{name}`={shown!r} is beyond float32's range (|value| <= 3.4e38): it would become inf in float32 "
+            f"computations.{hint}"
+        )
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_values(
@@ -166,3 +174,43 @@ def check_values(
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"`{name}` must be {need} everywhere; entry {first} is {arr[first].item()!r}.{hint}")
     return arr
+
+
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{leaf path: shape}`` of a pytree (paths as ``jax.tree_util.keystr`` writes them)."""
+    return {
+        jax.tree_util.keystr(path): tuple(jnp.shape(x)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_variables(variables: Any, expected: dict[str, dict[str, tuple[int, ...]]], owner: str) -> None:
+    """Raise unless ``variables`` is a mapping whose collections have the leaf paths and shapes of
+    ``expected`` (``{collection: tree_shapes(...)}``; an empty collection may be left out)."""
+    if not hasattr(variables, "keys") or not hasattr(variables, "__getitem__"):
+        raise TypeError(f"{owner}: `variables` must be a dict like {sorted(expected)}; got {type(variables).__name__}.")
+    for name, want in expected.items():
+        if name not in variables:
+            if not want:
+                continue
+            raise ValueError(
+                f"{owner}: `variables` has collections {sorted(variables)} but the model needs {sorted(expected)}; "
+                f"'{name}' is missing."
+            )
+        got = tree_shapes(variables[name])
+        if got == want:
+            continue
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [(k, got[k], want[k]) for k in want if k in got and got[k] != want[k]]
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing leaves {missing[:5]}" if missing else "",
+                f"unexpected leaves {extra[:5]}" if extra else "",
+                ", ".join(f"{k} has shape {g}, expected {w}" for k, g, w in wrong[:5]),
+            )
+            if part
+        )
+        raise ValueError(
+            f"{owner}: `variables['{name}']` does not fit this model ({detail}). Pass variables of this model "
+            "(e.g. its Functional's `variables`, updated), not another one's."
+        )

@@ -31,6 +31,7 @@ import jax
 from flax import nnx
 
 from bnjax import nnx as bnjax_nnx
+from bnjax._validate import check_bool, check_variables, tree_shapes
 from bnjax.precise import write_dict_stats
 from bnjax.statistics import Moments
 from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
@@ -115,6 +116,10 @@ class _NNXApply:
     def __init__(self, graphdef, params, stats, rest, call):
         self.graphdef, self.params, self.stats, self.rest = graphdef, params, stats, rest
         self.call = call
+        self.shapes = {
+            "params": tree_shapes(nnx.to_pure_dict(params)),
+            "batch_stats": tree_shapes(nnx.to_pure_dict(stats)),
+        }
 
     @classmethod
     def functional(cls, model: nnx.Module, call) -> Functional:
@@ -125,6 +130,7 @@ class _NNXApply:
 
     def merge(self, variables: dict[str, PyTree]) -> nnx.Module:
         """A new module holding ``variables`` (the templates from ``nnx.split`` are copied, not changed)."""
+        check_variables(variables, self.shapes, "as_functional(nnx_model)")
         params = jax.tree.map(lambda v: v, self.params)
         nnx.replace_by_pure_dict(params, variables["params"])
         stats = jax.tree.map(lambda v: v, self.stats)
@@ -137,6 +143,7 @@ class _NNXApply:
     def run_tapped(self, select, variables, inputs, *, train: bool, mutable: Any = False) -> TappedRun:
         """The forward pass with each callable submodule that ``select(path, layer)`` picks wrapped in a
         :class:`_Tap` that records its input; the wrappers are removed before the state is read back."""
+        check_bool(train, "train")
         model = self.merge(variables)
         if train:
             model.train()

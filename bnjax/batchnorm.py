@@ -141,8 +141,8 @@ def _layout(
             f"batch norm in train mode needs more than one element per feature, but the input of shape "
             f"{x.shape} with feature axes {feature_axes} has exactly one"
             + (f" per ghost batch (virtual_batch_size={virtual_batch_size})" if group_size else "")
-            + ": the variance would be 0 and every output would equal the bias. Use a larger batch or "
-            "eval mode (use_running_average=True)."
+            + ": the variance would be 0 and every output would equal the bias. Use a larger batch, or eval "
+            "mode with the running statistics (use_running_average=True, and test_local_stats=False where set)."
         )
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     return _Layout(feature_axes, reduction_axes, feature_shape, group_size)
@@ -193,8 +193,13 @@ def _check_inputs(x, scale, bias, state, mask, feature_shape):
             )
 
 
-def _check_options(momentum: float | None, epsilon: float, convention: Convention, state) -> None:
+def _check_options(momentum: float | None, epsilon: float, convention: Convention, state, dtype: Any = None) -> None:
     """Trace-time checks of the hyper-parameters shared by :func:`batch_norm` and :func:`bnjax.batch_renorm`."""
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"dtype (the output dtype) must be a floating-point or complex dtype, got {np.dtype(dtype)}: a "
+            "normalized output cast to integers would be truncated to a few values."
+        )
     if convention not in ("flax", "torch"):
         raise ValueError(f'convention must be "flax" or "torch", got {convention!r}.')
     if momentum is None:
@@ -352,7 +357,7 @@ def batch_norm(
     """
     x = jnp.asarray(x)
     train = check_bool(train, "train")
-    _check_options(momentum, epsilon, convention, state)
+    _check_options(momentum, epsilon, convention, state, dtype)
     statistics.check_sync(sync)
     devices = statistics.merged_devices(axis_name, axis_index_groups) if train else 1
     layout = _layout(x, axis, virtual_batch_size, train, devices)

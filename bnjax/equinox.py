@@ -28,9 +28,10 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from bnjax._validate import check_scalar
+from bnjax._validate import check_bool, check_scalar, check_variables, tree_shapes
 from bnjax.batchnorm import BatchNormState, batch_norm
 from bnjax.statistics import Moments, Sync, check_sync
 from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
@@ -106,8 +107,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "averages, which blocks the gradient through the batch statistics and destabilizes training "
                 "(equinox#659). Use mode='batch' (the default)."
             )
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        if isinstance(input_size, (bool, np.bool_)) or not isinstance(input_size, (int, np.integer)) or input_size < 1:
             raise ValueError(f"input_size must be a positive int (the number of channels), got {input_size!r}.")
+        input_size = int(input_size)
         check_scalar(eps, "eps", low=0.0, low_open=True, hint=" It keeps 1/sqrt(var + eps) finite.")
         check_scalar(
             momentum,
@@ -128,6 +130,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"got {axis_name!r}."
             ) from None
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"dtype (of weight, bias and the running averages) must be a real float dtype, got {np.dtype(dtype)}."
+            )
         shape = (input_size,)
         self.weight = jnp.ones(shape, dtype) if channelwise_affine else None
         self.bias = jnp.zeros(shape, dtype) if channelwise_affine else None
@@ -222,8 +228,9 @@ def functional(model: eqx.Module, state: eqx.nn.State, *, call=None, axis_name: 
             f"{type(state).__name__}. Build both with eqx.nn.make_with_state(Model)(...)."
         )
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    apply = _EquinoxApply(static, call or (lambda m, x, s: m(x, s)), axis_name)
-    return Functional(apply, {"params": params, "batch_stats": state}, apply.rebuild)
+    variables = {"params": params, "batch_stats": state}
+    apply = _EquinoxApply(static, call or (lambda m, x, s: m(x, s)), axis_name, variables)
+    return Functional(apply, variables, apply.rebuild)
 
 
 class _EquinoxApply:
@@ -232,10 +239,12 @@ class _EquinoxApply:
 
     framework = Framework("equinox", eqx.Module, (eqx.nn.Linear, eqx.nn.Conv), 1)
 
-    def __init__(self, static, call, axis_name):
+    def __init__(self, static, call, axis_name, variables):
         self.static, self.call, self.axis_name = static, call, axis_name
+        self.shapes = {name: tree_shapes(tree) for name, tree in variables.items()}
 
     def rebuild(self, variables):
+        check_variables(variables, self.shapes, "as_functional(equinox_model, state)")
         return eqx.combine(variables["params"], self.static), variables["batch_stats"]
 
     def __call__(self, variables, inputs, *, train: bool, mutable: Any = False):
@@ -244,6 +253,8 @@ class _EquinoxApply:
     def run_tapped(self, select, variables, inputs, *, train: bool, mutable: Any = False) -> TappedRun:
         """The vmapped forward pass with each callable submodule that ``select(path, layer)`` picks wrapped in
         a :class:`_Tap`. The inputs are recorded per example inside the ``vmap`` and returned by it, stacked."""
+        check_bool(train, "train")
+        check_variables(variables, self.shapes, "as_functional(equinox_model, state)")
         model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static), value=not train)
         nodes = _submodules(model)
         found: list[tuple[tuple[str, ...], Any, bool]] = []  # (path, layer, input is an array), in call order

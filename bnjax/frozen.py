@@ -54,7 +54,8 @@ def batch_norm_param_labels(variables: Mapping[str, Any]) -> Any:
     """A tree shaped like ``variables["params"]``: ``"batch_norm"`` on BN layers' params, else ``"frozen"``.
 
     Raises:
-      ValueError: when ``variables`` has no ``params`` or no ``batch_stats`` (nothing marks the BN layers).
+      ValueError: when ``variables`` has no ``params`` or no ``batch_stats`` (nothing marks the BN layers), or
+        no BN layer is found (e.g. ``nnx.State`` objects instead of nested dicts).
     """
     for name in ("params", "batch_stats"):
         if name not in variables:
@@ -74,7 +75,17 @@ def batch_norm_param_labels(variables: Mapping[str, Any]) -> Any:
         is_bn = isinstance(node, Mapping) and "mean" in node and "var" in node
         return BATCH_NORM if is_bn else FROZEN
 
-    return jax.tree_util.tree_map_with_path(label, variables["params"])
+    labels = jax.tree_util.tree_map_with_path(label, variables["params"])
+    if BATCH_NORM not in jax.tree.leaves(labels):
+        raise ValueError(
+            "no BN layer found: no module path in 'params' holds 'mean' and 'var' in 'batch_stats', so every "
+            "parameter would be frozen. Pass the model's variables as nested dicts: linen's variables, or "
+            "bnjax.as_functional(nnx_model).variables for NNX (not nnx.State objects); Equinox models are not "
+            "labelled (freeze with eqx.partition and optax.multi_transform). Got "
+            f"params of type {type(variables['params']).__name__} and batch_stats of type "
+            f"{type(variables['batch_stats']).__name__}."
+        )
+    return labels
 
 
 def train_only_batch_norm(

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
@@ -213,6 +214,8 @@ def scan_steps(
     call per step; ``"auto"``: host on CPU when ``step`` contains a convolution (see :func:`resolve_placement`).
     ``step`` is static (hashed by identity): build it once and reuse it, so that both placements compile once.
     """
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"`length` (the number of steps) must be a positive int; got {length!r}.")
     driver = driver_for(placement, step, carry, *operands)
     if driver.on_host:
         return driver.scan(step, carry, length, *operands)

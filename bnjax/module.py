@@ -124,12 +124,29 @@ class BatchNorm(nn.Module):
         are the options specific to ``norm_fn``. Called from a ``@nn.compact`` method.
         """
         x = jnp.asarray(x)
-        axes = (self.axis,) if isinstance(self.axis, (int, np.integer)) else tuple(self.axis)
+        if isinstance(self.axis, (int, np.integer)):
+            axes: tuple = (self.axis,)
+        elif isinstance(self.axis, (tuple, list)):
+            axes = tuple(self.axis)
+        else:
+            raise ValueError(f"axis must be an int or a tuple of ints (the feature axes); got {self.axis!r}.")
         # Shapes only, in ascending axis order as Flax orders them (axis=(2, 1) gives scale (x.shape[1],
         # x.shape[2])); norm_fn validates the axes themselves with a clear message.
         in_range = {int(a) % x.ndim for a in axes if isinstance(a, (int, np.integer)) and -x.ndim <= a < x.ndim}
         feature_shape = tuple(x.shape[a] for a in sorted(in_range))
         fresh = init_state(feature_shape, dtype=jnp.float32 if self.force_float32_reductions else self.param_dtype)
+        if (
+            self.convention == "torch"
+            and self.has_variable("batch_stats", "mean")
+            and not self.has_variable("batch_stats", "num_batches_tracked")
+        ):
+            raise ValueError(
+                f"{self.name or type(self).__name__}: batch_stats has 'mean' and 'var' but no 'num_batches_tracked', "
+                'which convention="torch" keeps (the cumulative average of momentum=None weighs by it; a counter '
+                "created at 0 would replace the loaded statistics). These look like the variables of a "
+                'convention="flax" layer, whose variance is the biased one: load PyTorch state with '
+                "bnjax.torch_interop.from_torch, or add num_batches_tracked explicitly."
+            )
         ra_mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         ra_var = self.variable("batch_stats", "var", lambda: fresh.var)
         count = nonfinite = None

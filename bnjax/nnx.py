@@ -37,7 +37,8 @@ class BatchNorm(nnx.Module):
       running statistics, ``scale`` and ``bias`` to one dtype (``dtype`` when given). Pass it (or any function
       of ``((x, mean, var, scale, bias), dtype=...)`` returning such a tuple) to get that casting; the
       batch statistics are still reduced in float32 or wider, the running variance stays real, and the
-      running-statistics update, made in the promoted dtype, is stored in at least its variable's dtype.
+      running statistics are updated from their stored values (not the promoted copies, as in Flax: a
+      bfloat16 copy would round small increments away), in at least the variable's dtype.
     * ``bias_metadata`` / ``scale_metadata``: metadata of the ``nnx.Param`` variables, as in Flax.
 
     Extra arguments: ``convention``, ``virtual_batch_size``, ``sync`` (the
@@ -76,9 +77,17 @@ class BatchNorm(nnx.Module):
         track_nonfinite: bool = False,
     ):
         check_sync(sync)
-        shape = (int(num_features),) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
+        is_int = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))  # noqa: E731
+        if is_int(num_features):
+            shape: tuple[int, ...] = (int(num_features),)  # type: ignore[arg-type]  # narrowed by is_int
+        elif isinstance(num_features, (tuple, list)) and num_features and all(is_int(n) for n in num_features):
+            shape = tuple(int(n) for n in num_features)
+        else:
+            raise TypeError(
+                f"num_features must be an int (or a tuple of ints for several feature axes); got {num_features!r}."
+            )
         fresh = init_state(shape, with_count=convention == "torch", track_nonfinite=track_nonfinite)
-        _check_options(momentum, epsilon, convention, fresh)
+        _check_options(momentum, epsilon, convention, fresh, dtype)
         self.mean = nnx.BatchStat(fresh.mean)
         self.var = nnx.BatchStat(fresh.var)
         self.num_batches_tracked = None if fresh.count is None else nnx.BatchStat(fresh.count)
@@ -117,8 +126,11 @@ class BatchNorm(nnx.Module):
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         if self.promote_dtype is not None:
-            x, mean, var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
-            var = jnp.real(var)  # the variance is real even where promotion made everything complex
+            x, p_mean, p_var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
+            if use_running_average:  # eval normalizes with the promoted statistics, as Flax does
+                mean, var = p_mean, jnp.real(p_var)  # the variance is real even where promotion made all complex
+            # Train mode updates the running statistics from the stored values, as Flax's NNX BatchNorm does: from
+            # a bfloat16 copy, small increments would round away and the averages stall.
         y, new = batch_norm(
             x,
             scale,

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from bnjax._validate import check_scalar
+from bnjax._validate import check_key, check_scalar
 from bnjax.batchnorm import Axes, BatchNormState, _layout, batch_norm
 from bnjax.module import BatchNorm
 
@@ -76,7 +77,13 @@ def sample_nonstationary_noise(
       ``unit_mean``/``unit_std`` of the feature shape.
     """
     _check_magnitudes(n_mu, n_sigma, r_mu, r_sigma)
-    shape = tuple(shape)
+    check_key(key)
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"`shape` must be a sequence of non-negative ints, e.g. (N, C); got {shape!r}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a real float dtype (the noise is continuous); got {np.dtype(dtype)}.")
+    shape = tuple(int(d) for d in dims)
     layout = _layout(jax.ShapeDtypeStruct(shape, dtype), axis, None, train=False)
     bshape = [1] * len(shape)
     for a, s in zip(layout.feature_axes, layout.feature_shape):
@@ -106,8 +113,8 @@ def add_nonstationary_noise(
     Draws in float32 (or ``y``'s dtype if wider) and returns ``y``'s shape and dtype.
     """
     y = jnp.asarray(y)
-    if not jnp.issubdtype(y.dtype, jnp.inexact):
-        raise TypeError(f"y must be a floating-point array, got dtype {y.dtype}.")
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError(f"y must be a real floating-point array, got dtype {y.dtype}.")
     acc = jnp.promote_types(y.dtype, jnp.float32)
     noise = sample_nonstationary_noise(
         key, y.shape, axis=axis, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma, dtype=acc
@@ -150,6 +157,7 @@ def noisy_batch_norm(
             "noisy_batch_norm with train=True needs a PRNG `key` for the noise (got None); pass e.g. "
             "jax.random.key(step), or use train=False for the noise-free eval mode."
         )
+    check_key(key)
     y = add_nonstationary_noise(key, y, axis=axis, n_mu=n_mu, n_sigma=n_sigma, r_mu=r_mu, r_sigma=r_sigma)
     return y, new_state
 

@@ -31,6 +31,7 @@ from flax import linen as nn
 from flax.core import unfreeze
 from tqdm.auto import tqdm
 
+from bnjax import loops
 from bnjax.batchnorm import batch_moments
 from bnjax.module import BatchNorm
 from bnjax.statistics import Moments, merge_moments
@@ -106,12 +107,31 @@ def batch_norm_layers(apply_fn: ApplyFn, variables: Mapping[str, Any], batch: An
 
     def trace(v, b):
         run = run_tapped(apply_fn, bn.is_batch_norm, v, b, **eval_kwargs)
+        _check_eval_mode(run.outputs, run.calls)
         for call in run.calls:
             add_bn_layer(paths, call.path)
         return run.outputs
 
     jax.eval_shape(trace, variables, batch)
     return tuple(paths)
+
+
+def _check_eval_mode(outputs: Any, calls: tuple) -> None:
+    """Raise if ``apply_fn`` returned mutated collections or a linen BN layer ran in train mode: the recorded
+    inputs would then follow batch statistics (and updated running averages), not the model's eval mode."""
+    mutated = isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], Mapping)
+    if mutated and "batch_stats" in outputs[1]:
+        raise ValueError(
+            "apply_fn returned updated 'batch_stats' (it requests mutable collections, i.e. runs in train "
+            "mode); precise statistics need eval mode, e.g. lambda v, b: model.apply(v, b, train=False)."
+        )
+    for call in calls:
+        flag = call.kwargs.get("use_running_average", getattr(call.layer, "use_running_average", None))
+        if flag is False:
+            raise ValueError(
+                f"BN layer {path_name(call.path)!r} ran with use_running_average=False (train mode); precise "
+                "statistics need every BN layer in eval mode, e.g. lambda v, b: model.apply(v, b, train=False)."
+            )
 
 
 def precise_batch_stats(
@@ -157,6 +177,16 @@ def precise_batch_stats(
     """
     if "batch_stats" not in variables:
         raise ValueError(f"variables has collections {sorted(variables)}, but precise statistics need 'batch_stats'.")
+    if isinstance(batches, Mapping):
+        raise TypeError(
+            f"batches must be a collection of batches (e.g. a list of dicts or arrays), got one mapping "
+            f"{type(batches).__name__}; wrap a single batch in a list: [batch]."
+        )
+    if loops.is_traced(variables):
+        raise TypeError(
+            "precise_batch_stats runs its own jitted passes and reads their results, so it cannot be called "
+            "inside jax.jit; call it eagerly with concrete variables."
+        )
     make_iter = _batch_source(batches)
     first = next(iter(make_iter()), None)
     if first is None:
@@ -237,7 +267,11 @@ def _accumulate_step(apply_fn: ApplyFn, path: tuple):
     def step(acc: Moments | None, variables, batch) -> tuple[Moments, jax.Array]:
         run = run_tapped(apply_fn, lambda p, layer: p == path, variables, batch, **eval_kwargs)
         (call,) = run.calls
-        new = batch_moments(call.x, axis=bn.bn_axis(call.layer), mask=call.kwargs.get("mask"))
+        x, mask = call.x, call.kwargs.get("mask")
+        if jnp.size(x) == 0:  # an empty batch: no valid element (moments of count 0), as an all-False mask
+            x = jnp.zeros(tuple(d or 2 for d in jnp.shape(x)), jnp.result_type(x))
+            mask = jnp.zeros(jnp.shape(x), jnp.bool_)
+        new = batch_moments(x, axis=bn.bn_axis(call.layer), mask=mask)
         finite = jnp.all((new.count == 0) | (jnp.isfinite(new.offset) & jnp.isfinite(new.m2)))
         if acc is None:
             return new, finite

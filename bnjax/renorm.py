@@ -97,7 +97,7 @@ def batch_renorm(
         raise ValueError("batch_renorm needs `state` (running statistics) in train and eval mode.")
     _check_bound("r_max", r_max, 1.0)
     _check_bound("d_max", d_max, 0.0)
-    _check_options(momentum, epsilon, convention, state)
+    _check_options(momentum, epsilon, convention, state, dtype)
     if not train:
         y, _ = batch_norm(
             x,

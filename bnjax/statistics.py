@@ -85,6 +85,19 @@ def local_moments(
       :class:`Moments` whose fields have ``x``'s shape with ``reduction_axes`` set to 1.
     """
     axes = tuple(reduction_axes)
+    ndim = jnp.ndim(x)
+    if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= a < ndim for a in axes):
+        raise ValueError(
+            f"reduction_axes must be a non-empty sequence of distinct axes in [0, {ndim}) of the input of shape "
+            f"{jnp.shape(x)}; got {reduction_axes!r}."
+        )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"reduction_axes must be distinct; got {reduction_axes!r}.")
+    if mask is not None and (jnp.result_type(mask) != jnp.bool_ or jnp.shape(mask) != jnp.shape(x)):
+        raise ValueError(
+            f"mask must be a boolean array of the input's shape {jnp.shape(x)} (broadcast it first); got dtype "
+            f"{jnp.result_type(mask)} and shape {jnp.shape(mask)}. A mask selects elements, it does not weight them."
+        )
     first = axes[0]
     x_first = _first_entry(x, first)
     real = real_dtype(x.dtype)
@@ -343,6 +356,15 @@ def merged_devices(axis_name: AxisName | None, axis_index_groups: Sequence[Seque
         return 1
     check_axis_name(axis_name)
     if axis_index_groups is not None:
+        nested = isinstance(axis_index_groups, Sequence) and all(
+            isinstance(g, Sequence) and len(g) > 0 and all(isinstance(i, (int, np.integer)) for i in g)
+            for g in axis_index_groups
+        )
+        if not nested or len(axis_index_groups) == 0:
+            raise ValueError(
+                f"axis_index_groups must be a non-empty sequence of non-empty groups of device indices, e.g. "
+                f"[[0, 1], [2, 3]]; got {axis_index_groups!r}."
+            )
         return min(len(group) for group in axis_index_groups)
     return math.prod(lax.axis_size(name) for name in _names(axis_name))
 

@@ -126,14 +126,27 @@ def run_tapped(apply_fn: Callable[..., Any], select: Select, variables: Any, *ar
       traced values of that trace).
     """
     framework(apply_fn)
+    if not callable(select):
+        raise TypeError(
+            f"`select` must be a predicate select(path, layer) -> bool; got {select!r}. To pick layers by path "
+            "use e.g. lambda path, layer: path in {('Dense_0',)}."
+        )
     tapped = getattr(apply_fn, "run_tapped", None)
     if tapped is not None:
         return tapped(select, variables, *args, **kwargs)
+    if hasattr(apply_fn, "lower"):  # a jax.jit-compiled function: it traces once, later calls run no module
+        raise TypeError(
+            "apply_fn is a jax.jit-compiled function; layer taps record the modules' calls while apply_fn runs, "
+            "which a compiled function does only at its first trace. Pass the un-jitted apply (e.g. "
+            "model.apply); jit the function that calls this one instead."
+        )
     calls: list[LayerCall] = []
     layers: list[tuple] = []
     active: list[tuple] = []
+    seen: list[bool] = []
 
     def interceptor(next_fun, call_args, call_kwargs, context):
+        seen.append(True)
         module = context.module
         path = tuple(module.path)
         if path and path not in layers:
@@ -150,6 +163,11 @@ def run_tapped(apply_fn: Callable[..., Any], select: Select, variables: Any, *ar
 
     with nn.intercept_methods(interceptor):
         outputs = apply_fn(variables, *args, **kwargs)
+    if not seen:
+        raise ValueError(
+            "apply_fn ran no flax.linen module method, so no layer could be recorded. Pass a linen apply (e.g. "
+            "model.apply, not a jax.jit-compiled one), or the apply of bnjax.as_functional for NNX/Equinox."
+        )
     return TappedRun(outputs, tuple(calls), tuple(layers))
 
 

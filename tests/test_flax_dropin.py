@@ -300,6 +300,23 @@ def test_nnx_flax_default_promote_dtype(dtype):
         np.testing.assert_allclose(got[...], want[...], rtol=tol, atol=tol)
 
 
+def test_nnx_promoted_bfloat16_running_statistics_keep_moving_as_in_flax():
+    """With Flax's NNX casting to bfloat16 the running statistics update from their float32 values, as Flax's
+    do; updated from the bfloat16 copy, the increments of a mean near 50 (bf16 spacing 0.25) rounded away and
+    it stalled at 32."""
+    x = (jnp.array([0.3, 50.0])[None] + 2.0 * jax.random.normal(jax.random.key(2), (512, 2))).astype(jnp.bfloat16)
+    ours = bnjax.nnx.BatchNorm(2, dtype=jnp.bfloat16, promote_dtype=nnx_dtypes.promote_dtype, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    for _ in range(300):
+        ours(x), theirs(x)
+    assert ours.mean.dtype == jnp.float32
+    np.testing.assert_allclose(ours.mean[...], theirs.mean[...], rtol=1e-5)
+    np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-5)
+    assert float(ours.mean[...][1]) > 45.0  # 50 (1 - 0.99**300) = 47.5
+    y, y_flax = ours(x, use_running_average=True), theirs(x, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_flax, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_nnx_rng_keys_metadata_and_view_as_in_flax():
     init = nnx.initializers.normal(1.0)
     kwargs = dict(scale_init=init, bias_init=init, scale_metadata={"tag": "s"}, bias_metadata={"tag": 1})

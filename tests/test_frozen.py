@@ -60,6 +60,32 @@ def test_labels_find_both_bn_kinds():
         batch_norm_param_labels({"params": variables["params"]})
 
 
+def test_no_bn_layer_found_is_an_error_not_an_all_frozen_model():
+    """nnx.State objects (not nested dicts) used to label every parameter frozen: BN's scale and bias then
+    got a zero update and nothing trained."""
+    from flax import nnx
+
+    import bnjax.nnx
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.bn = nnx.Linear(3, 4, rngs=rngs), bnjax.nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x))
+
+    m = M(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"no BN layer found.*not nnx.State objects.*State"):
+        train_only_batch_norm(
+            optax.sgd(0.1), {"params": nnx.state(m, nnx.Param), "batch_stats": nnx.state(m, nnx.BatchStat)}
+        )
+    _, variables, _, _ = _setup()
+    with pytest.raises(ValueError, match=r"no BN layer found"):
+        batch_norm_param_labels({"params": variables["params"], "batch_stats": {}})
+    labels = batch_norm_param_labels(bnjax.as_functional(m).variables)  # the documented NNX route still works
+    assert labels["bn"] == {"scale": "batch_norm", "bias": "batch_norm"}
+
+
 @pytest.mark.parametrize("bn_train", [False, True])
 def test_only_scale_bias_train(bn_train):
     model, variables, x, y = _setup()

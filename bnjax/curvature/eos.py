@@ -314,6 +314,10 @@ def adam_rule(
     correction ``m_hat = m / (1 - b1**t)`` tends to ``m``, so for large ``t`` this is heavy-ball momentum
     ``b1`` with learning rate ``(1 - b1) lr`` on ``y = P^{1/2} x`` and the matrix ``P^{-1/2} H P^{-1/2}``
     (rescale ``m``), whose threshold (:func:`heavy_ball_rule`) is ``(2 + 2 b1) / ((1 - b1) lr)``.
+
+    Adam only: optax's ``nadam``, ``adamax``, ``radam``, ``yogi`` and ``lamb`` keep the same
+    ``ScaleByAdamState`` (with another ``nu`` or another update), so the tracker cannot tell them from Adam
+    and does not refuse them; neither this threshold nor the preconditioner describes them.
     """
     b1, b2 = _check_beta(b1, "b1"), _check_beta(b2, "b2")
     coefficient = (2.0 + 2.0 * b1) / (1.0 - b1)

@@ -66,7 +66,14 @@ def input_statistics(
         raise ValueError(f"expected an input with a batch axis and a feature axis, got shape {x.shape}.")
     if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"`axis` must be an int naming an axis of the input of shape {x.shape}; got {axis!r}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"expected a real input (float or integer), got dtype {x.dtype}.")
     x = jnp.moveaxis(x, axis, -1)
+    if x.size == 0:
+        raise ValueError(
+            f"the input of shape {x.shape} (features last) has no elements per feature: its mean and spread "
+            "are undefined."
+        )
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axis=axes, keepdims=True)

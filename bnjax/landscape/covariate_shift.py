@@ -37,7 +37,7 @@ class CovariateShiftResult(NamedTuple):
 
     Fields (float32[L] for ``L`` layers):
       grad_distance: ``||G_i - G'_i||_2``.
-      cosine: ``cos(G_i, G'_i)`` (0 where either gradient is 0).
+      cosine: ``cos(G_i, G'_i)`` (0 where either gradient is 0; NaN where either is non-finite).
       grad_norm: ``||G_i||_2``.
       shifted_grad_norm: ``||G'_i||_2``.
     """
@@ -94,6 +94,16 @@ def layer_groups(params: PyTree, layers: Layers) -> tuple[tuple[str, ...], ...]:
             f"`layers` must be a sequence of keys (or of tuples of keys) of `params`, in order; got {layers!r}. "
             "For a model use bnjax.landscape.module_call_order(apply, variables, x, train=False) (a linen "
             "model.apply, or the apply of bnjax.as_functional)."
+        )
+    bad = [
+        g
+        for g in layers
+        if not isinstance(g, str) and not (isinstance(g, Sequence) and all(isinstance(k, str) for k in g))
+    ]
+    if bad:
+        raise TypeError(
+            f"`layers` entries must be keys of `params` (strings) or sequences of them; got {bad[0]!r}. The keys "
+            f"are {keys}."
         )
     groups = tuple((g,) if isinstance(g, str) else tuple(g) for g in layers)
     listed = [k for g in groups for k in g]
@@ -166,5 +176,6 @@ def internal_covariate_shift(
     dist_sq, dot, shifted_sq = map_chunked(shifted, jnp.arange(num_layers), chunk_size)
     grad_norm, shifted_norm = jnp.sqrt(grad_sq), jnp.sqrt(shifted_sq)
     denom = grad_norm * shifted_norm
-    cosine = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    # 0 where a gradient is exactly 0; NaN stays NaN (a NaN gradient is not "orthogonal").
+    cosine = jnp.where(denom == 0, 0.0, dot / jnp.where(denom == 0, 1.0, denom))
     return CovariateShiftResult(jnp.sqrt(dist_sq), cosine, grad_norm, shifted_norm)

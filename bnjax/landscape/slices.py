@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bnjax._validate import check_like, check_values
+from bnjax._validate import check_key, check_like, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
@@ -61,6 +61,8 @@ def filter_normalize(direction: PyTree, params: PyTree, *, filter_axis: int = -1
 
 def random_direction(key: jax.Array, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero") -> PyTree:
     """A standard-normal direction like ``params``, filter-normalized (:func:`filter_normalize`)."""
+    check_key(key)
+    check_like(params, params, name="params")
     direction = otu.tree_random_like(key, params, jax.random.normal)
     return filter_normalize(direction, params, filter_axis=filter_axis, bias_bn=bias_bn)
 
@@ -93,7 +95,18 @@ def _losses_along(
         point = origin
         for j, d in enumerate(directions):
             point = jax.tree.map(lambda p, v: (p + c[j] * v).astype(p.dtype), point, d)
-        return loss_fn(point, batch, *args)
+        loss = loss_fn(point, batch, *args)
+        if (
+            not hasattr(loss, "shape")
+            or jnp.shape(loss) != ()
+            or not jnp.issubdtype(jnp.result_type(loss), jnp.inexact)
+        ):
+            seen = f"shape {jnp.shape(loss)}, dtype {jnp.result_type(loss)}" if hasattr(loss, "shape") else type(loss)
+            raise TypeError(
+                f"`loss_fn` must return a scalar float loss; got {seen}. Average a per-example loss, and drop any "
+                "auxiliary output (e.g. lambda p, b: loss_fn(p, b)[0])."
+            )
+        return loss
 
     return map_chunked(at, coefficients, chunk_size)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from bnjax._validate import check_scalar, check_values
+from bnjax._validate import check_like, check_scalar, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
@@ -55,6 +55,14 @@ class SmoothnessResult(NamedTuple):
     step_sizes: jax.Array
     losses: jax.Array
     grad_distances: jax.Array
+
+
+def _norm(tree: PyTree) -> jax.Array:
+    """The Euclidean norm of a pytree, accumulated in float32 or wider (a bfloat16 sum of squares loses digits)."""
+    sq = [
+        jnp.sum(jnp.square(jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32))))) for x in jax.tree.leaves(tree)
+    ]
+    return jnp.sqrt(sum(sq[1:], sq[0]))
 
 
 def step_size_grid(
@@ -119,17 +127,19 @@ def smoothness(
     concrete = check_values(step_sizes, "step_sizes", low=0.0, hint=_LR_HINT)
     if concrete is not None and not np.any(concrete > 0):
         raise ValueError(f"`step_sizes` must include a step > 0; got {concrete.tolist()}.{_LR_HINT}")
+    check_like(params, params, name="params")  # nonempty, float leaves (named by path)
     value_and_grad = jax.value_and_grad(loss_fn)
     loss, grad = value_and_grad(params, batch, *args)
-    grad_norm = otu.tree_norm(grad)
+    grad_norm = _norm(grad)
 
     def at(eta: jax.Array) -> tuple[jax.Array, jax.Array]:
         loss_eta, grad_eta = value_and_grad(otu.tree_add_scale(params, -eta, grad), batch, *args)
-        return loss_eta, otu.tree_norm(otu.tree_sub(grad, grad_eta))
+        return loss_eta, _norm(otu.tree_sub(grad, grad_eta))
 
     losses, distances = map_chunked(at, step_sizes, chunk_size)
     step_norms = step_sizes * grad_norm
-    ratios = jnp.where(step_norms > 0, distances / jnp.where(step_norms > 0, step_norms, 1.0), 0.0)
+    # 0 at a zero step (the reference point, or a zero gradient); a NaN gradient stays NaN (not "smooth").
+    ratios = jnp.where(step_norms == 0, 0.0, distances / jnp.where(step_norms == 0, 1.0, step_norms))
     return SmoothnessResult(
         loss_variation=jnp.max(losses) - jnp.min(losses),
         gradient_predictiveness=jnp.max(distances) - jnp.min(distances),
