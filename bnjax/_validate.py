@@ -10,6 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_params(params: Any, name: str = "params") -> None:
+    """Raise unless ``params`` has array leaves, all floating point (they are differentiated); messages name the
+    leaf by its path. Runs on abstract values, so it fails at trace time inside ``jit``."""
+    with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not with_path:
+        raise ValueError(f"`{name}` has no array leaves; there is nothing to differentiate.")
+    for path, p in with_path:
+        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+            raise TypeError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(p)}; every leaf of `{name}` "
+                "is differentiated, so all must be floating point. Pass integer state (step counters, "
+                "indices) through the function's other arguments instead."
+            )
+
+
 def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "params", same_dtype: bool = True) -> None:
     """Raise if ``vector`` does not have the pytree structure, shapes and float dtypes of ``params``.
 
@@ -17,17 +32,9 @@ def check_like(vector: Any, params: Any, *, name: str = "vector", ref: str = "pa
     ``vector`` must have its parameter's dtype (a JVP requires it). Messages name the leaf by its path.
     Runs on abstract values, so it fails at trace time inside ``jit``.
     """
+    check_params(params, ref)
     p_with_path, p_def = jax.tree_util.tree_flatten_with_path(params)
     v_leaves, v_def = jax.tree.flatten(vector)
-    if not p_with_path:
-        raise ValueError(f"`{ref}` has no array leaves; there is nothing to differentiate.")
-    for path, p in p_with_path:
-        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
-            raise TypeError(
-                f"`{ref}` leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(p)}; every leaf of `{ref}` "
-                "is differentiated, so all must be floating point. Pass integer state (step counters, "
-                "indices) through the function's other arguments instead."
-            )
     if p_def != v_def:  # type: ignore[operator]  # mypy cannot resolve jaxlib's PyTreeDef stub
         raise ValueError(
             f"`{name}` must have the same pytree structure as `{ref}`; got\n  {name}: {v_def}\n  {ref}: {p_def}\n"
@@ -144,14 +151,14 @@ def check_scalar(
     if not inside:
         kind = "finite number" if finite else "number"
         raise ValueError(f"`{name}`={shown!r} is out of range: expected a {kind} in {interval}.{hint}")
-    if finite and abs(v) > _FLOAT32_MAX:
+    if finite and abs(v) > FLOAT32_MAX:
         raise ValueError(
             f"`{name}`={shown!r} is beyond float32's range (|value| <= 3.4e38): it would become inf in float32 "
             f"computations.{hint}"
         )
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # beyond it a value becomes inf in float32
 
 
 def check_values(

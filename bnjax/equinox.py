@@ -254,8 +254,8 @@ class _EquinoxApply:
         """The vmapped forward pass with each callable submodule that ``select(path, layer)`` picks wrapped in
         a :class:`_Tap`. The inputs are recorded per example inside the ``vmap`` and returned by it, stacked."""
         check_bool(train, "train")
-        check_variables(variables, self.shapes, "as_functional(equinox_model, state)")
-        model = eqx.nn.inference_mode(eqx.combine(variables["params"], self.static), value=not train)
+        model, state = self.rebuild(variables)
+        model = eqx.nn.inference_mode(model, value=not train)
         nodes = _submodules(model)
         found: list[tuple[tuple[str, ...], Any, bool]] = []  # (path, layer, input is an array), in call order
         per_example_inputs: list[jax.Array] = []
@@ -277,7 +277,7 @@ class _EquinoxApply:
 
         (outputs, state), stacked = jax.vmap(
             per_example, axis_name=self.axis_name, in_axes=(0, None), out_axes=((0, None), 0)
-        )(inputs, variables["batch_stats"])
+        )(inputs, state)
         stacked_inputs = iter(stacked)
         calls = tuple(
             LayerCall(path, layer, next(stacked_inputs) if is_array else None, {}) for path, layer, is_array in found

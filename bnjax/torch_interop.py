@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._validate import FLOAT32_MAX
 from bnjax.batchnorm import Convention
 
 _REQUIRED = ("running_mean", "running_var")
@@ -120,7 +121,7 @@ def _check_channels(arrays: Mapping[str, Any]) -> None:
         bad = np.flatnonzero(~np.isfinite(a))
         if bad.size:
             raise ValueError(f"{key} has non-finite values at indices {bad[:10].tolist()}.")
-        big = np.flatnonzero(np.abs(a) > np.finfo(np.float32).max)
+        big = np.flatnonzero(np.abs(a) > FLOAT32_MAX)
         if big.size:
             raise ValueError(
                 f"{key} has values beyond float32's range at indices {big[:10].tolist()} "

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from bnjax._validate import check_key, check_like, check_values
+from bnjax._validate import check_key, check_like, check_params, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
@@ -62,7 +62,7 @@ def filter_normalize(direction: PyTree, params: PyTree, *, filter_axis: int = -1
 def random_direction(key: jax.Array, params: PyTree, *, filter_axis: int = -1, bias_bn: BiasBN = "zero") -> PyTree:
     """A standard-normal direction like ``params``, filter-normalized (:func:`filter_normalize`)."""
     check_key(key)
-    check_like(params, params, name="params")
+    check_params(params)
     direction = otu.tree_random_like(key, params, jax.random.normal)
     return filter_normalize(direction, params, filter_axis=filter_axis, bias_bn=bias_bn)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from bnjax._validate import check_like, check_scalar, check_values
+from bnjax._validate import check_params, check_scalar, check_values
 from bnjax.landscape._evaluate import map_chunked
 
 PyTree = Any
@@ -127,7 +127,7 @@ def smoothness(
     concrete = check_values(step_sizes, "step_sizes", low=0.0, hint=_LR_HINT)
     if concrete is not None and not np.any(concrete > 0):
         raise ValueError(f"`step_sizes` must include a step > 0; got {concrete.tolist()}.{_LR_HINT}")
-    check_like(params, params, name="params")  # nonempty, float leaves (named by path)
+    check_params(params)
     value_and_grad = jax.value_and_grad(loss_fn)
     loss, grad = value_and_grad(params, batch, *args)
     grad_norm = _norm(grad)
