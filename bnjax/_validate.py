@@ -95,6 +95,23 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"`{name}` must be True or False (a static Python bool); got {value!r}.{hint}")
 
 
+def check_stats_mutable(train: bool, mutable: Any, batch_stats: Any, owner: str) -> None:
+    """flax.linen's rule for ``apply``: a train-mode call that updates running statistics must ask for them
+    (``mutable`` True, ``"batch_stats"`` or a collection list naming it), else a ``ValueError``: returning the
+    outputs alone would drop the updated statistics without a word."""
+    if not train or not jax.tree.leaves(batch_stats):
+        return
+    if mutable is True or mutable == "batch_stats":
+        return
+    if isinstance(mutable, (list, tuple, set, frozenset)) and "batch_stats" in mutable:
+        return
+    raise ValueError(
+        f"{owner}: apply(..., train=True) updates the running statistics, but mutable={mutable!r} does not ask "
+        "for 'batch_stats', so they would be dropped. Pass mutable=['batch_stats'] and take (outputs, "
+        "{'batch_stats': updated}) as flax.linen's Module.apply does (it raises here too), or train=False."
+    )
+
+
 def check_float_tree(tree: Any, name: str) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``tree`` is a nonempty pytree of real float arrays."""
     leaves = jax.tree.leaves(tree)

@@ -31,7 +31,7 @@ import jax
 from flax import nnx
 
 from bnjax import nnx as bnjax_nnx
-from bnjax._validate import check_bool, check_variables, tree_shapes
+from bnjax._validate import check_bool, check_stats_mutable, check_variables, tree_shapes
 from bnjax.precise import write_dict_stats
 from bnjax.statistics import Moments
 from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
@@ -47,8 +47,9 @@ class Functional(NamedTuple):
 
     - ``apply``: ``apply(variables, inputs, *, train: bool, mutable=False)`` -> outputs, or with ``mutable``
       (e.g. ``["batch_stats"]``) ``(outputs, {"batch_stats": updated})``, as ``flax.linen.Module.apply``.
-      ``train=True`` normalizes with batch statistics. ``inputs`` are what the model is called on (a whole
-      batch; Equinox models are vmapped over its leading axis).
+      ``train=True`` normalizes with batch statistics and, as in linen, needs ``mutable`` to include
+      ``"batch_stats"`` when the model has any (an error otherwise, not dropped statistics). ``inputs`` are
+      what the model is called on (a whole batch; Equinox models are vmapped over its leading axis).
     - ``variables``: ``{"params": ..., "batch_stats": ...}``; ``params`` are what to differentiate.
     - ``rebuild``: ``rebuild(variables)`` -> the framework's model with these values: an NNX module (a new
       one; or use ``nnx.update``), or ``(model, state)`` for Equinox.
@@ -145,6 +146,7 @@ class _NNXApply:
         :class:`_Tap` that records its input; the wrappers are removed before the state is read back."""
         check_bool(train, "train")
         model = self.merge(variables)
+        check_stats_mutable(train, mutable, variables.get("batch_stats", {}), "as_functional(nnx_model)")
         if train:
             model.train()
         else:

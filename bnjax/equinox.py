@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax._validate import check_bool, check_scalar, check_variables, tree_shapes
+from bnjax._validate import check_bool, check_scalar, check_stats_mutable, check_variables, tree_shapes
 from bnjax.batchnorm import BatchNormState, batch_norm
 from bnjax.statistics import Moments, Sync, check_sync
 from bnjax.taps import Framework, LayerCall, TappedRun, wrapped_order
@@ -255,6 +255,7 @@ class _EquinoxApply:
         a :class:`_Tap`. The inputs are recorded per example inside the ``vmap`` and returned by it, stacked."""
         check_bool(train, "train")
         model, state = self.rebuild(variables)
+        check_stats_mutable(train, mutable, state, "as_functional(equinox_model, state)")
         model = eqx.nn.inference_mode(model, value=not train)
         nodes = _submodules(model)
         found: list[tuple[tuple[str, ...], Any, bool]] = []  # (path, layer, input is an array), in call order

@@ -157,6 +157,11 @@ class Driver:
         ``absorb`` the solver's bookkeeping; ``state`` is a NamedTuple with fields ``done`` (bool[]) and
         ``query`` (the next vector to multiply).
         """
+        if not (hasattr(state, "done") and hasattr(state, "query")):
+            raise TypeError(
+                f"Driver.iterate: `state` must be a NamedTuple with fields `done` and `query`; got "
+                f"{type(state).__name__}."
+            )
         if not self.on_host:
             return lax.while_loop(lambda s: ~s.done, lambda s: absorb(s, product(operands, s.query)), state)
         while not bool(state.done):
@@ -185,10 +190,27 @@ class Driver:
         if not self.on_host:
             return lax.scan(lambda c, _: step(c, *operands), carry, None, length=length)
         outs = []
-        for _ in range(length):
-            carry, out = _jit_call(step, carry, *operands)
+        for i in range(length):
+            new_carry, out = _jit_call(step, carry, *operands)
+            if i == 0:  # lax.scan refuses a step that changes its carry; so does this loop, on the first step
+                _check_same_carry(carry, new_carry)
+            carry = new_carry
             outs.append(out)
         return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _carry_types(carry: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(carry)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def _check_same_carry(carry: Any, new_carry: Any) -> None:
+    before, after = _carry_types(carry), _carry_types(new_carry)
+    if before != after:
+        raise TypeError(
+            "scan: `step` must return a carry with the structure, shapes and dtypes of its input carry (as "
+            f"lax.scan requires), so that both placements run it; got {after} from {before}."
+        )
 
 
 def driver_for(placement: Placement, fn: Callable[..., Any] | None = None, *args: Any) -> Driver:

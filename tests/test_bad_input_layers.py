@@ -2,6 +2,8 @@
 clear error naming the argument, or an honest NaN, never a silent wrong answer (found by an audit of the
 public API; the numerics guide's "Failure behaviour" lists each case)."""
 
+import re
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -161,6 +163,13 @@ def test_axis_index_groups_and_scan_lengths_are_checked():
         for length in (0, -1, 2.0):
             with pytest.raises(ValueError, match=r"`length` \(the number of steps\) must be a positive int"):
                 loops.scan_steps(step, jnp.float32(0.0), length, jnp.float32(1.0), placement=placement)
+    # A step that changes its carry's dtype ran on the host and failed on the device; now both refuse it.
+    widen = lambda c, x: ((c + x).astype(jnp.int32), c)  # noqa: E731
+    for placement in ("device", "host"):
+        with pytest.raises(TypeError, match=r"carry"):
+            loops.scan_steps(widen, jnp.float32(0.0), 3, jnp.float32(1.0), placement=placement)
+    with pytest.raises(TypeError, match=r"`state` must be a NamedTuple with fields `done` and `query`; got tuple"):
+        loops.Driver("host").iterate(lambda s, v: s, lambda o, q: q, (jnp.array(True), jnp.ones(3)), None)
 
 
 def test_torch_convention_refuses_statistics_without_their_counter():
@@ -204,6 +213,27 @@ def test_functional_apply_checks_variables_and_train():
         e.apply(other.variables, jnp.ones((8, 3)), train=False)
     with pytest.raises(TypeError, match=r"must be a real float dtype, got int32"):
         bnjax.equinox.BatchNorm(3, "batch", dtype=jnp.int32)
+
+
+def test_functional_train_mode_needs_mutable_batch_stats_as_linen():
+    """Linen raises when a train-mode apply would update immutable batch statistics; the NNX and Equinox
+    functional forms did not, and returned the outputs alone with the updated statistics dropped."""
+    f = bnjax.as_functional(NNXNet(nnx.Rngs(0)))
+    model, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(5, "batch")
+    e = bnjax.as_functional(model, state)
+    with pytest.raises(Exception, match=r"batch_stats"):  # the reference behaviour
+        NET.apply(VARIABLES, X, train=True)
+    for g, owner in ((f, "nnx_model"), (e, "equinox_model")):
+        for mutable in (False, ["params"], "params"):
+            pattern = rf"as_functional\({owner}.*mutable={re.escape(repr(mutable))} does not ask for"
+            with pytest.raises(ValueError, match=pattern):
+                g.apply(g.variables, X, train=True, mutable=mutable)
+        for mutable in (True, "batch_stats", ["batch_stats"], ("params", "batch_stats")):
+            y, upd = g.apply(g.variables, X, train=True, mutable=mutable)
+            assert y.shape[0] == 8 and jax.tree.leaves(upd["batch_stats"])
+        assert g.apply(g.variables, X, train=False).shape[0] == 8  # eval mode needs nothing
+    plain = bnjax.as_functional(nnx.Linear(5, 2, rngs=nnx.Rngs(0)))  # no statistics: nothing to drop
+    assert plain.apply(plain.variables, X, train=True).shape == (8, 2)
 
 
 def test_train_only_batch_norm_still_trains_bn_through_functional_variables():

@@ -161,7 +161,9 @@ def test_layers_inside_containers():
     )
     f = bnjax.as_functional(model, state)
     x = jax.random.normal(jax.random.key(1), (5, 3))
-    got = landscape.capture_inputs(f.apply, f.variables, x, train=True, modules=(EqxBatchNorm, "layers/0"))
+    got = landscape.capture_inputs(
+        f.apply, f.variables, x, train=True, mutable=["batch_stats"], modules=(EqxBatchNorm, "layers/0")
+    )
     np.testing.assert_allclose(got["layers/1"], jax.vmap(model.layers[0])(x), rtol=1e-6)
     np.testing.assert_array_equal(got["layers/0"], x)
     assert landscape.module_call_order(f.apply, f.variables, x, train=False) == ("layers",)
