@@ -76,10 +76,10 @@ def check_key(key: Any, name: str = "key") -> None:
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` as a Python int, raising if it is not a positive (static) integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Return ``value`` as a Python int, raising if it is not a positive (static) integer (NumPy's too)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive Python int (it fixes array shapes); got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_bool(value: Any, name: str) -> bool:

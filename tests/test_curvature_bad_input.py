@@ -1,6 +1,8 @@
 """Bad input to the curvature solvers and estimators: a clear error naming the argument at trace time, or a
 result that says it did not converge, never a silent wrong answer (found by an audit of the public API)."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -324,3 +326,171 @@ def test_flags_accept_numpy_bools_and_name_a_traced_one():
 
     with pytest.raises(TypeError, match=r"`train` must be True or False .* mark it static \(static_argnames\)"):
         jax.jit(lambda x, t: bnjax.batch_norm(x, train=t)[0])(X, True)
+
+
+# -- third audit (2026-12-07): rules against the optimizer state, tracker state, subsets, estimators ----------
+
+
+def _trained_state(opt, steps=2):
+    import optax
+
+    params, state = PARAMS, opt.init(PARAMS)
+    for _ in range(steps):
+        updates, state = opt.update(jax.grad(masked_loss)(params, X, Y), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_injected_learning_rate_momentum_b1_and_decay_must_match_the_rule():
+    """The threshold is coefficient / lr: a rule with another lr, b1 or momentum than the optimizer's reported a
+    threshold 63x off without a word (only b2/eps were compared)."""
+    import optax
+
+    cases = [
+        (optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.5), cv.adam_rule(1e-3), "learning_rate=0.01"),
+        (optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.5), cv.adam_rule(1e-2), "b1=0.5"),
+        (optax.inject_hyperparams(optax.sgd)(learning_rate=0.5, momentum=0.5), cv.heavy_ball_rule(0.5, 0.9),
+         "momentum=0.5"),
+        (optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.5), cv.adamw_rule(1e-2),
+         "weight_decay=0.5"),
+    ]  # fmt: skip
+    for opt, rule, seen in cases:
+        params, state = _trained_state(opt)
+        tracker = cv.EoSTracker(masked_loss, rule, every=1, max_iters=8)
+        with pytest.raises(ValueError, match=rf"has {seen} but the '\w+' rule was built with"):
+            tracker.measure(tracker.init(params, jax.random.key(0)), 2, params, X, Y, opt_state=state)
+    # The matching rules measure; the threshold is the optimizer's.
+    params, state = _trained_state(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.5))
+    tracker = cv.EoSTracker(masked_loss, cv.adam_rule(1e-2, b1=0.5), every=1, max_iters=8)
+    record, _ = tracker.measure(tracker.init(params, jax.random.key(0)), 2, params, X, Y, opt_state=state)
+    assert record["threshold"] == pytest.approx(3 / (0.5 * 1e-2))
+
+
+def test_plain_rules_check_the_optimizer_state_they_are_given():
+    import optax
+
+    tracker = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, max_iters=8)
+    state = tracker.init(PARAMS, jax.random.key(0))
+    for opt in (optax.adam(1e-2), optax.rmsprop(1e-2)):
+        params, opt_state = _trained_state(opt)
+        with pytest.raises(ValueError, match=r"measures plain sharpness, but `opt_state` holds ScaleBy"):
+            tracker.measure(state, 2, params, X, Y, opt_state=opt_state)
+    params, momentum_state = _trained_state(optax.sgd(0.1, momentum=0.9))
+    with pytest.warns(UserWarning, match=r"`opt_state` holds momentum .* the 'gd' rule assumes momentum 0"):
+        tracker.measure(state, 2, params, X, Y, opt_state=momentum_state)
+    heavy = cv.EoSTracker(masked_loss, cv.heavy_ball_rule(0.1, 0.9), every=1, max_iters=8)
+    with pytest.warns(UserWarning, match=r"`opt_state` has no momentum .* the 'heavy_ball' rule assumes momentum 0.9"):
+        heavy.measure(state, 2, params, X, Y, opt_state=_trained_state(optax.sgd(0.1))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching pairs and no state at all are silent
+        heavy.measure(state, 2, params, X, Y, opt_state=momentum_state)
+        tracker.measure(state, 2, params, X, Y, opt_state=_trained_state(optax.sgd(0.1))[1])
+        tracker.measure(state, 2, params, X, Y)
+
+
+def test_stability_rules_built_directly_are_checked():
+    for kwargs, match in (
+        (dict(coefficient=float("nan")), r"`coefficient` must be a finite number > 0"),
+        (dict(coefficient=-2.0), r"`coefficient` must be a finite number > 0"),
+        (dict(eps=-1.0), r"`eps` must be a number >= 0"),
+        (dict(preconditioner="Adam"), r"`preconditioner` must be None, 'adam' or 'rms'"),
+        (dict(name="sgd"), r"`name` must be one of"),
+        (dict(learning_rate=float("inf")), r"must be a finite positive number"),
+    ):
+        args = {"name": "gd", "learning_rate": 0.1, "coefficient": 2.0, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            cv.StabilityRule(**args)
+    for build in (cv.gd_rule, lambda lr: cv.adam_rule(lr), lambda lr: cv.heavy_ball_rule(lr, 0.9)):
+        with pytest.raises(ValueError, match=r"must be a finite positive number"):
+            build(float("inf"))  # at construction, not after the products are paid for
+    assert cv.StabilityRule("gd", 1, 2).threshold == 2.0
+
+
+def test_block_tracking_records_nan_not_the_previous_values_at_a_bad_checkpoint():
+    tracker = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, k=2, max_iters=8)
+    good, state = tracker.measure(tracker.init(PARAMS, jax.random.key(0)), 0, PARAMS, X, Y)
+    bad, kept = tracker.measure(state, 1, PARAMS, X, Y.at[0, 0].set(jnp.nan))
+    assert np.isnan(bad["sharpness"]) and np.all(np.isnan(bad["eigenvalues"])) and not bad["converged"]
+    np.testing.assert_array_equal(kept.eigenvalue, state.eigenvalue)  # the warm start is kept, not recorded
+    assert np.isfinite(good["sharpness"])
+
+
+def test_tracker_state_is_checked():
+    tracker = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, max_iters=8)
+    state = tracker.init(PARAMS, jax.random.key(0))
+    nan = state._replace(vector=jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), state.vector))
+    with pytest.raises(ValueError, match=r"`state.vector` has non-finite entries"):
+        tracker.measure(nan, 0, PARAMS, X, Y)
+    with pytest.raises(ValueError, match=r"With k=1, `state.eigenvalue` is a scalar; got shape \(2,\)"):
+        tracker.measure(state._replace(eigenvalue=jnp.ones(2)), 0, PARAMS, X, Y)
+    with pytest.raises(TypeError, match=r"`state.eigenvalue` must be a number or an array; got NoneType"):
+        tracker.measure(state._replace(eigenvalue=None), 0, PARAMS, X, Y)
+    block = cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=1, max_iters=8, k=2)
+    start = block.init(PARAMS, jax.random.key(0))
+    record, _ = block.measure(start._replace(eigenvalue=[np.inf] * 2), 0, PARAMS, X, Y)  # a list is an array
+    assert record == block.measure(start, 0, PARAMS, X, Y)[0]
+    assert cv.EoSTracker(masked_loss, cv.gd_rule(0.1), every=np.int64(5), k=np.int64(1)).every == 5
+
+
+def test_subsets_refuse_an_empty_complement_and_misplaced_collections():
+    model = nn.Sequential([nn.Dense(3), bnjax.BatchNorm(use_running_average=False), nn.Dense(2)])
+    v = model.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"everything_but\(...\) selects every parameter: its predicate selects none"):
+        cv.param_subset(v["params"], cv.everything_but(cv.layer("Dense_9")))
+    with pytest.raises(ValueError, match=r"pass `variables\['batch_stats'\]`, not the whole variables"):
+        cv.batchnorm_params(v)
+    with pytest.raises(ValueError, match=r"leaves named \['bias', 'kernel', 'scale'\], which are parameters"):
+        cv.batchnorm_params(v["params"])
+    bn = cv.param_subset(v["params"], cv.batchnorm_params(v["batch_stats"]))
+    rest = cv.param_subset(v["params"], cv.everything_but(cv.batchnorm_params(v["batch_stats"])))
+    assert bn.size == 6 and rest.size + bn.size == sum(x.size for x in jax.tree.leaves(v["params"]))
+    with pytest.raises(TypeError, match=r"The predicate must return a bool; for the path layers_0/bias"):
+        cv.param_subset(v["params"], lambda path: jnp.asarray(True))
+    mv = cv.subset_matvec(lambda vec, p: {"other": 0.0}, bn)
+    with pytest.raises(ValueError, match=r"subset_matvec: the inner `matvec` must return a vector like the parameters"):
+        mv(bn.restrict(v["params"]), v["params"])
+
+
+def test_equinox_batchnorm_parameters_are_named_weight_and_bias():
+    import equinox as eqx
+
+    import bnjax.equinox
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+        bn: bnjax.equinox.BatchNorm
+
+        def __init__(self):
+            self.lin, self.bn = eqx.nn.Linear(3, 4, key=jax.random.key(0)), bnjax.equinox.BatchNorm(4, "batch")
+
+    f = bnjax.as_functional(*eqx.nn.make_with_state(Net)())
+    subset = cv.param_subset(f.variables["params"], cv.batchnorm_params(prefixes=("bn",)))
+    assert subset.paths == ("bn/weight", "bn/bias")
+
+
+def test_estimators_refuse_integer_products_and_low_precision_params():
+    a = jnp.diag(jnp.arange(1.0, 6.0))
+    with pytest.raises(TypeError, match=r"`matvec` returned leaves of dtype \['int32'\] for a float32 vector"):
+        cv.hutchinson_trace(lambda v, m: (0.3 * m @ v).astype(jnp.int32), jax.random.key(0), jnp.ones(5), a,
+                            num_samples=4)  # fmt: skip
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    with pytest.raises(TypeError, match=r"`params` must have float32 or float64 leaves; got dtypes \['bfloat16'\]"):
+        cv.batch_sharpness(masked_loss, bf16, (X, Y), batch_size=4, num_batches=2, key=jax.random.key(0))
+
+
+def test_batch_lambda_max_eigenvector_is_unit_even_when_no_batch_is_finite():
+    loss = lambda p, batch: masked_loss(p, *batch)  # noqa: E731
+    v0 = jax.tree.map(lambda x: 10.0 * jnp.ones_like(x), PARAMS)
+    r = cv.batch_lambda_max(loss, PARAMS, (X, jnp.full_like(Y, jnp.nan)), batch_size=4, num_batches=2,
+                            key=jax.random.key(0), v0=v0, max_iters=5)  # fmt: skip
+    assert not np.any(np.asarray(r.converged))
+    norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(r.eigenvector)))
+    np.testing.assert_allclose(norm, 1.0, rtol=1e-6)
+
+
+def test_smoothed_density_checks_its_grid():
+    density = cv.slq_density(MV, jax.random.key(0), PARAMS, PARAMS, (X, Y), num_probes=2, num_iters=4)
+    for grid in (0.5, jnp.ones((3, 2)), jnp.ones(3, jnp.complex64)):
+        with pytest.raises(ValueError, match=r"`grid` must be a 1-D array of real points"):
+            density.smoothed(grid, 0.1)
+    assert density.smoothed([0.0, 1.0], 0.1).shape == (2,)  # a list is a grid

@@ -46,8 +46,10 @@ from bnjax.curvature.eigen import (
     _check_start,
     _check_tolerance,
     _driver_and_operator,
+    _Layout,
     _rescaled,
     _top_pair,
+    _unit,
     random_like,
 )
 from bnjax.curvature.hvp import hvp
@@ -267,6 +269,7 @@ def batch_sharpness(
     n, batch_size, num_batches = _check_batches(data, batch_size, num_batches)
     checked_average = _check_average(average)
     check_float_tree(params, "params")
+    _Layout.of(params, "params")  # float32/float64 leaves, as the solvers need
     dtype = jnp.result_type(*jax.tree.leaves(params))
     piece = _GradCurvature(loss_fn)
     driver = loops.driver_for(placement, piece, params, _sample_batch(data, batch_size), args)
@@ -394,7 +397,7 @@ def batch_lambda_max(
     driver, op = _driver_and_operator(matvec, v0, (params, example, *args), placement, linearize_budget)
     x0 = op.layout.ravel(v0)
     _check_start(x0)
-    x0 = _rescaled(x0)
+    x0 = _unit(_rescaled(x0))  # the eigenvector returned when no batch is finite is then a unit vector too
     max_iters = _check_iters(max_iters, op.layout.size, "max_iters")
     plan = _BatchLambdaMaxSolve(driver, _Batch(n, batch_size), op, num_batches, max_iters)
     return driver.run(plan, key, x0, params, data, args, tol, residual_tol)

@@ -371,6 +371,12 @@ class SpectralDensity(NamedTuple):
         """Density on ``grid`` (shape ``(g,)``) with each node replaced by a Gaussian of width ``sigma`` (``> 0``);
         ``(g,)``."""
         check_scalar(sigma, "sigma", low=0.0, low_open=True, hint=" It is the width of each node's Gaussian.")
+        grid = jnp.asarray(grid)
+        if grid.ndim != 1 or not jnp.issubdtype(grid.dtype, jnp.number) or jnp.iscomplexobj(grid):
+            raise ValueError(
+                f"`grid` must be a 1-D array of real points, e.g. jnp.linspace(lo, hi, 200); got shape {grid.shape} "
+                f"and dtype {grid.dtype}."
+            )
         z = (grid[:, None, None] - self.nodes[None]) / sigma
         kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
         return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=-1), axis=-1)

@@ -113,6 +113,12 @@ class _Layout:
                 f"entries) for an input with structure {self.treedef} and leaf shapes {list(self.shapes)}; it "
                 "must map a pytree like `v0` to a pytree like `v0`. Check that `v0` is shaped like the parameters."
             )
+        wrong = [str(jnp.result_type(x)) for x in leaves if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+        if wrong and jnp.issubdtype(self.dtype, jnp.floating):
+            raise TypeError(
+                f"`matvec` returned leaves of dtype {sorted(set(wrong))} for a {self.dtype} vector; it must return "
+                "real floats (an integer product would be truncated)."
+            )
         return jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves])
 
     def unravel(self, flat: jax.Array) -> PyTree:
@@ -728,7 +734,9 @@ def _block_absorb(s: _BlockState, w: jax.Array) -> _BlockState:
     theta, res, change = (
         jnp.where(full, new, old) for new, old in ((theta, s.values), (res, s.res), (change, s.change))
     )
-    done = last | ~jnp.all(jnp.isfinite(c)) | (full & jnp.all(_converged(change, res, s.tol, s.residual_tol, theta)))
+    finite = jnp.all(jnp.isfinite(c))
+    theta = jnp.where(finite, theta, jnp.nan)  # a non-finite product measures nothing (not the previous values)
+    done = last | ~finite | (full & jnp.all(_converged(change, res, s.tol, s.residual_tol, theta)))
     return _BlockState(j + 1, basis, coef, theta, res, change, basis[jnp.minimum(j + 1, rows - 1)], done, s.tol,
                        s.residual_tol)  # fmt: skip
 

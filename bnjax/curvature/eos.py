@@ -75,6 +75,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import warnings
@@ -134,6 +135,34 @@ class StabilityRule:
     eps_in_sqrt: bool = True  # RMSProp only: P = sqrt(nu_hat + eps) (True, optax's default) or sqrt(nu_hat) + eps
     weight_decay: float | Schedule = 0.0  # decoupled weight decay (AdamW), constant or schedule
     decay_coefficient: float = 0.0  # d: how much one unit of weight decay lowers the threshold
+    momentum: float = 0.0  # the momentum the coefficient assumes: heavy ball's / Nesterov's beta, Adam's b1, RMSProp's
+
+    def __post_init__(self) -> None:
+        """A rule built directly is checked as the builders check their arguments."""
+        if self.name not in _RULE_NAMES:
+            raise ValueError(f"StabilityRule: `name` must be one of {_RULE_NAMES}; got {self.name!r}.")
+        if self.preconditioner not in (None, "adam", "rms"):
+            raise ValueError(
+                f"StabilityRule: `preconditioner` must be None, 'adam' or 'rms'; got {self.preconditioner!r}."
+            )
+        coefficient = _number(self.coefficient)
+        if (
+            isinstance(coefficient, bool)
+            or not isinstance(coefficient, (int, float, np.integer, np.floating))
+            or (not (math.isfinite(coefficient) and coefficient > 0))
+        ):
+            raise ValueError(f"StabilityRule: `coefficient` must be a finite number > 0; got {self.coefficient!r}.")
+        set_field = functools.partial(object.__setattr__, self)
+        set_field("coefficient", float(coefficient))
+        set_field("learning_rate", _check_lr(self.learning_rate, "learning_rate"))
+        set_field("b2", _check_beta(self.b2, "b2"))
+        set_field("momentum", _check_beta(self.momentum, "momentum"))
+        for name in ("eps", "eps_root", "decay_coefficient"):
+            set_field(name, _check_eps(getattr(self, name), name))
+        if not callable(self.weight_decay):
+            set_field("weight_decay", _check_eps(self.weight_decay, "weight_decay"))
+        if not isinstance(self.eps_in_sqrt, bool):
+            raise TypeError(f"`eps_in_sqrt` must be a bool; got {self.eps_in_sqrt!r}.")
 
     @property
     def preconditioned(self) -> bool:
@@ -169,6 +198,9 @@ class StabilityRule:
         return self.threshold_at(0)
 
 
+_RULE_NAMES = ("gd", "heavy_ball", "nesterov", "rmsprop", "adam", "adamw")
+
+
 def _value_at(value: float | Schedule, step: int, name: str) -> float:
     """A constant or a schedule's value at ``step``, checked to be a finite number >= 0."""
     out = value(step) if callable(value) else value
@@ -197,10 +229,10 @@ def _check_lr(lr: Any, name: str = "lr") -> float | Schedule:
         _value_at(lr, 0, name)
         return lr
     lr = _number(lr)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not lr > 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not 0 < lr < math.inf:
         raise ValueError(
-            f"The learning rate `{name}` must be a positive number or an optax schedule (a callable step -> lr); "
-            f"got {lr!r}."
+            f"The learning rate `{name}` must be a finite positive number or an optax schedule (a callable "
+            f"step -> lr); got {lr!r}."
         )
     return float(lr)
 
@@ -253,7 +285,8 @@ def heavy_ball_rule(lr: float | Schedule, beta: float) -> StabilityRule:
     unit disc through ``z = -1`` when ``p(-1) = 2 + 2 beta - lr a`` turns negative (the other Jury conditions,
     ``p(1) = lr a > 0`` and ``beta < 1``, hold), i.e. when ``a > (2 + 2 beta) / lr``.
     """
-    return StabilityRule("heavy_ball", _check_lr(lr), _momentum_coefficient(_check_beta(beta, "beta"), False, "beta"))
+    beta = _check_beta(beta, "beta")
+    return StabilityRule("heavy_ball", _check_lr(lr), _momentum_coefficient(beta, False, "beta"), momentum=beta)
 
 
 def nesterov_rule(lr: float | Schedule, beta: float) -> StabilityRule:
@@ -268,7 +301,8 @@ def nesterov_rule(lr: float | Schedule, beta: float) -> StabilityRule:
     ``beta = 0.9``, against ``3.8 / lr`` for heavy ball: the look-ahead makes the method less tolerant of
     curvature). ``beta = 0`` gives gradient descent's ``2 / lr``.
     """
-    return StabilityRule("nesterov", _check_lr(lr), _momentum_coefficient(_check_beta(beta, "beta"), True, "beta"))
+    beta = _check_beta(beta, "beta")
+    return StabilityRule("nesterov", _check_lr(lr), _momentum_coefficient(beta, True, "beta"), momentum=beta)
 
 
 def rmsprop_rule(
@@ -300,7 +334,7 @@ def rmsprop_rule(
     coefficient = _momentum_coefficient(momentum, nesterov)
     return StabilityRule(
         "rmsprop", _check_lr(lr), coefficient, "rms", _check_beta(decay, "decay"), _check_eps(eps, "eps"),
-        eps_in_sqrt=eps_in_sqrt,
+        eps_in_sqrt=eps_in_sqrt, momentum=0.0 if momentum is None else momentum,
     )  # fmt: skip
 
 
@@ -322,8 +356,9 @@ def adam_rule(
     b1, b2 = _check_beta(b1, "b1"), _check_beta(b2, "b2")
     coefficient = (2.0 + 2.0 * b1) / (1.0 - b1)
     return StabilityRule(
-        "adam", _check_lr(lr), coefficient, "adam", b2, _check_eps(eps, "eps"), _check_eps(eps_root, "eps_root")
-    )
+        "adam", _check_lr(lr), coefficient, "adam", b2, _check_eps(eps, "eps"), _check_eps(eps_root, "eps_root"),
+        momentum=b1,
+    )  # fmt: skip
 
 
 def adamw_rule(
@@ -363,7 +398,7 @@ def adamw_rule(
     coefficient = (2.0 + 2.0 * b1) / (1.0 - b1)
     return StabilityRule(
         "adamw", _check_lr(lr), coefficient, "adam", b2, _check_eps(eps, "eps"), _check_eps(eps_root, "eps_root"),
-        weight_decay=wd, decay_coefficient=(1.0 + b1) / (1.0 - b1),
+        weight_decay=wd, decay_coefficient=(1.0 + b1) / (1.0 - b1), momentum=b1,
     )  # fmt: skip
 
 
@@ -498,8 +533,7 @@ def rule_preconditioner(rule: StabilityRule, opt_state: Any) -> PyTree:
     """The preconditioner ``P`` that a preconditioned ``rule`` measures with, from ``opt_state``."""
     if not rule.preconditioned:
         raise ValueError(f"The {rule.name!r} rule measures plain sharpness; it has no preconditioner.")
-    _check_injected_hyperparams(rule, opt_state)
-    _warn_masked_decay(rule, opt_state)
+    _check_rule_state(rule, opt_state)
     return adam_preconditioner(
         opt_state, rule.b2, rule.eps, eps_root=rule.eps_root, eps_in_sqrt=rule.eps_in_sqrt, kind=rule.preconditioner
     )
@@ -521,20 +555,72 @@ def _warn_masked_decay(rule: StabilityRule, opt_state: Any) -> None:
         )
 
 
-# Per preconditioner kind: optimizer hyperparameter (inject_hyperparams name) -> the rule's field.
-_INJECTED_FIELDS = {"adam": {"b2": "b2", "eps": "eps", "eps_root": "eps_root"}, "rms": {"decay": "b2", "eps": "eps"}}
+def _check_rule_state(rule: StabilityRule, opt_state: Any) -> None:
+    """Check that ``opt_state`` is the state of the optimizer ``rule`` describes, where the state can tell.
+
+    * A plain-sharpness rule (GD, heavy ball, Nesterov) given an Adam or RMSProp second-moment state is an error
+      (the threshold is for the preconditioned sharpness of those optimizers).
+    * Momentum (``optax.trace``'s ``TraceState``) in a state of a rule without it, or missing from a state of a
+      rule with it, is warned about (the threshold differs by ``(2 + 2 beta) / 2``); a ``TraceState`` does not
+      hold its decay, so ``optax.sgd(lr, momentum=0.0)`` warns with ``gd_rule`` too.
+    * ``optax.inject_hyperparams`` states hold the optimizer's learning rate (a constant one is compared),
+      momentum or ``b1``, ``b2``/``decay``, ``eps``, ``eps_root`` and ``weight_decay``: each must be the rule's.
+    * A masked weight decay warns (see :func:`adamw_rule`).
+    """
+    if opt_state is None:
+        return
+    second = _second_moment_states(opt_state)
+    if not rule.preconditioned and second:
+        raise ValueError(
+            f"The {rule.name!r} rule measures plain sharpness, but `opt_state` holds {type(second[0]).__name__}, "
+            "the second moment of Adam or RMSProp: build the tracker with adam_rule, adamw_rule or rmsprop_rule."
+        )
+    has_trace = bool(_states_named(opt_state, "TraceState"))
+    wants_trace = rule.name in ("heavy_ball", "nesterov") or (rule.name == "rmsprop" and rule.momentum > 0)
+    if rule.name in ("gd", "heavy_ball", "nesterov", "rmsprop") and has_trace != wants_trace:
+        state = "holds" if has_trace else "has no"
+        warnings.warn(
+            f"`opt_state` {state} momentum (optax.trace's TraceState), but the {rule.name!r} rule assumes "
+            f"momentum {rule.momentum:g}: the reported threshold is not this optimizer's. Use heavy_ball_rule or "
+            "nesterov_rule (or rmsprop_rule(momentum=...)) for an optimizer with momentum, gd_rule without.",
+            stacklevel=3,
+        )
+    _check_injected_hyperparams(rule, opt_state)
+    _warn_masked_decay(rule, opt_state)
+
+
+def _states_named(opt_state: Any, name: str) -> list[Any]:
+    is_state = lambda x: type(x).__name__ == name
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+# Per rule: optimizer hyperparameter (the name optax.inject_hyperparams stores) -> the rule's field.
+_MOMENTUM_FIELDS = {"learning_rate": "learning_rate", "momentum": "momentum"}
+_ADAM_FIELDS = {
+    "learning_rate": "learning_rate", "b1": "momentum", "b2": "b2", "eps": "eps", "eps_root": "eps_root",
+    "weight_decay": "weight_decay",
+}  # fmt: skip
+_INJECTED_FIELDS = {
+    "gd": _MOMENTUM_FIELDS,
+    "heavy_ball": _MOMENTUM_FIELDS,
+    "nesterov": _MOMENTUM_FIELDS,
+    "rmsprop": {**_MOMENTUM_FIELDS, "decay": "b2", "eps": "eps"},
+    "adam": _ADAM_FIELDS,
+    "adamw": _ADAM_FIELDS,
+}
 
 
 def _check_injected_hyperparams(rule: StabilityRule, opt_state: Any) -> None:
-    """``optax.inject_hyperparams`` states hold the optimizer's ``b2``/``decay``/``eps``: they must be the rule's
-    (a rule built with Adam's default ``b2`` for an optimizer run with ``b2=0.9`` misreads the preconditioner)."""
+    """``optax.inject_hyperparams`` states hold the optimizer's hyperparameters: they must be the rule's (a rule
+    built with Adam's default ``b2`` for an optimizer run with ``b2=0.9`` misreads the preconditioner; one built
+    with another learning rate or momentum reports another threshold). Schedules are not compared."""
     is_injected = lambda x: isinstance(getattr(x, "hyperparams", None), dict) and hasattr(x, "inner_state")
-    names = _INJECTED_FIELDS.get(str(rule.preconditioner), {})
+    names = _INJECTED_FIELDS[rule.name]
     for node in jax.tree.leaves(opt_state, is_leaf=is_injected):
         if not is_injected(node):
             continue
         for key, field in names.items():
-            if key not in node.hyperparams:
+            if key not in node.hyperparams or callable(getattr(rule, field)):
                 continue
             try:
                 have = float(node.hyperparams[key])
@@ -815,8 +901,8 @@ class EoSTracker:
         return _Operator(matvec, _Layout.of(params, "params"), False)
 
     def _measurement(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
-        """``(driver, plan)`` of one measurement at ``params``: the plan's call returns ``(value, grads, pair)``."""
-        self._check_state(state, params)
+        """``(driver, plan)`` of one measurement at ``params`` from a checked ``state``: the plan's call returns
+        ``(value, grads, pair)``."""
         self._check_shards(args)
         driver = loops.driver_for(self.placement, self._scalar_loss, params, *args)
         cold = not bool(jnp.all(jnp.isfinite(state.eigenvalue)))
@@ -829,10 +915,34 @@ class EoSTracker:
         from_gradient = cold and self.cold_start == "gradient"
         return driver, _Measurement(self, driver, op, linearized, max_iters, from_gradient)
 
-    def _check_state(self, state: TrackerState, params: PyTree) -> None:
+    def _check_state(self, state: TrackerState, params: PyTree) -> TrackerState:
+        """``state`` checked against ``params`` and ``k``, its eigenvalue as an array (a Python float or list
+        is accepted). A restored state with non-finite vectors is an error (the tracker never stores one)."""
+        try:
+            eigenvalue = jnp.asarray(state.eigenvalue)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"`state.eigenvalue` must be a number or an array; got {type(state.eigenvalue).__name__}. Build the "
+                "state with `tracker.init(params, key)`."
+            ) from err
+        if not (jnp.issubdtype(eigenvalue.dtype, jnp.floating) or jnp.issubdtype(eigenvalue.dtype, jnp.integer)):
+            raise TypeError(f"`state.eigenvalue` must be real; got dtype {eigenvalue.dtype}.")
+        state = state._replace(eigenvalue=eigenvalue)
+        leaves = jax.tree.leaves(state.vector)
+        finite = lambda: bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))  # one transfer
+        if leaves and not loops.is_traced(*leaves) and not finite():
+            raise ValueError(
+                "`state.vector` has non-finite entries (the tracker keeps the last finite state, so this one was "
+                "built or restored elsewhere); start again from `tracker.init(params, key)`."
+            )
         if self.k == 1:
+            if eigenvalue.shape != ():
+                raise ValueError(
+                    f"With k=1, `state.eigenvalue` is a scalar; got shape {eigenvalue.shape}. Build the state with "
+                    "`tracker.init(params, key)`."
+                )
             check_like(state.vector, params, name="state.vector")
-            return
+            return state
         k, n = int(self.k), sum(int(np.size(x)) for x in jax.tree.leaves(params))
         if 2 * k > n + 1:
             raise ValueError(
@@ -847,8 +957,10 @@ class EoSTracker:
                 f"{jnp.shape(state.eigenvalue)}. Build the state with `tracker.init(params, key)`."
             )
         check_like(jax.tree.map(lambda x: x[0], state.vector), params, name="state.vector[i]")
+        return state
 
     def _measure(self, state: TrackerState, params: PyTree, args: tuple, precond: PyTree | None) -> tuple:
+        state = self._check_state(state, params)
         driver, plan = self._measurement(state, params, args, precond)
         return driver.run(plan, state, params, args, precond)
 
@@ -856,6 +968,7 @@ class EoSTracker:
 
     def _preconditioner(self, opt_state: Any, params: PyTree) -> PyTree | None:
         if not self.rule.preconditioned:
+            _check_rule_state(self.rule, opt_state)
             return None
         if opt_state is None:
             raise ValueError(f"The {self.rule.name!r} rule measures preconditioned sharpness: pass `opt_state=`.")

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax.curvature.hvp import Matvec
 
@@ -88,22 +89,52 @@ def batchnorm_params(batch_stats: PyTree = None, prefixes: tuple[str, ...] = ("B
     ``BatchNorm_0``, ``BatchNorm_1``, ...; pass e.g. ``prefixes=("bn",)`` for modules named ``bn1``).
     """
     if batch_stats is not None:
-        owners = {path_names(p)[:-1] for p, _ in jax.tree_util.tree_leaves_with_path(batch_stats)}
+        if isinstance(batch_stats, Mapping) and ({"params", "batch_stats"} & set(batch_stats)):
+            raise ValueError(
+                "`batch_stats` holds a 'params' or 'batch_stats' collection: pass `variables['batch_stats']`, not "
+                "the whole variables."
+            )
+        leaf_paths = [path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(batch_stats)]
+        looks_like_params = sorted({p[-1] for p in leaf_paths if p and p[-1] in _PARAM_NAMES})
+        if looks_like_params:
+            raise ValueError(
+                f"`batch_stats` has leaves named {looks_like_params}, which are parameters, not running statistics: "
+                "pass the model's batch_stats collection (leaves such as 'mean' and 'var')."
+            )
+        owners = {p[:-1] for p in leaf_paths}
         if not owners:
             raise ValueError("`batch_stats` has no leaves: it names no BN module. Pass the model's batch_stats.")
         return lambda path: path[:-1] in owners
     if isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes):
         raise ValueError(f"`prefixes` must be a nonempty tuple of nonempty strings; got {prefixes!r}.")
-    return lambda path: (
-        len(path) >= 2 and path[-1] in ("scale", "bias") and any(path[-2].startswith(p) for p in prefixes)
-    )
+    return lambda path: len(path) >= 2 and path[-1] in _BN_PARAM_NAMES and any(path[-2].startswith(p) for p in prefixes)
+
+
+_BN_PARAM_NAMES = ("scale", "bias", "weight")  # Flax's scale and bias; Equinox's weight and bias
+_PARAM_NAMES = ("kernel", "scale", "bias", "weight", "embedding")  # never the name of a running statistic
+
+
+@dataclasses.dataclass(frozen=True)
+class _Complement:
+    predicate: Predicate
+
+    def __call__(self, path: tuple[str, ...]) -> bool:
+        return not _selects(self.predicate, path)
 
 
 def everything_but(predicate: Predicate) -> Predicate:
-    """The complement of ``predicate`` (e.g. ``everything_but(batchnorm_params())``)."""
+    """The complement of ``predicate`` (e.g. ``everything_but(batchnorm_params())``). :func:`param_subset` refuses
+    it when ``predicate`` itself selects nothing (a misspelt layer name would otherwise select everything)."""
     if not callable(predicate):
         raise TypeError(f"`predicate` must be callable (a path -> bool); got {predicate!r}.")
-    return lambda path: not predicate(path)
+    return _Complement(predicate)
+
+
+def _selects(predicate: Predicate, path: tuple[str, ...]) -> bool:
+    out = predicate(path)
+    if not isinstance(out, (bool, np.bool_)):
+        raise TypeError(f"The predicate must return a bool; for the path {'/'.join(path)} it returned {out!r}.")
+    return bool(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +210,15 @@ def param_subset(params: PyTree, predicate: Predicate) -> ParamSubset:
     if not with_path:
         raise ValueError("`params` has no array leaves.")
     names = [path_names(p) for p, _ in with_path]
-    selected = tuple(bool(predicate(n)) for n in names)
+    selected = tuple(_selects(predicate, n) for n in names)
     joined = tuple("/".join(n) for n in names)
     if not any(selected):
         raise ValueError(f"The predicate selects no parameter. The parameters' paths are: {', '.join(joined)}.")
+    if isinstance(predicate, _Complement) and all(selected):
+        raise ValueError(
+            "everything_but(...) selects every parameter: its predicate selects none (a misspelt name?). The "
+            f"parameters' paths are: {', '.join(joined)}."
+        )
     shapes = tuple(tuple(jnp.shape(x)) for _, x in with_path)
     dtypes = tuple(str(jnp.result_type(x)) for _, x in with_path)
     return ParamSubset(treedef, selected, shapes, dtypes, joined)
@@ -194,7 +230,12 @@ class _SubsetMatvec:
     subset: ParamSubset
 
     def __call__(self, vector: PyTree, *params: Any) -> PyTree:
-        return self.subset.restrict(self.matvec(self.subset.embed(vector), *params))
+        out = self.matvec(self.subset.embed(vector), *params)
+        try:
+            return self.subset.restrict(out)
+        except ValueError as err:
+            message = f"subset_matvec: the inner `matvec` must return a vector like the parameters. {err}"
+            raise ValueError(message) from err
 
 
 def subset_matvec(matvec: Matvec, subset: ParamSubset) -> Matvec:
