@@ -653,6 +653,12 @@ def _apply_linearized(vector: PyTree, lin: Callable[[PyTree], Any]) -> PyTree:
 _apply_linearized_preconditioned = preconditioned_matvec(_apply_linearized)
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    """Whether every entry of every leaf is finite: one compiled call and one transfer per measurement."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 class TrackerState(NamedTuple):
     """Warm start carried between measurements (a pytree).
 
@@ -929,8 +935,7 @@ class EoSTracker:
             raise TypeError(f"`state.eigenvalue` must be real; got dtype {eigenvalue.dtype}.")
         state = state._replace(eigenvalue=eigenvalue)
         leaves = jax.tree.leaves(state.vector)
-        finite = lambda: bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))  # one transfer
-        if leaves and not loops.is_traced(*leaves) and not finite():
+        if leaves and not loops.is_traced(*leaves) and not bool(_all_finite(leaves)):
             raise ValueError(
                 "`state.vector` has non-finite entries (the tracker keeps the last finite state, so this one was "
                 "built or restored elsewhere); start again from `tracker.init(params, key)`."
