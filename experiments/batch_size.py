@@ -113,7 +113,8 @@ MATRIX = {
 }
 
 
-def _check(config: Config, n_train: int) -> None:
+def check(config: Config, n_train: int | None = None) -> None:
+    """The configuration's checks (``n_train``, the training set's size, for the ones that need it)."""
     if config.model not in models.FAMILIES:
         raise ValueError(f"model must be one of {models.FAMILIES} for this experiment, got {config.model!r}.")
     if config.loss not in train.LOSSES:
@@ -125,7 +126,7 @@ def _check(config: Config, n_train: int) -> None:
     sizes = config.batch_sizes
     if len(sizes) < 2 or list(sizes) != sorted(set(sizes)):
         raise ValueError(f"batch_sizes must be at least two increasing batch sizes, got {sizes}.")
-    if sizes[0] < 2 or sizes[-1] > n_train:
+    if sizes[0] < 2 or (n_train is not None and sizes[-1] > n_train):
         raise ValueError(f"batch_sizes must lie in [2, {n_train}] (BN needs 2 examples; {n_train} to draw from).")
     if not 2 <= config.ghost_size < sizes[-1]:
         raise ValueError(
@@ -148,6 +149,11 @@ def _check(config: Config, n_train: int) -> None:
         )
     if config.segments < 1:
         raise ValueError(f"segments must be >= 1, got {config.segments}.")
+    if n_train is not None and config.segments > math.ceil(config.epochs * n_train / sizes[-1]):
+        raise ValueError(
+            f"segments ({config.segments}) must not exceed the steps of the largest batch's run "
+            f"({math.ceil(config.epochs * n_train / sizes[-1])}): each segment takes at least one step."
+        )
 
 
 def schedule(config: Config, batch_size: int, n_train: int) -> tuple[float, int, optax.Schedule]:
@@ -166,7 +172,7 @@ def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train every (batch size, variant) pair over the seeds and measure train/test accuracy."""
     ds = data_lib.load(config.dataset, config.data_seed)
     n = ds.x_train.shape[0]
-    _check(config, n)
+    check(config, n)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     specs = [(b, v) for b in config.batch_sizes for v in VARIANTS if v != "ghost" or b > config.ghost_size]
     with progress.StepBar(sum(schedule(config, b, n)[1] for b, _ in specs), "batch_size") as bar:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -92,6 +93,29 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2, samples: bool = F
     return rounds if samples else {k: statistics.median(v) for k, v in rounds.items()}
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type``: a positive integer (``--repeats 0`` used to mean the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """Fail at once, not after the timings, when the results file ``out`` cannot be written."""
+    path = pathlib.Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {out}: cannot create its folder ({err.strerror or err}).")
+    writable = os.access(path.parent, os.W_OK | os.X_OK) and (not path.exists() or os.access(path, os.W_OK))
+    if path.is_dir() or not writable:
+        parser.error(f"--out {out}: not a writable file path.")
+
+
 def write_payload(payload: dict, out: str) -> None:
     """Write a benchmark's ``payload`` (with ``table`` and ``wall_s``) as JSON to ``out``; print the table."""
     path = pathlib.Path(out)
@@ -139,10 +163,11 @@ def _row_md(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_batchnorm.json"))
     args = parser.parse_args()
-    repeats = args.repeats or (5 if args.quick else 15)
+    check_out(parser, args.out)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 15)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, median of {repeats} interleaved repeats")
     print("| case | mode | bnjax / flax fast | bnjax / flax two-pass | bnjax / floor | flax fast / floor | bnjax ms |")
     print("|---|---|---|---|---|---|---|")

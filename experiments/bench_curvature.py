@@ -77,7 +77,7 @@ from bnjax import curvature as cv
 from bnjax import loops
 from experiments import stats as stats_lib
 from experiments import train
-from experiments.bench_batchnorm import time_interleaved, write_payload
+from experiments.bench_batchnorm import check_out, time_interleaved, write_payload
 from experiments.bench_warmstart import lanczos_steps_within, mnist1d_train
 
 TARGETS = {
@@ -898,6 +898,10 @@ def main() -> None:
         "--default-malloc", action="store_true", help="skip bnjax.retain_freed_memory() (glibc's default settings)"
     )
     args = parser.parse_args()
+    check_out(parser, args.out)
+    cases = [tuple(c.strip().split("/")) for c in args.cases.split(",")]
+    if not cases or any(c not in CASES for c in cases):
+        parser.error(f"--cases {args.cases}: each case must be one of {DEFAULT_CASES}.")
     if not args.default_malloc:
         bnjax.retain_freed_memory()  # first: it must precede JAX's backend
     cfg = PRESETS["quick"] if args.quick else Config()
@@ -908,7 +912,6 @@ def main() -> None:
     log(f"allocator: {memory}")
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()
-    cases = [tuple(c.split("/")) for c in args.cases.split(",")]
     # PyHessian measures eval mode only (it calls model.eval()), so it is compared on the eval-mode cases.
     results = [run_case(kind, mode, x, y, cfg, note is None and mode == "eval") for kind, mode in cases]
     payload = {

@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 import bnjax
 from bnjax import curvature
-from experiments.bench_batchnorm import time_interleaved
+from experiments.bench_batchnorm import check_out, positive_int, time_interleaved
 
 AXIS = "batch"
 CASES = {  # per-device shapes; features last
@@ -348,16 +348,18 @@ def _worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few device counts, small cases, few repeats")
-    parser.add_argument("--devices", type=int, nargs="+", default=None, help="device counts to run")
+    parser.add_argument("--devices", type=positive_int, nargs="+", default=None, help="device counts to run")
     parser.add_argument("--parts", nargs="+", default=["sync"], choices=sorted(PARTS))
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_scale.json"))
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.repeats = args.repeats or (5 if args.quick else 21)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 21
     if args.worker is not None:
         _worker(args)
         return
+    check_out(parser, args.out)
 
     counts = args.devices or (QUICK_DEVICE_COUNTS if args.quick else DEVICE_COUNTS)
     root = pathlib.Path(__file__).resolve().parent.parent

@@ -54,7 +54,7 @@ import numpy as np
 
 from bnjax import curvature as cv
 from experiments import stats
-from experiments.bench_batchnorm import write_payload
+from experiments.bench_batchnorm import check_out, write_payload
 from experiments.bench_warmstart import BENCHES, Bench, mnist1d_train
 
 STEPS = 20  # Lanczos steps recorded per checkpoint (the tracker's max_iters)
@@ -350,9 +350,16 @@ def seeded_cli(script: str, description: str, quick_help: str, presets: dict[str
     parser.add_argument("--seeds", help="comma-separated initialisation seeds (default: the preset's)")
     parser.add_argument("--out", default=f"experiments/results/{script}.json")
     args = parser.parse_args()
+    check_out(parser, args.out)
     cfg = presets["quick"] if args.quick else default
     if args.seeds:
-        cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2.")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            parser.error(f"--seeds {args.seeds}: the seeds must be distinct and >= 0 (each feeds the intervals).")
+        cfg = dataclasses.replace(cfg, seeds=seeds)
     command = (
         f"PYTHONPATH=. python experiments/{script}.py"
         + (" --quick" if args.quick else "")

@@ -36,7 +36,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bnjax  # noqa: E402
-from experiments.bench_batchnorm import time_interleaved  # noqa: E402
+from experiments.bench_batchnorm import check_out, positive_int, time_interleaved  # noqa: E402
 
 AXIS = "batch"
 DEVICES = 8
@@ -108,12 +108,13 @@ def _row_md(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_sync.json"))
     args = parser.parse_args()
     if jax.device_count() < DEVICES:
         raise SystemExit(f"needs {DEVICES} devices, JAX sees {jax.device_count()}: check XLA_FLAGS")
-    repeats = args.repeats or (5 if args.quick else 31)
+    check_out(parser, args.out)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 31)
     print(f"jax {jax.__version__}, {DEVICES} forced CPU devices on {os.cpu_count()} cores, median of {repeats}")
     print("| case (per device) | mode | sync / local | flax sync / local | sharded jit / local | local ms | sync ms |")
     print("|---|---|---|---|---|---|---|")

@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 from bnjax import curvature as cv
 from bnjax import loops
-from experiments.bench_batchnorm import write_payload
+from experiments.bench_batchnorm import check_out, write_payload
 from experiments.bench_warmstart import BENCHES, Bench, mnist1d_train
 
 
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a shorter GD run")
     parser.add_argument("--out", default="experiments/results/bench_topk.json")
     args = parser.parse_args()
+    check_out(parser, args.out)
     cfg = PRESETS["quick"] if args.quick else Config()
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()

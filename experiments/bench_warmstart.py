@@ -51,7 +51,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 
 import bnjax
 from bnjax import curvature as cv
-from experiments.bench_batchnorm import time_interleaved, write_payload
+from experiments.bench_batchnorm import check_out, time_interleaved, write_payload
 
 # Longest warm power-iteration run examined per checkpoint for the oracle count (misses count as one more).
 POWER_TRACE = 60
@@ -398,6 +398,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter GD runs and fewer repeats")
     parser.add_argument("--out", default="experiments/results/bench_warmstart.json")
     args = parser.parse_args()
+    check_out(parser, args.out)
     cfg = PRESETS["quick"] if args.quick else Config()
     x, y = mnist1d_train(cfg.n_train)
     t0 = time.perf_counter()

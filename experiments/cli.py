@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import pathlib
 import re
@@ -86,9 +87,12 @@ def _parser_for(annotation: str, allowed: Sequence[Any] | None = None) -> Callab
 
     def parse_scalar(s: str) -> Any:
         try:
-            return convert(s.strip())
+            value = convert(s.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {_SCALAR_FORMATS[scalar]}, got {s!r}") from None
+        if scalar == "float" and not math.isfinite(value):  # no option takes nan or inf
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        return value
 
     def check(value: Any, s: str) -> Any:
         if allowed is not None and not _is_allowed(value, allowed):
@@ -105,10 +109,10 @@ def _parser_for(annotation: str, allowed: Sequence[Any] | None = None) -> Callab
         try:
             # Elements may be quoted, as in Python's repr of a tuple of strings: ('none', 'bn').
             values = tuple(parse_scalar(part.strip().strip("'\"")) for part in body.split(",") if part.strip())
-        except argparse.ArgumentTypeError:
+        except argparse.ArgumentTypeError as err:
             what, plain, shown = _LIST_FORMATS[scalar]
             raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {what}, e.g. {plain} or {shown}, got {s!r}"
+                f"expected a comma-separated list of {what}, e.g. {plain} or {shown}, got {s!r} ({err})"
             ) from None
         for value in values:
             check(value, s)
@@ -251,9 +255,9 @@ def execute(
     """
     title = f"{name}: {module.__doc__.strip().splitlines()[0]}"
     report.write_config(out, name, config, preset)
-    report.write_status(out, title, command=command, status="running")
     start = time.perf_counter()
-    try:
+    try:  # the status is written inside: an interrupt right after it still marks the run
+        report.write_status(out, title, command=command, status="running")
         outcome = module.run(config, out)
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -337,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
         config = dataclasses.replace(config, **overrides)
         _check_dataset(config)
+        if hasattr(module, "check"):  # the experiment's own checks, before a run folder exists
+            try:
+                module.check(config)
+            except ValueError as err:
+                raise UserError(str(err)) from err
         try:
             out = report.run_dir(name, args.out, overwrite=args.overwrite)
         except report.OutputFolderError as err:

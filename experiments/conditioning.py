@@ -75,7 +75,7 @@ MATRIX = {
 }
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     if len(config.seeds) < 1 or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must name distinct seeds, at least one, got {config.seeds}.")
     if not config.offsets:
@@ -88,7 +88,7 @@ def _check(config: Config) -> None:
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Form the Hessians of every (seed, offset, norm), diagonalize them, and run GD on each."""
-    _check(config)
+    check(config)
     datasets = [
         data_lib.subset(data_lib.load(config.dataset, config.data_seed + s), config.n_train) for s in config.seeds
     ]

@@ -101,7 +101,7 @@ MATRIX = {
 CHOICES = {"model": models.FAMILIES, "norms": models.NORMS, "loss": train.LOSSES}
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     """One-line ValueErrors for options this experiment cannot run with."""
     if config.model not in models.FAMILIES:
         raise ValueError(f"model must be one of {models.FAMILIES} for this experiment, got {config.model!r}.")
@@ -158,7 +158,7 @@ def _layers(order: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train each network over the seeds and record activation statistics and ICS along the way."""
-    _check(config)
+    check(config)
     ds = data_lib.load(config.dataset, config.data_seed)
     _check_data(config, ds)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)

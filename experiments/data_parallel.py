@@ -153,7 +153,7 @@ def train_jit(config, tx, variables, batches):
 WAYS = {"pmap": train_pmap, "shard_map": train_shard_map, "jit": train_jit}
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     if jax.device_count() < config.devices:
         raise ValueError(
             f"devices={config.devices} but JAX sees {jax.device_count()}; set "
@@ -165,7 +165,7 @@ def _check(config: Config) -> None:
 
 def run(config: Config) -> dict:
     """Train every way; return per-way wall time and the max differences to the ``jit`` result."""
-    _check(config)
+    check(config)
     data = digits(seed=config.seed)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(data.x_train))

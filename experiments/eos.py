@@ -223,7 +223,7 @@ def _specs(config: Config) -> list[RunSpec]:
     return specs
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     train.check_loss_and_norms(config.loss, config.norms)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct and nonempty, got {config.seeds}.")
@@ -251,6 +251,21 @@ def _check(config: Config) -> None:
         )
     if not 0 < config.band_low < 1 < config.band_high:
         raise ValueError(f"need 0 < band_low < 1 < band_high, got {config.band_low}, {config.band_high}.")
+    for name in ("gd_lrs", "momentum_lrs", "adam_lrs"):
+        lrs = getattr(config, name)
+        if not all(0 < lr < math.inf for lr in lrs) or len(set(lrs)) != len(lrs):
+            raise ValueError(f"{name} must be distinct finite positive learning rates, got {lrs!r}.")
+    if not (config.gd_lrs or config.momentum_lrs or config.adam_lrs or config.schedule_lrs):
+        raise ValueError("gd_lrs, momentum_lrs, adam_lrs and schedule_lrs are all empty: nothing to run.")
+    if len(set(config.norms)) != len(config.norms):
+        raise ValueError(f"norms must be distinct, got {config.norms!r}.")
+    if not config.hidden or min(config.hidden) < 1:
+        raise ValueError(f"hidden must be one or more positive layer widths, got {config.hidden!r}.")
+    if not 0 < config.init_scale < math.inf:
+        raise ValueError(f"init_scale must be a finite number > 0, got {config.init_scale}.")
+    for name in ("verdict_window", "min_in_band"):
+        if not 0 < getattr(config, name) <= 1:
+            raise ValueError(f"{name} must be a fraction in (0, 1], got {getattr(config, name)}.")
 
 
 class RunRecord(NamedTuple):
@@ -383,7 +398,7 @@ def _train_seed(
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train every setting once per seed, track sharpness, write the plots; see :class:`Config`."""
-    _check(config)
+    check(config)
     ds = data_lib.subset(data_lib.load(config.dataset, config.data_seed), config.n_train)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     if config.devices > 1:

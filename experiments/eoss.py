@@ -212,7 +212,7 @@ VERDICT_RULE = (
 # -- training and measurement --------------------------------------------------------------------------------
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     train.check_loss_and_norms(config.loss, config.norms)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct and nonempty, got {config.seeds}.")
@@ -221,7 +221,7 @@ def _check(config: Config) -> None:
             raise ValueError(f"batch_sizes must lie in (1, n_train={config.n_train}], got {b}.")
     if list(config.batch_sizes) != sorted(set(config.batch_sizes)):
         raise ValueError(f"batch_sizes must be distinct and increasing, got {config.batch_sizes}.")
-    if config.track_every < 1 or config.steps % config.track_every:
+    if config.track_every < 1 or config.steps < config.track_every or config.steps % config.track_every:
         raise ValueError(f"steps ({config.steps}) must be a positive multiple of track_every ({config.track_every}).")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr}.")
@@ -303,7 +303,7 @@ def _train_setting(
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train every setting over the seeds, measure both curvatures, write the report; see :class:`Config`."""
-    _check(config)
+    check(config)
     ds = data_lib.subset(data_lib.load(config.dataset, config.data_seed), config.n_train)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     settings = [Setting(b, norm) for norm in config.norms for b in config.batch_sizes]

@@ -119,7 +119,7 @@ def _poor(convention: str, momentum: float | None) -> bool:
     )
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     if config.model not in models.FAMILIES:
         raise ValueError(f"model must be one of {models.FAMILIES} for this experiment, got {config.model!r}.")
     if len(config.seeds) < 1 or len(set(config.seeds)) != len(config.seeds):
@@ -129,18 +129,24 @@ def _check(config: Config) -> None:
     for m in config.torch_momenta:
         if m.lower() != "none":
             try:
-                float(m)
+                value = float(m)
             except ValueError:
                 raise ValueError(f"torch_momenta must be numbers or 'none', got {m!r}.") from None
+            if not 0 <= value <= 1:  # PyTorch's momentum weighs the new batch: in [0, 1]
+                raise ValueError(f"torch_momenta must be in [0, 1] or 'none', got {m!r}.")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr}.")
+    if config.precise_batch_size < 1:
+        raise ValueError(f"precise_batch_size must be >= 1, got {config.precise_batch_size}.")
     if not _runs(config):
         raise ValueError("flax_momenta and torch_momenta are both empty: nothing to run.")
-    if config.segment < 1 or config.steps % config.segment:
+    if config.segment < 1 or config.steps < config.segment or config.steps % config.segment:
         raise ValueError(f"steps ({config.steps}) must be a positive multiple of segment ({config.segment}).")
 
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train one model per (convention, momentum) over the seeds and evaluate each seed three ways."""
-    _check(config)
+    check(config)
     ds = data_lib.load(config.dataset, config.data_seed)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)

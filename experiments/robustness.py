@@ -115,7 +115,7 @@ CLAIM_RULE = (
 )
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     """One-line ValueErrors for options this experiment cannot run with."""
     if config.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS} for this experiment, got {config.model!r}.")
@@ -125,7 +125,7 @@ def _check(config: Config) -> None:
         raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must name at least one seed, none twice, got {config.seeds}.")
-    if not config.lrs or not config.init_scales or min(config.lrs) <= 0 or min(config.init_scales) <= 0:
+    if not config.lrs or not config.init_scales or not all(v > 0 for v in config.lrs + config.init_scales):
         raise ValueError(f"lrs and init_scales must be non-empty and positive, got {config.lrs}, {config.init_scales}.")
     if config.segment < 1 or config.steps < config.segment or config.steps % config.segment:
         raise ValueError(f"steps ({config.steps}) must be a positive multiple of segment ({config.segment}).")
@@ -160,7 +160,7 @@ def _describe(config: Config) -> str:
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train the whole grid over the seeds for each normalization and tabulate the outcomes."""
-    _check(config)
+    check(config)
     ds = data_lib.load(config.dataset, config.data_seed)
     _check_data(config, ds)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)

@@ -88,7 +88,7 @@ MATRIX = {
 CHOICES = {"model": models.FAMILIES, "norms": ("none", "bn", "noisy"), "loss": train.LOSSES}
 
 
-def _check(config: Config) -> None:
+def check(config: Config) -> None:
     if config.model not in models.FAMILIES:
         raise ValueError(f"model must be one of {models.FAMILIES} for this experiment, got {config.model!r}.")
     if "none" not in config.norms or len(config.norms) < 2:
@@ -98,7 +98,11 @@ def _check(config: Config) -> None:
             raise ValueError(f"norms must be among {models.NORMS}, got {norm!r}.")
     if config.loss not in train.LOSSES:
         raise ValueError(f"loss must be one of {train.LOSSES}, got {config.loss!r}.")
-    if config.measure_every < 1 or config.steps % config.measure_every:
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds must name distinct seeds, at least one, got {config.seeds}.")
+    if not config.lrs or not all(lr > 0 for lr in config.lrs) or len(set(config.lrs)) != len(config.lrs):
+        raise ValueError(f"lrs must be one or more distinct positive learning rates, got {config.lrs!r}.")
+    if config.measure_every < 1 or config.steps < config.measure_every or config.steps % config.measure_every:
         raise ValueError(
             f"steps ({config.steps}) must be a positive multiple of measure_every ({config.measure_every})."
         )
@@ -106,7 +110,7 @@ def _check(config: Config) -> None:
 
 def run(config: Config, out: pathlib.Path) -> report.Outcome:
     """Train each (learning rate, normalization) pair over the seeds and measure smoothness along the way."""
-    _check(config)
+    check(config)
     ds = data_lib.load(config.dataset, config.data_seed)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     runs = []

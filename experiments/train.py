@@ -65,6 +65,8 @@ def check_loss_and_norms(loss: str, norms: tuple[str, ...]) -> None:
     options of the experiments that compare a net with and without batch norm)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+    if not norms:
+        raise ValueError("norms is empty: name at least one of 'none' and 'bn'.")
     for norm in norms:
         if norm not in ("none", "bn"):
             raise ValueError(f"norms must be 'none' or 'bn' for this experiment, got {norm!r}.")

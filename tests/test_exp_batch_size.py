@@ -108,10 +108,10 @@ def test_choices_and_matrix_are_valid():
             config = dataclasses.replace(batch_size.Config(), **overrides)
             assert config.model == family and len(config.seeds) >= 3
             n = 1497 if config.dataset == "digits" else 4000
-            batch_size._check(config, n)
+            batch_size.check(config, n)
 
 
 @pytest.mark.parametrize("bad", [{"batch_sizes": (64, 16)}, {"ghost_size": 24}, {"lr_scaling": "sqrt"}])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):
-        batch_size._check(dataclasses.replace(batch_size.Config(), **bad), 4000)
+        batch_size.check(dataclasses.replace(batch_size.Config(), **bad), 4000)

@@ -96,10 +96,10 @@ def test_choices_and_matrix_are_valid():
             assert set(overrides) <= fields
             config = dataclasses.replace(conditioning.Config(), **overrides)
             assert len(config.seeds) >= 3
-            conditioning._check(config)
+            conditioning.check(config)
 
 
 @pytest.mark.parametrize("bad", [{"seeds": (0, 0)}, {"offsets": ()}, {"steps": 0}, {"n_train": 1}])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):
-        conditioning._check(dataclasses.replace(conditioning.Config(), **bad))
+        conditioning.check(dataclasses.replace(conditioning.Config(), **bad))

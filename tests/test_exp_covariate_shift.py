@@ -122,7 +122,7 @@ def test_matrix_entries_build_valid_configs(family, form):
     overrides = cs.MATRIX[family][form]
     assert set(overrides) <= {f.name for f in dataclasses.fields(cs.Config)}
     config = dataclasses.replace(cs.Config(), **overrides)
-    cs._check(config)
+    cs.check(config)
     assert len(config.seeds) >= 3 and config.model == family
     if family == "vgg":
         assert config.dataset == "digits"
@@ -132,6 +132,6 @@ def test_choices_and_defaults():
     assert set(cs.CHOICES) <= {f.name for f in dataclasses.fields(cs.Config)}
     assert cs.Config().model == "cnn1d" and len(cs.Config().seeds) >= 3
     for model in cs.CHOICES["model"]:
-        cs._check(dataclasses.replace(cs.Config(), model=model))
+        cs.check(dataclasses.replace(cs.Config(), model=model))
     with pytest.raises(ValueError, match="norms must include a pair"):
-        cs._check(dataclasses.replace(cs.Config(), norms=("noisy",)))
+        cs.check(dataclasses.replace(cs.Config(), norms=("noisy",)))

@@ -111,7 +111,7 @@ def test_matrix_entries_build_valid_configs(family, form):
     fields = {f.name for f in dataclasses.fields(rob.Config)}
     assert set(overrides) <= fields
     config = dataclasses.replace(rob.Config(), **overrides)
-    rob._check(config)
+    rob.check(config)
     assert len(config.seeds) >= 3
     assert config.model == family
     if family == "vgg":
@@ -123,6 +123,6 @@ def test_choices_are_config_fields_and_accepted():
     assert set(rob.CHOICES) <= fields
     assert "deep_linear" in rob.CHOICES["model"]
     for model in rob.CHOICES["model"]:
-        rob._check(dataclasses.replace(rob.Config(), model=model))
+        rob.check(dataclasses.replace(rob.Config(), model=model))
     with pytest.raises(ValueError, match="model must be one of"):
-        rob._check(dataclasses.replace(rob.Config(), model="resnet"))
+        rob.check(dataclasses.replace(rob.Config(), model="resnet"))

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pathlib
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +321,56 @@ def test_cli_bad_option_is_one_line_and_exit_2(option, value, expected, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(expected, err), err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eos", "--gd-lrs", "0.1,inf"], r"argument --gd-lrs: .*got '0\.1,inf' \(expected a finite number"),
+        (["robustness", "--lrs", "0.1,nan"], r"argument --lrs: .*expected a finite number, got 'nan'"),
+        (["eos", "--init-scale", "nan"], r"argument --init-scale: expected a finite number, got 'nan'"),
+        (["eos", "--gd-lrs", "0.1,0.1"], r"gd_lrs must be distinct finite positive learning rates"),
+        (["eos", "--verdict-window", "5"], r"verdict_window must be a fraction in \(0, 1\], got 5\.0"),
+        (["eos", "--min-in-band", "2"], r"min_in_band must be a fraction in \(0, 1\]"),
+        (["eos", "--norms", "bn,bn"], r"norms must be distinct"),
+        (["eos", "--norms="], r"norms is empty"),
+        (["eos", "--hidden=-5"], r"hidden must be one or more positive layer widths"),
+        (["smoothness", "--seeds", "0,0"], r"seeds must name distinct seeds"),
+        (["smoothness", "--lrs", "0.1,-0.1"], r"lrs must be one or more distinct positive learning rates"),
+        (["smoothness", "--steps", "0"], r"steps \(0\) must be a positive multiple of measure_every"),
+        (["inference_stats", "--torch-momenta", "5"], r"torch_momenta must be in \[0, 1\] or 'none', got '5'"),
+        (["inference_stats", "--lr=-1"], r"lr must be positive, got -1\.0"),
+        (["inference_stats", "--steps", "0"], r"steps \(0\) must be a positive multiple of segment"),
+        (["eoss", "--steps", "0"], r"steps \(0\) must be a positive multiple of track_every"),
+    ],
+)
+def test_cli_bad_values_fail_before_any_run_folder(argv, expected, tmp_path, capsys):
+    """Each is refused before a run folder exists (they used to be checked inside the run, after earlier
+    settings had trained, or not at all: duplicate seeds gave zero-width intervals and "held" claims)."""
+    out = tmp_path / "run"
+    try:
+        code = cli.main([argv[0], "--smoke", *argv[1:], "--out", str(out)])
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(expected, err), err
+    assert not out.exists()
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    """A run killed by SIGTERM (a scheduler, `timeout`) kept the status "running"; it is "interrupted" now."""
+    out, root = tmp_path / "run", pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "experiments", "eos", "--smoke", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
 
 
 def _bad_npz(tmp_path, kind):
