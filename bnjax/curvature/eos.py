@@ -411,6 +411,11 @@ _RMS_STATES = ("ScaleByRmsState", "ScaleByRmsWithCountState", "ScaleByRStdDevSta
 def _second_moment_states(opt_state: Any, kind: str | None = None) -> list[Any]:
     """The second-moment states inside ``opt_state``: of ``kind`` ("adam" or "rms"), or of both kinds."""
     names = {"adam": _ADAM_STATES, "rms": _RMS_STATES}.get(str(kind), _ADAM_STATES + _RMS_STATES)
+    return _states_named(opt_state, *names)
+
+
+def _states_named(opt_state: Any, *names: str) -> list[Any]:
+    """The optax states inside ``opt_state`` whose class is named one of ``names``."""
     is_state = lambda x: type(x).__name__ in names
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
@@ -544,8 +549,7 @@ def _warn_masked_decay(rule: StabilityRule, opt_state: Any) -> None:
     the decay on every parameter."""
     if rule.decay_coefficient == 0.0 or (not callable(rule.weight_decay) and rule.weight_decay == 0.0):
         return
-    is_masked = lambda x: type(x).__name__ == "MaskedState"
-    if any(is_masked(x) for x in jax.tree.leaves(opt_state, is_leaf=is_masked)):
+    if _states_named(opt_state, "MaskedState"):
         warnings.warn(
             f"The optimizer state holds an optax.masked state (e.g. optax.adamw(mask=...)), but the {rule.name!r} "
             "rule's threshold assumes the weight decay on every parameter. With the decay masked, the edge lies "
@@ -587,11 +591,6 @@ def _check_rule_state(rule: StabilityRule, opt_state: Any) -> None:
         )
     _check_injected_hyperparams(rule, opt_state)
     _warn_masked_decay(rule, opt_state)
-
-
-def _states_named(opt_state: Any, name: str) -> list[Any]:
-    is_state = lambda x: type(x).__name__ == name
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
 # Per rule: optimizer hyperparameter (the name optax.inject_hyperparams stores) -> the rule's field.
